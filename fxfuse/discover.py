@@ -1,0 +1,290 @@
+"""Discovery driver: walk the traced graph once, apply each node's axis rule to the atom table.
+
+Every tensor axis of every node gets a layout (``node.meta["fxfuse.axes"]``); parameters and
+buffers get one layout per axis, shared by every use of the same tensor (weight tying, a block
+called ``k`` times, tied embeddings under several ``state_dict`` keys).  Model inputs and outputs
+are fixed.  An op without a rule fixes every axis it touches and is recorded as a *cut* (strict
+mode raises :class:`~fxfuse.errors.UnsupportedOpError` instead).  Any axis a rule leaves
+unmentioned is fixed too.  Only this module mutates the atom table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import UnsupportedOpError
+from .layout import Atom, AtomTable, Layout, Prod, Reason, Sum
+from .rules import AxisRef, Cut, Free, NewAxis, OpView, Same, TensorHandle, lookup, target_name
+from .trace import VALUE, TensorMeta, as_input_tuple, record_values, source_line, symbolic_trace
+
+AXES = "fxfuse.axes"
+
+
+@dataclass(frozen=True)
+class TensorAxes:
+    """The layouts of one tensor's axes (stored in ``node.meta["fxfuse.axes"]``)."""
+
+    layouts: tuple[Layout, ...]
+
+
+@dataclass
+class Discovery:
+    """Everything discovery learnt about one model (the spec is derived from it)."""
+
+    gm: fx.GraphModule
+    table: AtomTable
+    param_axes: dict[str, tuple[Layout, ...]]
+    param_shapes: dict[str, tuple[int, ...]]
+    aliases: dict[str, list[str]]
+    cuts: list[Reason] = field(default_factory=list)
+    tracer: str = "torch.fx.symbolic_trace"
+
+
+def _op_name(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(str(node.target))).__name__} ({node.target})"
+    return target_name(node.target)
+
+
+def _rule_key(node: fx.Node, gm: fx.GraphModule) -> Any:
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target)))
+    return node.target
+
+
+class _Driver:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, strict: bool, fix_io: bool) -> None:
+        self.gm = gm
+        self.strict = strict
+        self.fix_io = fix_io
+        self.table = AtomTable()
+        self.cuts: list[Reason] = []
+        # state_dict keys by tensor identity (several keys for tied tensors)
+        self.key_of: dict[int, str] = {}
+        self.aliases: dict[str, list[str]] = {}
+        self.param_axes: dict[str, tuple[Layout, ...]] = {}
+        self.param_shapes: dict[str, tuple[int, ...]] = {}
+        for key, t in model.state_dict(keep_vars=True).items():
+            first = self.key_of.setdefault(id(t), key)
+            self.aliases.setdefault(first, []).append(key)
+            if first == key:
+                self.param_axes[key] = tuple(self.table.new(s) for s in t.shape)
+                self.param_shapes[key] = tuple(t.shape)
+        self.used: set[str] = set()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _fresh(self, value: Any) -> Any:
+        if isinstance(value, TensorMeta):
+            return TensorAxes(tuple(self.table.new(s) for s in value.shape))
+        if isinstance(value, (list, tuple)):
+            return tuple(self._fresh(v) for v in value)
+        return None
+
+    def _tensor_axes(self, axes: Any) -> Iterable[TensorAxes]:
+        if isinstance(axes, TensorAxes):
+            yield axes
+        elif isinstance(axes, tuple):
+            for a in axes:
+                yield from self._tensor_axes(a)
+
+    def _param_layouts(self, t: torch.Tensor) -> tuple[Layout, ...] | None:
+        key = self.key_of.get(id(t))
+        if key is None:
+            return None
+        self.used.add(key)
+        return self.param_axes[key]
+
+    def _fix_all(self, axes: Iterable[TensorAxes], why: Reason) -> None:
+        for ta in axes:
+            for lay in ta.layouts:
+                self.table.fix(lay, why)
+
+    # -- the walk -----------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.table.at(node.name, node.op)
+            if node.op == "placeholder":
+                node.meta[AXES] = self._fresh(node.meta.get(VALUE))
+                if self.fix_io:
+                    why = Reason("input", node.name, "placeholder", "model inputs are never permuted")
+                    self._fix_all(self._tensor_axes(node.meta[AXES]), why)
+            elif node.op == "get_attr":
+                self._get_attr(node)
+            elif node.op == "output":
+                if self.fix_io:
+                    why = Reason("output", node.name, "output", "model outputs are never permuted")
+                    outs = [a.meta.get(AXES) for a in _nodes_in(node.args)]
+                    self._fix_all((t for o in outs for t in self._tensor_axes(o)), why)
+            else:
+                self._call(node)
+        for key, lays in self.param_axes.items():
+            if key not in self.used:
+                why = Reason("unused", key, "state_dict", "not used by the traced forward")
+                for lay in lays:
+                    self.table.fix(lay, why)
+
+    def _get_attr(self, node: fx.Node) -> None:
+        value = node.meta.get(VALUE)
+        obj: Any = self.gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        lays = self._param_layouts(obj) if isinstance(obj, torch.Tensor) else None
+        if lays is not None:
+            node.meta[AXES] = TensorAxes(lays)
+            return
+        node.meta[AXES] = self._fresh(value)
+        why = Reason("constant", node.name, "get_attr", f"tensor attribute {node.target!r} is not "
+                     "in the state_dict, so it can not be permuted")
+        self._fix_all(self._tensor_axes(node.meta[AXES]), why)
+
+    def _call(self, node: fx.Node) -> None:
+        value = node.meta.get(VALUE)
+        node.meta[AXES] = self._fresh(value)
+        handles: list[tuple[Layout, ...]] = []
+
+        def handle(lays: tuple[Layout, ...], meta: TensorMeta) -> TensorHandle:
+            handles.append(lays)
+            return TensorHandle(len(handles) - 1, meta.shape, meta.dtype)
+
+        def wrap(axes: Any, val: Any) -> Any:
+            if isinstance(axes, TensorAxes):
+                return handle(axes.layouts, val)
+            if isinstance(axes, tuple) and isinstance(val, (list, tuple)):
+                return type(val)(wrap(a, v) for a, v in zip(axes, val))
+            return val
+
+        def arg(v: Any) -> Any:
+            if isinstance(v, fx.Node):
+                return wrap(v.meta.get(AXES), v.meta.get(VALUE))
+            if isinstance(v, (list, tuple)):
+                return type(v)(arg(u) for u in v)
+            if isinstance(v, dict):
+                return {k: arg(u) for k, u in v.items()}
+            if isinstance(v, slice):
+                return slice(arg(v.start), arg(v.stop), arg(v.step))
+            return v
+
+        args, kwargs = arg(node.args), arg(node.kwargs)
+        out_value = wrap(node.meta[AXES], value)
+        outs = _handles_in(out_value)
+        module = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        params: dict[str, TensorHandle] = {}
+        if module is not None:
+            for name, t in [*module._parameters.items(), *module._buffers.items()]:
+                if t is None:
+                    continue
+                lays = self._param_layouts(t)
+                if lays is None:
+                    lays = tuple(self.table.new(s) for s in t.shape)
+                    why = Reason("constant", node.name, _op_name(node, self.gm),
+                                 f"buffer {name!r} is not in the state_dict")
+                    for lay in lays:
+                        self.table.fix(lay, why)
+                params[name] = handle(lays, TensorMeta(tuple(t.shape), t.dtype))
+        if not handles:
+            return  # no tensor in or out: shape arithmetic, nothing to relate
+        opname = _op_name(node, self.gm)
+        src = source_line(node)
+        rule = lookup(_rule_key(node, self.gm))
+        if rule is None:
+            msg = (f"no axis rule for {opname}; the groups through it stay fixed. Register one "
+                   f"with @fxfuse.axis_rule({_recipe(node, self.gm)}) (see fxfuse.rules)")
+            if self.strict:
+                where = f" at {src}" if src else ""
+                raise UnsupportedOpError(f"node {node.name!r}: {msg}{where}")
+            why = Reason("no-rule", node.name, opname, msg, src)
+            self.cuts.append(why)
+            self._fix_handles(handles, why)
+            return
+        op = OpView(node.target, args, kwargs, outs, out_value, module, params)
+        base = Reason("rule", node.name, opname, "", src)
+        try:
+            relations = rule(op)
+            self._apply(relations, handles, base)
+        except Exception as exc:  # a rule that can not handle this call: never guess
+            if self.strict:
+                raise UnsupportedOpError(
+                    f"node {node.name!r}: the axis rule for {opname} failed: {exc}") from exc
+            why = Reason("no-rule", node.name, opname, f"axis rule failed ({exc}); fixed", src)
+            self.cuts.append(why)
+            self._fix_handles(handles, why)
+
+    def _fix_handles(self, handles: list[tuple[Layout, ...]], why: Reason) -> None:
+        for lays in handles:
+            for lay in lays:
+                self.table.fix(lay, why)
+
+    def _apply(self, relations: list[Any], handles: list[tuple[Layout, ...]], base: Reason) -> None:
+        mentioned: set[tuple[int, int]] = set()
+        local: dict[str, Atom] = {}
+
+        def lay(e: Any) -> Layout:
+            if isinstance(e, AxisRef):
+                mentioned.add((e.tensor, e.axis))
+                return handles[e.tensor][e.axis]
+            if isinstance(e, NewAxis):
+                if e.key not in local:
+                    local[e.key] = self.table.new(e.size)
+                return local[e.key]
+            if isinstance(e, Prod):
+                return Prod(tuple(lay(p) for p in e.parts))
+            if isinstance(e, Sum):
+                return Sum(tuple(lay(p) for p in e.parts))
+            raise TypeError(f"not an axis expression: {e!r}")
+
+        for r in relations:
+            if isinstance(r, Same):
+                self.table.unify(lay(r.a), lay(r.b), base)
+            elif isinstance(r, Cut):
+                self.table.fix(lay(r.a), Reason("rule", base.node, base.op, r.why, base.source))
+            elif isinstance(r, Free):
+                lay(r.a)
+            else:
+                raise TypeError(f"not a relation: {r!r}")
+        for i, lays in enumerate(handles):
+            for d, lo in enumerate(lays):
+                if (i, d) not in mentioned and self.table.size(lo) > 1:
+                    why = Reason("rule", base.node, base.op,
+                                 f"the rule does not relate axis {d} of tensor #{i}", base.source)
+                    self.table.fix(lo, why)
+
+
+def _nodes_in(v: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(v, out.append)
+    return out
+
+
+def _handles_in(v: Any) -> list[TensorHandle]:
+    if isinstance(v, TensorHandle):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [h for u in v for h in _handles_in(u)]
+    return []
+
+
+def _recipe(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__
+    if node.op == "call_method":
+        return repr(node.target)
+    return target_name(node.target)
+
+
+def discover(
+    model: nn.Module, example_inputs: Any, *, strict: bool = False, fix_io: bool = True
+) -> Discovery:
+    """Trace ``model``, run it on ``example_inputs`` and relate every axis (see module doc)."""
+    inputs = as_input_tuple(example_inputs)
+    gm = symbolic_trace(model)
+    record_values(gm, inputs)
+    driver = _Driver(model, gm, strict, fix_io)
+    driver.run()
+    return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes, driver.aliases,
+                     driver.cuts)

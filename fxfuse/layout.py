@@ -1,0 +1,335 @@
+"""The dimension algebra: how a permutation acts on one tensor axis.
+
+A tensor axis of length ``n`` is described by a *layout*, a small tree:
+
+* ``Atom(a)``          the axis is permuted by ``P_a``, the permutation of atom class ``a``;
+* ``Fixed(n)``         ``n`` positions that never move (``P = I_n``);
+* ``Prod(c1, .., ck)`` row-major product of the children:  ``P = P_1 ⊗ P_2 ⊗ .. ⊗ P_k``
+                       (``reshape``/``view``/``flatten``, grouped convolution, channel shuffle);
+* ``Sum(c1, .., ck)``  concatenation of the children:        ``P = P_1 ⊕ P_2 ⊕ .. ⊕ P_k``
+                       (``cat``, ``split``, ``chunk``, GLU).
+
+Atoms live in a union-find table (:class:`AtomTable`).  Discovery only ever *restricts* the
+permutations an atom may take, through three substitutions applied uniformly everywhere the atom
+occurs:
+
+* ``union(a, b)``:      ``P_a = P_b``;
+* ``refine(a, tree)``:  ``P_a`` is the permutation that ``tree`` describes (an atom splits into a
+                        product or a sum of new atoms);
+* ``fix(a)``:           ``P_a = I``.
+
+:meth:`AtomTable.unify` makes two layouts describe the same permutation by the least restrictive
+combination of those substitutions it can find (the common refinement of two factorisations); when
+none exists it fixes both sides and records why.  Because every step is a uniform substitution, a
+constraint that held once keeps holding: discovery is sound whatever order the rules run in.
+
+Normal form (:meth:`AtomTable.resolve`): atoms of size 1 are ``Fixed(1)``; nested products and sums
+are flattened; adjacent ``Fixed`` children merge; a product whose leading factor is a sum is
+distributed, ``(A ⊕ B) ⊗ C = (A ⊗ C) ⊕ (B ⊗ C)`` (true for the leading factor only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from typing import Union
+
+
+@dataclass(frozen=True, slots=True)
+class Atom:
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fixed:
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Prod:
+    parts: tuple[Layout, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sum:
+    parts: tuple[Layout, ...]
+
+
+Layout = Union[Atom, Fixed, Prod, Sum]
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why an atom was fixed: ``kind`` is one of ``input``, ``output``, ``no-rule``, ``rule``,
+    ``constant``, ``unused``, ``conflict``, ``user``."""
+
+    kind: str
+    node: str
+    op: str
+    detail: str
+    source: str | None = None
+
+    def __str__(self) -> str:
+        where = f" at {self.source}" if self.source else ""
+        return f"{self.kind}: {self.detail} (node {self.node!r}, op {self.op}){where}"
+
+
+@dataclass(frozen=True)
+class Link:
+    """Provenance of one union/refinement: which rule at which node related two atom classes."""
+
+    a: int
+    b: int
+    node: str
+    op: str
+
+
+class AtomTable:
+    """Union-find over atoms, with refinement into products/sums and fixing."""
+
+    def __init__(self) -> None:
+        self._parent: list[int] = []
+        self._size: list[int] = []
+        self._fixed: list[Reason | None] = []
+        self._refined: list[Layout | None] = []
+        self.links: list[Link] = []
+        self._where: tuple[str, str] = ("", "")
+
+    # -- provenance ---------------------------------------------------------------------------
+    def at(self, node: str, op: str) -> None:
+        """Name the node/op that subsequent unions come from (for ``explain``)."""
+        self._where = (node, op)
+
+    # -- atoms ------------------------------------------------------------------------------------
+    def new(self, size: int) -> Atom:
+        self._parent.append(len(self._parent))
+        self._size.append(size)
+        self._fixed.append(None)
+        self._refined.append(None)
+        return Atom(len(self._parent) - 1)
+
+    def find(self, i: int) -> int:
+        parent = self._parent
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:
+            parent[i], i = root, parent[i]
+        return root
+
+    def atom_size(self, i: int) -> int:
+        return self._size[self.find(i)]
+
+    def reason(self, i: int) -> Reason | None:
+        return self._fixed[self.find(i)]
+
+    def size(self, lay: Layout) -> int:
+        if isinstance(lay, Atom):
+            return self._size[self.find(lay.id)]
+        if isinstance(lay, Fixed):
+            return lay.n
+        if isinstance(lay, Prod):
+            return prod(self.size(p) for p in lay.parts)
+        return sum(self.size(p) for p in lay.parts)
+
+    # -- normal form --------------------------------------------------------------------------
+    def resolve(self, lay: Layout) -> Layout:
+        if isinstance(lay, Atom):
+            r = self.find(lay.id)
+            if self._fixed[r] is not None or self._size[r] == 1:
+                return Fixed(self._size[r])
+            ref = self._refined[r]
+            if ref is not None:
+                return self.resolve(ref)
+            return Atom(r)
+        if isinstance(lay, Fixed):
+            return lay
+        if isinstance(lay, Prod):
+            return self._resolve_prod(lay)
+        return self._resolve_sum(lay)
+
+    def _resolve_prod(self, lay: Prod) -> Layout:
+        parts: list[Layout] = []
+        for p in lay.parts:
+            q = self.resolve(p)
+            for f in q.parts if isinstance(q, Prod) else (q,):
+                if isinstance(f, Fixed) and parts and isinstance(parts[-1], Fixed):
+                    parts[-1] = Fixed(parts[-1].n * f.n)
+                elif not (isinstance(f, Fixed) and f.n == 1):
+                    parts.append(f)
+        if any(isinstance(f, Fixed) and f.n == 0 for f in parts):
+            return Fixed(0)
+        if not parts:
+            return Fixed(1)
+        if isinstance(parts[0], Sum):  # (A ⊕ B) ⊗ C = (A ⊗ C) ⊕ (B ⊗ C)
+            rest = tuple(parts[1:])
+            return self.resolve(Sum(tuple(Prod((s,) + rest) for s in parts[0].parts)))
+        if len(parts) == 1:
+            return parts[0]
+        return Prod(tuple(parts))
+
+    def _resolve_sum(self, lay: Sum) -> Layout:
+        parts: list[Layout] = []
+        for p in lay.parts:
+            q = self.resolve(p)
+            for f in q.parts if isinstance(q, Sum) else (q,):
+                if isinstance(f, Fixed) and parts and isinstance(parts[-1], Fixed):
+                    parts[-1] = Fixed(parts[-1].n + f.n)
+                elif not (isinstance(f, Fixed) and f.n == 0):
+                    parts.append(f)
+        if not parts:
+            return Fixed(0)
+        if len(parts) == 1:
+            return parts[0]
+        if all(isinstance(f, Fixed) for f in parts):
+            return Fixed(sum(f.n for f in parts if isinstance(f, Fixed)))
+        return Sum(tuple(parts))
+
+    def atoms_in(self, lay: Layout) -> list[int]:
+        """Root ids of the free atoms of ``lay`` (after resolution), left to right."""
+        out: list[int] = []
+
+        def walk(x: Layout) -> None:
+            if isinstance(x, Atom):
+                out.append(x.id)
+            elif isinstance(x, (Prod, Sum)):
+                for p in x.parts:
+                    walk(p)
+
+        walk(self.resolve(lay))
+        return out
+
+    def fixed_reasons(self, lay: Layout) -> list[Reason]:
+        """Reasons recorded on the fixed atom classes underneath ``lay`` (unresolved walk)."""
+        out: list[Reason] = []
+
+        def walk(x: Layout) -> None:
+            if isinstance(x, Atom):
+                r = self.find(x.id)
+                why = self._fixed[r]
+                if why is not None:
+                    if why not in out:
+                        out.append(why)
+                elif self._refined[r] is not None:
+                    walk(self._refined[r])  # type: ignore[arg-type]
+            elif isinstance(x, (Prod, Sum)):
+                for p in x.parts:
+                    walk(p)
+
+        walk(lay)
+        return out
+
+    # -- substitutions --------------------------------------------------------------------------
+    def fix(self, lay: Layout, why: Reason) -> None:
+        for r in self.atoms_in(lay):
+            self._fixed[r] = why
+
+    def _union(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        if self._size[a] != self._size[b]:  # pragma: no cover - guarded by unify
+            raise AssertionError("union of atoms of different sizes")
+        self._parent[b] = a
+        self.links.append(Link(a, b, *self._where))
+
+    def _refine(self, a: int, tree: Layout, why: Reason) -> None:
+        if a in self.atoms_in(tree):  # occurs check: a = f(a) has no solution but the identity
+            self.fix(Prod((Atom(a), tree)), why)
+            return
+        self._refined[a] = tree
+        for b in self.atoms_in(tree):
+            self.links.append(Link(a, b, *self._where))
+
+    def unify(self, x: Layout, y: Layout, why: Reason) -> None:
+        """Constrain ``x`` and ``y`` to describe the same permutation of one axis."""
+        a, b = self.resolve(x), self.resolve(y)
+        sa, sb = self.size(a), self.size(b)
+        if sa != sb:
+            raise ValueError(f"cannot relate axes of sizes {sa} and {sb}")
+        if a == b:
+            return
+        if isinstance(a, Fixed) or isinstance(b, Fixed):
+            # the free side inherits the reason the other side is fixed (e.g. "model input")
+            known = self.fixed_reasons(x if isinstance(a, Fixed) else y)
+            self.fix(a if isinstance(b, Fixed) else b, known[0] if known else why)
+        elif isinstance(a, Atom) and isinstance(b, Atom):
+            self._union(a.id, b.id)
+        elif isinstance(a, Atom):
+            self._refine(a.id, b, why)
+        elif isinstance(b, Atom):
+            self._refine(b.id, a, why)
+        elif isinstance(a, Prod) and isinstance(b, Prod):
+            self._unify_prod(a, b, why)
+        else:
+            self._unify_sum(a, b, why)
+
+    def _unify_prod(self, a: Prod, b: Prod, why: Reason) -> None:
+        x, ra = a.parts[0], a.parts[1:]
+        y, rb = b.parts[0], b.parts[1:]
+        sx, sy = self.size(x), self.size(y)
+        if sx > sy:
+            x, ra, y, rb, sx, sy = y, rb, x, ra, sy, sx
+        if sx != sy:
+            pieces = self._split_prod(y, sx) if sy % sx == 0 else None
+            if pieces is None:
+                self._conflict(a, b, why)
+                return
+            y, rb = pieces[0], (pieces[1],) + rb
+        self.unify(x, y, why)
+        self.unify(Prod(ra), Prod(rb), why)
+
+    def _unify_sum(self, a: Layout, b: Layout, why: Reason) -> None:
+        pa = a.parts if isinstance(a, Sum) else (a,)
+        pb = b.parts if isinstance(b, Sum) else (b,)
+        x, ra = pa[0], pa[1:]
+        y, rb = pb[0], pb[1:]
+        sx, sy = self.size(x), self.size(y)
+        if sx > sy:
+            x, ra, y, rb, sx, sy = y, rb, x, ra, sy, sx
+        if sx != sy:
+            pieces = self._split_sum(y, sx)
+            if pieces is None:
+                self._conflict(a, b, why)
+                return
+            y, rb = pieces[0], (pieces[1],) + rb
+        self.unify(x, y, why)
+        self.unify(Sum(ra), Sum(rb), why)
+
+    def _split_prod(self, y: Layout, k: int) -> tuple[Layout, Layout] | None:
+        """Write ``y`` (resolved, not a product) as ``Prod(y1, y2)`` with ``|y1| = k``."""
+        n = self.size(y)
+        if isinstance(y, Fixed):
+            return Fixed(k), Fixed(n // k)
+        if isinstance(y, Atom):
+            y1, y2 = self.new(k), self.new(n // k)
+            self._refined[y.id] = Prod((y1, y2))
+            self.links += [Link(y.id, y1.id, *self._where), Link(y.id, y2.id, *self._where)]
+            return y1, y2
+        return None
+
+    def _split_sum(self, y: Layout, k: int) -> tuple[Layout, Layout] | None:
+        """Write ``y`` (resolved, not a sum) as ``Sum(y1, y2)`` with ``|y1| = k``."""
+        n = self.size(y)
+        if isinstance(y, Fixed):
+            return Fixed(k), Fixed(n - k)
+        if isinstance(y, Atom):
+            y1, y2 = self.new(k), self.new(n - k)
+            self._refined[y.id] = Sum((y1, y2))
+            self.links += [Link(y.id, y1.id, *self._where), Link(y.id, y2.id, *self._where)]
+            return y1, y2
+        if isinstance(y, Prod):  # (H ⊗ R) split at k = j*|R|: split the leading factor H at j
+            head, rest = y.parts[0], y.parts[1:]
+            r = prod(self.size(p) for p in rest)
+            if k % r:
+                return None
+            pieces = self._split_sum(head, k // r)
+            if pieces is None:
+                return None
+            return Prod((pieces[0],) + rest), Prod((pieces[1],) + rest)
+        return None
+
+    def _conflict(self, a: Layout, b: Layout, why: Reason) -> None:
+        detail = f"{why.detail}; no common refinement of the two axis structures, fixed both"
+        why2 = Reason("conflict", why.node, why.op, detail, why.source)
+        self.fix(a, why2)
+        self.fix(b, why2)

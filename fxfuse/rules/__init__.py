@@ -1,0 +1,38 @@
+"""Axis rules, one table keyed by fx target (see :mod:`fxfuse.rules.registry`)."""
+
+from __future__ import annotations
+
+from .registry import (
+    AxisRef,
+    Cut,
+    Free,
+    NewAxis,
+    OpView,
+    Relation,
+    Rule,
+    Same,
+    TensorHandle,
+    axis_rule,
+    lookup,
+    rule_table,
+    same,
+    target_name,
+)
+from . import elementwise, layers, shape  # noqa: F401,E402  (register the built-in rules)
+
+__all__ = [
+    "AxisRef",
+    "Cut",
+    "Free",
+    "NewAxis",
+    "OpView",
+    "Relation",
+    "Rule",
+    "Same",
+    "TensorHandle",
+    "axis_rule",
+    "lookup",
+    "rule_table",
+    "same",
+    "target_name",
+]

@@ -1,0 +1,138 @@
+"""Rules for value-wise ops: elementwise maps with broadcasting, reductions, softmax-like ops.
+
+Elementwise ``y = f(x1, .., xn)`` with numpy broadcasting is equivariant under any permutation of
+an output axis applied to every input axis aligned with it (right-aligned); inputs of size 1 on
+that axis are broadcast and need no permutation.  A residual add therefore joins the two streams'
+groups, and a gate ``x * sigmoid(s)`` with ``s: (N, C, 1, 1)`` joins ``s``'s channels to ``x``'s.
+
+A reduction over axis ``d`` (sum, mean, max, ...) is *invariant* to permuting ``d``; the kept
+axes are equivariant.  Softmax-like ops act along an axis and are equivariant on every axis.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layout import Sum
+from .registry import Free, OpView, Relation, Same, TensorHandle, axis_rule, register_many
+
+UNARY_FUNCTIONS = [
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
+    torch.abs, torch.neg, torch.erf, torch.sin, torch.cos, torch.square, torch.reciprocal,
+    torch.clamp, torch.clip, torch.nan_to_num, torch.sign, torch.log1p, torch.expm1,
+    torch.nn.functional.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu,
+    F.leaky_relu, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.tanhshrink,
+    F.logsigmoid, F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.alpha_dropout, operator.neg, operator.pos, torch.zeros_like, torch.ones_like,
+    torch.full_like, torch.clone, torch.detach,
+]
+BINARY_FUNCTIONS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+    operator.mod, torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div,
+    torch.divide, torch.true_divide, torch.pow, torch.maximum, torch.minimum, torch.where,
+    torch.lerp, torch.addcmul, torch.addcdiv, torch.fmod, torch.remainder, torch.atan2,
+    torch.hypot, torch.logaddexp,
+]
+METHODS = [
+    "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "erf", "sin", "cos",
+    "square", "reciprocal", "clamp", "clip", "sign", "pow", "add", "sub", "mul", "div",
+    "true_divide", "maximum", "minimum", "where", "lerp", "addcmul", "addcdiv", "float", "double",
+    "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "detach", "cpu", "cuda",
+    "requires_grad_", "expand", "expand_as", "masked_fill", "__add__", "__mul__", "__sub__",
+    "__truediv__", "__radd__", "__rmul__", "__rsub__", "__rtruediv__", "sigmoid_", "relu_",
+]
+MODULES = [
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Sigmoid, nn.Tanh,
+    nn.LogSigmoid, nn.Tanhshrink, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout,
+]
+
+
+def broadcast_relations(inputs: list[TensorHandle], y: TensorHandle) -> list[Relation]:
+    """Right-aligned broadcasting: each input axis of the output's size joins that output axis."""
+    rels: list[Relation] = []
+    for t in inputs:
+        off = y.ndim - t.ndim
+        if off < 0:
+            return []
+        for d in range(t.ndim):
+            if t.shape[d] == y.shape[d + off]:
+                rels.append(Same(t[d], y[d + off]))
+            elif t.shape[d] != 1:
+                return []
+    return rels
+
+
+def elementwise_rule(op: OpView) -> list[Relation]:
+    return broadcast_relations(op.tensors(), op.out)
+
+
+register_many([*UNARY_FUNCTIONS, *BINARY_FUNCTIONS, *METHODS, *MODULES], elementwise_rule)
+
+
+@axis_rule(nn.PReLU, F.prelu)
+def prelu_rule(op: OpView) -> list[Relation]:
+    """PReLU's weight has 1 or C entries; C acts on axis 1 of the input."""
+    x, y = op.args[0], op.out
+    w = op.param("weight") if op.module is not None else op.arg(1, "weight")
+    rels = broadcast_relations([x], y)
+    if w is not None and w.shape[0] > 1:
+        rels.append(Same(w[0], x[1] if x.ndim > 1 else x[0]))
+    return rels
+
+
+def _dims(dim: object, ndim: int) -> list[int]:
+    if dim is None:
+        return list(range(ndim))
+    if isinstance(dim, int):
+        return [dim % ndim]
+    return sorted(d % ndim for d in dim)  # type: ignore[union-attr]
+
+
+@axis_rule(
+    torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
+    torch.nansum, torch.nanmean, "mean", "sum", "amax", "amin", "std", "var", "logsumexp",
+    "nansum", "nanmean",
+)
+def reduction_rule(op: OpView) -> list[Relation]:
+    x, y = op.args[0], op.out
+    reduced = _dims(op.arg(1, "dim"), x.ndim)
+    keep = y.ndim == x.ndim
+    rels: list[Relation] = []
+    j = 0
+    for d in range(x.ndim):
+        if d in reduced:
+            rels.append(Free(x[d]))
+            j += keep
+        else:
+            rels.append(Same(x[d], y[j]))
+            j += 1
+    return rels
+
+
+@axis_rule(
+    F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax",
+    nn.Softmax, nn.LogSoftmax, torch.cumsum, "cumsum",
+)
+def along_axis_rule(op: OpView) -> list[Relation]:
+    """Softmax along ``dim`` permutes with it; other axes are elementwise."""
+    x, y = op.args[0], op.out
+    if op.target in (torch.cumsum, "cumsum"):  # a prefix sum is not equivariant along its axis
+        d = op.arg(1, "dim") % x.ndim
+        return [Same(x[i], y[i]) for i in range(x.ndim) if i != d]
+    return [Same(x[d], y[d]) for d in range(x.ndim)]
+
+
+@axis_rule(F.glu, nn.GLU)
+def glu_rule(op: OpView) -> list[Relation]:
+    """``glu(x) = a * sigmoid(b)`` with ``x = cat(a, b)``: the halves share one permutation."""
+    x, y = op.args[0], op.out
+    dim = (op.module.dim if isinstance(op.module, nn.GLU) else op.arg(1, "dim", -1)) % x.ndim
+    rels: list[Relation] = [Same(x[dim], Sum((y[dim], y[dim])))]
+    rels += [Same(x[d], y[d]) for d in range(x.ndim) if d != dim]
+    return rels

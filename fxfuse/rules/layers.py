@@ -1,0 +1,243 @@
+"""Rules for layers with parameters (module and functional forms share one relation builder).
+
+* Linear ``y = x W^T + b``, ``W: (out, in)``: ``x[-1] = W[1]`` (contracted), ``y[-1] = W[0] = b[0]``.
+* Conv ``W: (out, in/G, *k)`` with ``G`` groups: the channels split as ``x[1] = g ⊗ W[1]`` and
+  ``y[1] = W[0] = b[0] = g ⊗ c_out`` with a shared group atom ``g`` of size ``G``, so a
+  permutation moves whole conv groups and permutes within them (depthwise: ``W[1]`` has size 1,
+  any channel permutation).  Spatial axes are never permuted (the kernel is not equivariant).
+* BatchNorm/InstanceNorm: every per-channel tensor (affine, running stats) shares ``x[1]``.
+* LayerNorm/RMSNorm over the trailing ``k`` axes: weight/bias axes join those axes; statistics are
+  invariant to the permutation.
+* GroupNorm(G, C): ``x[1] = g ⊗ c`` (``|g| = G``): permutations respect the normalisation groups.
+* Embedding: ``y[-1] = W[1]``; rows ``W[0]`` are addressed by token ids and stay fixed.
+* Pooling: channels and batch pass through; a global pool is invariant to spatial permutations.
+* matmul ``(.., n, k) @ (.., k, m)``: ``k`` is contracted, batch axes broadcast.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layout import Prod
+from .elementwise import broadcast_relations
+from .registry import Cut, Free, OpView, Relation, Same, TensorHandle, axis_rule, same
+
+SPATIAL = "the kernel mixes neighbouring positions along this axis"
+
+
+def linear_relations(
+    x: TensorHandle, y: TensorHandle, w: TensorHandle, b: TensorHandle | None
+) -> list[Relation]:
+    rels: list[Relation] = [Same(x[-1], w[1]), *same(y[-1], w[0], *([b[0]] if b else []))]
+    rels += [Same(x[d], y[d]) for d in range(x.ndim - 1)]
+    return rels
+
+
+@axis_rule(nn.Linear)
+def linear_module_rule(op: OpView) -> list[Relation]:
+    w = op.param("weight")
+    assert w is not None
+    return linear_relations(op.args[0], op.out, w, op.param("bias"))
+
+
+@axis_rule(F.linear)
+def linear_function_rule(op: OpView) -> list[Relation]:
+    return linear_relations(op.args[0], op.out, op.arg(1, "weight"), op.arg(2, "bias"))
+
+
+def conv_relations(
+    op: OpView, k: int, x: TensorHandle, w: TensorHandle, b: TensorHandle | None, groups: int
+) -> list[Relation]:
+    y = op.out
+    c = x.ndim - k - 1  # channel axis (0 for unbatched input)
+    rels: list[Relation] = []
+    out_axes = [w[0], *([b[0]] if b else [])]
+    if groups == 1:
+        rels += [Same(x[c], w[1]), *same(y[c], *out_axes)]
+    else:
+        g = op.new("groups", groups)
+        per_out = op.new("out_per_group", w.shape[0] // groups)
+        rels += [Same(x[c], Prod((g, w[1]))), *same(Prod((g, per_out)), y[c], *out_axes)]
+    if c == 1:
+        rels.append(Same(x[0], y[0]))
+    for d in range(c + 1, x.ndim):
+        rels += [Cut(x[d], SPATIAL), Cut(y[d], SPATIAL)]
+    rels += [Cut(w[d], SPATIAL) for d in range(2, w.ndim)]
+    return rels
+
+
+def _conv_module_rule(k: int):  # type: ignore[no-untyped-def]
+    def conv_module_rule(op: OpView) -> list[Relation]:
+        w = op.param("weight")
+        assert w is not None and isinstance(op.module, nn.modules.conv._ConvNd)
+        return conv_relations(op, k, op.args[0], w, op.param("bias"), op.module.groups)
+
+    return conv_module_rule
+
+
+def _conv_function_rule(k: int):  # type: ignore[no-untyped-def]
+    def conv_function_rule(op: OpView) -> list[Relation]:
+        groups = op.arg(6, "groups", 1)
+        return conv_relations(op, k, op.args[0], op.arg(1, "weight"), op.arg(2, "bias"), groups)
+
+    return conv_function_rule
+
+
+for _k, (_mod, _fn) in enumerate(
+    [(nn.Conv1d, F.conv1d), (nn.Conv2d, F.conv2d), (nn.Conv3d, F.conv3d)], start=1
+):
+    axis_rule(_mod)(_conv_module_rule(_k))
+    axis_rule(_fn)(_conv_function_rule(_k))
+
+
+def channel_norm_relations(
+    x: TensorHandle, y: TensorHandle, per_channel: list[TensorHandle | None]
+) -> list[Relation]:
+    """BatchNorm/InstanceNorm: per-channel tensors share axis 1; other axes pass through."""
+    rels = [Same(x[d], y[d]) for d in range(x.ndim) if d != 1]
+    rels += same(x[1], y[1], *(t[0] for t in per_channel if t is not None))
+    return rels
+
+
+@axis_rule(
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)
+def batchnorm_module_rule(op: OpView) -> list[Relation]:
+    names = ("weight", "bias", "running_mean", "running_var")
+    return channel_norm_relations(op.args[0], op.out, [op.param(n) for n in names])
+
+
+@axis_rule(F.batch_norm, F.instance_norm)
+def batchnorm_function_rule(op: OpView) -> list[Relation]:
+    names = ("running_mean", "running_var", "weight", "bias")  # same order in both signatures
+    per_channel = [op.arg(i, n) for i, n in enumerate(names, start=1)]
+    return channel_norm_relations(op.args[0], op.out, per_channel)
+
+
+def trailing_norm_relations(
+    x: TensorHandle, y: TensorHandle, k: int, params: list[TensorHandle | None]
+) -> list[Relation]:
+    """LayerNorm/RMSNorm over the last ``k`` axes."""
+    rels: list[Relation] = []
+    for d in range(x.ndim):
+        j = d - (x.ndim - k)
+        rels += same(x[d], y[d], *(p[j] for p in params if p is not None and j >= 0))
+    return rels
+
+
+@axis_rule(nn.LayerNorm, nn.RMSNorm)
+def layernorm_module_rule(op: OpView) -> list[Relation]:
+    assert isinstance(op.module, (nn.LayerNorm, nn.RMSNorm))
+    k = len(op.module.normalized_shape)
+    return trailing_norm_relations(op.args[0], op.out, k, [op.param("weight"), op.param("bias")])
+
+
+@axis_rule(F.layer_norm, F.rms_norm)
+def layernorm_function_rule(op: OpView) -> list[Relation]:
+    k = len(op.arg(1, "normalized_shape"))
+    params = [op.arg(2, "weight"), op.arg(3, "bias") if op.target is F.layer_norm else None]
+    return trailing_norm_relations(op.args[0], op.out, k, params)
+
+
+def group_norm_relations(
+    op: OpView, x: TensorHandle, groups: int, params: list[TensorHandle | None]
+) -> list[Relation]:
+    y = op.out
+    channels = Prod((op.new("groups", groups), op.new("per_group", x.shape[1] // groups)))
+    rels = same(channels, x[1], y[1], *(p[0] for p in params if p is not None))
+    rels += [Same(x[d], y[d]) for d in range(x.ndim) if d != 1]
+    return rels
+
+
+@axis_rule(nn.GroupNorm)
+def groupnorm_module_rule(op: OpView) -> list[Relation]:
+    assert isinstance(op.module, nn.GroupNorm)
+    params = [op.param("weight"), op.param("bias")]
+    return group_norm_relations(op, op.args[0], op.module.num_groups, params)
+
+
+@axis_rule(F.group_norm)
+def groupnorm_function_rule(op: OpView) -> list[Relation]:
+    params = [op.arg(2, "weight"), op.arg(3, "bias")]
+    return group_norm_relations(op, op.args[0], op.arg(1, "num_groups"), params)
+
+
+def embedding_relations(
+    ids: TensorHandle, y: TensorHandle, w: TensorHandle
+) -> list[Relation]:
+    rels: list[Relation] = [Same(y[-1], w[1]), Cut(w[0], "embedding rows are addressed by ids")]
+    rels += [Same(ids[d], y[d]) for d in range(ids.ndim)]
+    return rels
+
+
+@axis_rule(nn.Embedding)
+def embedding_module_rule(op: OpView) -> list[Relation]:
+    w = op.param("weight")
+    assert w is not None
+    return embedding_relations(op.args[0], op.out, w)
+
+
+@axis_rule(F.embedding)
+def embedding_function_rule(op: OpView) -> list[Relation]:
+    return embedding_relations(op.args[0], op.out, op.arg(1, "weight"))
+
+
+POOLS = {
+    1: [nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d,
+        F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d],
+    2: [nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d,
+        F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+        nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle],
+    3: [nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
+        F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d],
+}
+
+
+def spatial_rule(op: OpView) -> list[Relation]:
+    """Channel/batch axes pass through; spatial axes stay fixed unless globally pooled away."""
+    x, y = op.args[0], op.out
+    if x.ndim != y.ndim or isinstance(op.module, nn.PixelShuffle):
+        return []
+    k = next(k for k, ts in POOLS.items() if op.target in ts or type(op.module) in ts)
+    rels: list[Relation] = []
+    for d in range(x.ndim):
+        if d < x.ndim - k:
+            rels.append(Same(x[d], y[d]))
+        elif all(s == 1 for s in y.shape[x.ndim - k:]) and "max" not in str(op.target).lower():
+            rels.append(Free(x[d]))  # a global average is invariant to spatial permutations
+        else:
+            rels += [Cut(x[d], SPATIAL), Cut(y[d], SPATIAL)]
+    return rels
+
+
+for _ts in POOLS.values():
+    axis_rule(*_ts)(spatial_rule)
+
+
+@axis_rule(F.interpolate)
+def interpolate_rule(op: OpView) -> list[Relation]:
+    x, y = op.args[0], op.out
+    rels: list[Relation] = [Same(x[d], y[d]) for d in range(2)]
+    for d in range(2, x.ndim):
+        rels += [Cut(x[d], SPATIAL), Cut(y[d], SPATIAL)]
+    return rels
+
+
+@axis_rule(torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__")
+def matmul_rule(op: OpView) -> list[Relation]:
+    """``(.., n, k) @ (.., k, m) -> (.., n, m)``: ``k`` is summed over, batch axes broadcast."""
+    a, b = op.args[0], op.args[1]
+    y = op.out
+    if a.ndim < 2 or b.ndim < 2:
+        return []
+    rels: list[Relation] = [Same(a[-1], b[-2]), Same(a[-2], y[-2]), Same(b[-1], y[-1])]
+    batch_y = TensorHandle(y.index, y.shape[:-2], y.dtype)
+    for t in (a, b):
+        batch_t = TensorHandle(t.index, t.shape[:-2], t.dtype)
+        rels += broadcast_relations([batch_t], batch_y)
+    return rels

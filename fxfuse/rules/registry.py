@@ -1,0 +1,219 @@
+"""The axis-rule table: how each op relates the axes of its inputs, parameters and outputs.
+
+A rule is a small pure function ``rule(op: OpView) -> list[Relation]``, registered for one or more
+fx targets with :func:`axis_rule` (``call_function`` targets are the function objects,
+``call_method`` targets the method name string, ``call_module`` targets the module class).
+
+A rule states the op's equivariance: if every input/parameter axis is permuted as the relations
+say, the output is permuted as they say.  Relations are
+
+* ``Same(a, b)``: axis expressions ``a`` and ``b`` carry the same permutation.  Expressions are
+  ``op.x[d]`` (axis ``d`` of a tensor handle), ``Prod(...)``/``Sum(...)`` of expressions (see
+  :mod:`fxfuse.layout`) and ``op.new(key, n)`` (a fresh atom local to this op application);
+* ``Free(a)``: the op is *invariant* to permuting ``a`` (a reduced or shape-only axis);
+* ``Cut(a, why)``: ``a`` can not be permuted (stays fixed), for the stated reason.
+
+Any axis of size > 1 that a rule does not mention is cut by the driver: a rule never has to be
+complete to be safe, only correct in what it claims.  :mod:`fxfuse.validate` checks every rule
+numerically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from ..layout import Prod, Sum
+
+__all__ = [
+    "AxisRef",
+    "Cut",
+    "Free",
+    "NewAxis",
+    "OpView",
+    "Relation",
+    "Rule",
+    "Same",
+    "TensorHandle",
+    "axis_rule",
+    "lookup",
+    "rule_table",
+    "same",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AxisRef:
+    """Axis ``axis`` of the op's tensor number ``tensor``."""
+
+    tensor: int
+    axis: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewAxis:
+    """A fresh atom of ``size``, local to one op application; equal keys give the same atom."""
+
+    key: str
+    size: int
+
+
+Expr = Union[AxisRef, NewAxis, Prod, Sum]
+
+
+@dataclass(frozen=True)
+class Same:
+    a: Expr
+    b: Expr
+
+
+@dataclass(frozen=True)
+class Free:
+    a: Expr
+
+
+@dataclass(frozen=True)
+class Cut:
+    a: Expr
+    why: str
+
+
+Relation = Union[Same, Free, Cut]
+
+
+class TensorHandle:
+    """What a rule sees of one tensor: its shape and its axes (``t[d]``, negative ``d`` allowed)."""
+
+    __slots__ = ("index", "shape", "dtype")
+
+    def __init__(self, index: int, shape: Sequence[int], dtype: torch.dtype) -> None:
+        self.index = index
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, d: int) -> AxisRef:
+        if not -self.ndim <= d < self.ndim:
+            raise IndexError(f"axis {d} out of range for a tensor of shape {self.shape}")
+        return AxisRef(self.index, d % self.ndim)
+
+    def axes(self) -> list[AxisRef]:
+        return [AxisRef(self.index, d) for d in range(self.ndim)]
+
+    def __repr__(self) -> str:
+        return f"TensorHandle(#{self.index}, shape={self.shape})"
+
+
+@dataclass
+class OpView:
+    """One op application as a rule sees it.
+
+    ``args``/``kwargs`` are the node's arguments with every tensor replaced by a
+    :class:`TensorHandle` and every other value concrete (as recorded while running the example
+    inputs).  ``out`` is the single output tensor (``None`` if the op returns a tuple: see
+    ``outs``).  ``module`` and ``params`` are set for ``call_module`` nodes.
+    """
+
+    target: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    outs: list[TensorHandle]
+    out_value: Any
+    module: nn.Module | None = None
+    params: dict[str, TensorHandle] = field(default_factory=dict)
+
+    @property
+    def out(self) -> TensorHandle:
+        if len(self.outs) != 1 or not isinstance(self.out_value, TensorHandle):
+            raise TypeError(f"{self.target} does not return a single tensor")
+        return self.outs[0]
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        """Positional argument ``i`` or keyword ``name``."""
+        if i < len(self.args):
+            return self.args[i]
+        return self.kwargs.get(name, default)
+
+    def tensors(self) -> list[TensorHandle]:
+        """Every tensor argument, in order (inside lists and tuples too)."""
+        out: list[TensorHandle] = []
+
+        def walk(v: Any) -> None:
+            if isinstance(v, TensorHandle):
+                out.append(v)
+            elif isinstance(v, (list, tuple)):
+                for u in v:
+                    walk(u)
+            elif isinstance(v, dict):
+                for u in v.values():
+                    walk(u)
+
+        walk(self.args)
+        walk(self.kwargs)
+        return out
+
+    def param(self, name: str) -> TensorHandle | None:
+        return self.params.get(name)
+
+    def new(self, key: str, size: int) -> NewAxis:
+        return NewAxis(key, size)
+
+
+Rule = Callable[[OpView], list[Relation]]
+
+_RULES: dict[Any, Rule] = {}
+
+
+def axis_rule(*targets: Any) -> Callable[[Rule], Rule]:
+    """Register ``fn`` as the axis rule of every target (function, method name, module class).
+
+    Example, for a user module that scales channels by a learned vector::
+
+        @fxfuse.axis_rule(MyScale)
+        def my_scale_rule(op):
+            x, y, w = op.args[0], op.out, op.param("weight")
+            return [*fxfuse.rules.same(x[1], y[1], w[0]), *(Same(x[d], y[d]) for d in (0, 2, 3))]
+    """
+
+    def deco(fn: Rule) -> Rule:
+        for t in targets:
+            _RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def lookup(target: Any) -> Rule | None:
+    return _RULES.get(target)
+
+
+def rule_table() -> dict[Any, Rule]:
+    """A copy of the rule table (target -> rule)."""
+    return dict(_RULES)
+
+
+def same(*exprs: Expr) -> list[Relation]:
+    """``Same`` relations chaining all of ``exprs`` together."""
+    return [Same(exprs[0], e) for e in exprs[1:]]
+
+
+def target_name(target: Any) -> str:
+    if isinstance(target, str):
+        return f"Tensor.{target}"
+    if isinstance(target, type):
+        return f"{target.__module__}.{target.__qualname__}"
+    mod = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
+    return f"{mod}.{name}" if mod else str(name)
+
+
+def register_many(targets: Iterable[Any], fn: Rule) -> None:
+    for t in targets:
+        _RULES[t] = fn

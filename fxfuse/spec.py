@@ -1,0 +1,371 @@
+"""The permutation spec: derived from discovery, frozen, two-way, printable, serialisable.
+
+* ``spec.groups``: each :class:`Group` has a ``name``, a ``size`` and ``members``, the
+  ``(state_dict_key, axis)`` pairs it permutes (a :class:`Member` is that tuple, plus the axis
+  layout in ``member.layout``).
+* ``spec.axes[(key, axis)]``: the :class:`AxisSpec` of every parameter/buffer axis: its layout tree
+  over group names and how it came to be (fixed reasons).
+
+A layout tree is ``("g", name)``, ``("fixed", n)``, ``("prod", (t1, ..))`` (Kronecker product,
+row-major) or ``("sum", (t1, ..))`` (concatenation), see :mod:`fxfuse.layout`.  The index
+permutation of an axis is :func:`axis_index`; permuting a tensor is
+``t.index_select(axis, axis_index(layout, perms))``.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+
+from .discover import Discovery
+from .errors import PermutationError, SpecError
+from .layout import Atom, Fixed, Layout, Prod, Reason, Sum
+
+Tree = tuple[Any, ...]
+FORMAT_VERSION = 1
+
+
+class Member(tuple):  # type: ignore[type-arg]
+    """``(state_dict_key, axis)``; ``.layout`` is the whole axis' layout tree."""
+
+    layout: Tree
+
+    def __new__(cls, key: str, axis: int, layout: Tree) -> Member:
+        self = super().__new__(cls, (key, axis))
+        self.layout = layout
+        return self
+
+    @property
+    def key(self) -> str:
+        return str(self[0])
+
+    @property
+    def axis(self) -> int:
+        return int(self[1])
+
+    def __str__(self) -> str:
+        text = f"{self.key}:{self.axis}"
+        return text if self.layout[0] == "g" else f"{text}[{tree_str(self.layout)}]"
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    size: int
+    members: list[Member]
+
+
+@dataclass(frozen=True)
+class AxisSpec:
+    key: str
+    axis: int
+    size: int
+    layout: Tree
+    fixed_because: tuple[str, ...] = ()
+
+    @property
+    def groups(self) -> list[str]:
+        return tree_groups(self.layout)
+
+
+@dataclass(frozen=True)
+class CutRecord:
+    node: str
+    op: str
+    reason: str
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class PermutationSpec:
+    """Permutation groups of one model (see module doc).  Build with :func:`fxfuse.find_groups`."""
+
+    groups: list[Group]
+    axes: dict[tuple[str, int], AxisSpec]
+    cuts: list[CutRecord] = field(default_factory=list)
+    model: str = ""
+    tracer: str = ""
+
+    # -- queries --------------------------------------------------------------------------------
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no group {name!r}; groups are {[g.name for g in self.groups]}")
+
+    def groups_of(self, key: str, axis: int) -> list[str]:
+        """Names of the groups acting on ``key``'s ``axis`` (axis -> group direction)."""
+        spec = self.axes.get((key, axis))
+        return spec.groups if spec else []
+
+    @property
+    def fixed_axes(self) -> list[AxisSpec]:
+        """Parameter axes (size > 1) that no group permutes."""
+        return [a for a in self.axes.values() if a.size > 1 and not a.groups]
+
+    def random_perms(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A random permutation per group, never the identity (so a test of it can fail)."""
+        gen = torch.Generator().manual_seed(seed)
+        perms = {}
+        for g in self.groups:
+            p = torch.randperm(g.size, generator=gen)
+            if torch.equal(p, torch.arange(g.size)):
+                p = torch.roll(p, 1)
+            perms[g.name] = p
+        return perms
+
+    def lint(self, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+        """Check the spec's invariants (and, given ``shapes``, that it fits those tensors)."""
+        sizes = {g.name: g.size for g in self.groups}
+        for (key, axis), a in self.axes.items():
+            if tree_size(a.layout, sizes) != a.size:
+                raise SpecError(f"{key}:{axis}: layout {tree_str(a.layout)} does not have size "
+                                f"{a.size}")
+            if shapes is not None:
+                if key not in shapes or len(shapes[key]) <= axis or shapes[key][axis] != a.size:
+                    have = shapes.get(key)
+                    raise SpecError(f"the spec permutes {key}:{axis} (size {a.size}) but the model "
+                                    f"has {key} with shape {have}; the spec was discovered for "
+                                    f"another model: run fxfuse.find_groups on this one")
+        for g in self.groups:
+            if not g.members:
+                raise SpecError(f"group {g.name!r} has no members")
+            for m in g.members:
+                if g.name not in tree_groups(self.axes[(m.key, m.axis)].layout):
+                    raise SpecError(f"group {g.name!r} lists {m} but that axis does not use it")
+
+    # -- text -----------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        n_axes = sum(1 for a in self.axes.values() if a.groups)
+        lines = [f"PermutationSpec for {self.model} ({self.tracer}): {len(self.groups)} groups "
+                 f"permuting {n_axes} parameter axes"]
+        width = max([len("group"), *(len(g.name) for g in self.groups)])
+        lines.append(f"  {'group':<{width}}  {'size':>5}  members")
+        indent = " " * (width + 11)
+        for g in self.groups:
+            body = ", ".join(str(m) for m in g.members)
+            wrapped = textwrap.wrap(body, 100 - len(indent), break_on_hyphens=False) or [""]
+            lines.append(f"  {g.name:<{width}}  {g.size:>5}  {wrapped[0]}")
+            lines += [indent + w for w in wrapped[1:]]
+        fixed = self.fixed_axes
+        if fixed:
+            lines.append("fixed axes (never permuted):")
+            for a in fixed:
+                why = "; ".join(a.fixed_because) or "fixed"
+                lines.append(f"  {a.key}:{a.axis} ({a.size})  {why}")
+        if self.cuts:
+            lines.append("cuts (ops with no axis rule; the groups through them stay fixed):")
+            for c in self.cuts:
+                src = f"  at {c.source}" if c.source else ""
+                lines.append(f"  node {c.node}: {c.op}{src}")
+        return "\n".join(lines)
+
+    # -- JSON -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "fxfuse.PermutationSpec",
+            "version": FORMAT_VERSION,
+            "model": self.model,
+            "tracer": self.tracer,
+            "groups": [{"name": g.name, "size": g.size,
+                        "members": [[m.key, m.axis] for m in g.members]} for g in self.groups],
+            "axes": [{"key": a.key, "axis": a.axis, "size": a.size,
+                      "layout": _tree_to_json(a.layout), "fixed_because": list(a.fixed_because)}
+                     for a in self.axes.values()],
+            "cuts": [{"node": c.node, "op": c.op, "reason": c.reason, "source": c.source}
+                     for c in self.cuts],
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> PermutationSpec:
+        try:
+            d = json.loads(text)
+            if d.get("format") != "fxfuse.PermutationSpec" or d.get("version") != FORMAT_VERSION:
+                raise SpecError(f"not an fxfuse PermutationSpec of version {FORMAT_VERSION}")
+            axes = {}
+            for a in d["axes"]:
+                tree = _tree_from_json(a["layout"])
+                axes[(a["key"], int(a["axis"]))] = AxisSpec(
+                    a["key"], int(a["axis"]), int(a["size"]), tree, tuple(a["fixed_because"]))
+            groups = [Group(g["name"], int(g["size"]),
+                            [Member(k, int(ax), axes[(k, int(ax))].layout) for k, ax in g["members"]])
+                      for g in d["groups"]]
+            cuts = [CutRecord(c["node"], c["op"], c["reason"], c.get("source")) for c in d["cuts"]]
+        except SpecError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SpecError(f"malformed PermutationSpec JSON: {type(exc).__name__}: {exc}") from exc
+        spec = cls(groups, axes, cuts, d.get("model", ""), d.get("tracer", ""))
+        spec.lint()
+        return spec
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PermutationSpec) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # -- graph ----------------------------------------------------------------------------------
+    def to_graph(self) -> nx.Graph:
+        """Bipartite graph: group nodes and layer (module) nodes; an edge per axis a group acts on."""
+        graph = nx.Graph()
+        for g in self.groups:
+            graph.add_node(f"group:{g.name}", kind="group", label=g.name, size=g.size)
+            for m in g.members:
+                layer = m.key.rsplit(".", 1)[0] if "." in m.key else m.key
+                graph.add_node(f"layer:{layer}", kind="layer", label=layer)
+                node_g, node_l = f"group:{g.name}", f"layer:{layer}"
+                old = graph.get_edge_data(node_g, node_l, {}).get("axes", "")
+                axes = f"{old}, {m}" if old else str(m)
+                graph.add_edge(node_g, node_l, axes=axes)
+        return graph
+
+
+# -- layout trees -------------------------------------------------------------------------------
+def tree_str(t: Tree) -> str:
+    kind = t[0]
+    if kind == "g":
+        return str(t[1])
+    if kind == "fixed":
+        return str(t[1])
+    inner = [tree_str(c) for c in t[1]]
+    return " x ".join(inner) if kind == "prod" else "(" + " + ".join(inner) + ")"
+
+
+def tree_groups(t: Tree) -> list[str]:
+    if t[0] == "g":
+        return [t[1]]
+    if t[0] == "fixed":
+        return []
+    return [n for c in t[1] for n in tree_groups(c)]
+
+
+def tree_size(t: Tree, sizes: Mapping[str, int]) -> int:
+    if t[0] == "g":
+        if t[1] not in sizes:
+            raise SpecError(f"layout names an unknown group {t[1]!r}")
+        return sizes[t[1]]
+    if t[0] == "fixed":
+        return int(t[1])
+    vals = [tree_size(c, sizes) for c in t[1]]
+    out = 1
+    if t[0] == "prod":
+        for v in vals:
+            out *= v
+        return out
+    return sum(vals)
+
+
+def axis_index(t: Tree, perms: Mapping[str, torch.Tensor], sizes: Mapping[str, int],
+               device: torch.device | None = None) -> torch.Tensor:
+    """Index permutation of an axis: permuted = tensor.index_select(axis, index).
+
+    ``g``: the group's permutation (identity if absent); ``fixed``: ``arange(n)``;
+    ``prod``: ``idx[i1, i2] = p1[i1] * |t2| + p2[i2]`` (Kronecker); ``sum``: offsets concatenated.
+    """
+    kind = t[0]
+    if kind == "g":
+        p = perms.get(t[1])
+        return torch.arange(sizes[t[1]], device=device) if p is None else p.to(device)
+    if kind == "fixed":
+        return torch.arange(int(t[1]), device=device)
+    parts = [axis_index(c, perms, sizes, device) for c in t[1]]
+    if kind == "prod":
+        out = parts[0]
+        for p in parts[1:]:
+            out = (out[:, None] * p.numel() + p[None, :]).reshape(-1)
+        return out
+    offsets, out_parts, off = [], [], 0
+    for p in parts:
+        offsets.append(off)
+        out_parts.append(p + off)
+        off += p.numel()
+    return torch.cat(out_parts)
+
+
+def check_perms(spec: PermutationSpec, perms: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Validate ``perms`` (group name -> permutation) and return them as LongTensors."""
+    sizes = {g.name: g.size for g in spec.groups}
+    out = {}
+    for name, p in perms.items():
+        if name not in sizes:
+            raise PermutationError(f"unknown group {name!r}; the spec's groups are {list(sizes)}")
+        t = torch.as_tensor(p)
+        n = sizes[name]
+        if t.dim() != 1 or t.numel() != n or t.dtype.is_floating_point or not torch.equal(
+            torch.sort(t.cpu()).values, torch.arange(n)
+        ):
+            raise PermutationError(f"perms[{name!r}] must be a permutation of range({n}) as a 1-D "
+                                   f"integer tensor, got shape {tuple(t.shape)}")
+        out[name] = t.long()
+    return out
+
+
+def _tree_to_json(t: Tree) -> list[Any]:
+    if t[0] in ("g", "fixed"):
+        return [t[0], t[1]]
+    return [t[0], [_tree_to_json(c) for c in t[1]]]
+
+
+def _tree_from_json(v: Any) -> Tree:
+    kind = v[0]
+    if kind == "g":
+        return ("g", str(v[1]))
+    if kind == "fixed":
+        return ("fixed", int(v[1]))
+    if kind in ("prod", "sum"):
+        return (kind, tuple(_tree_from_json(c) for c in v[1]))
+    raise SpecError(f"unknown layout node {kind!r}")
+
+
+# -- derivation from discovery ---------------------------------------------------------------------
+def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
+    table = disc.table
+    names: dict[int, str] = {}
+    taken: set[str] = set()
+
+    def export(lay: Layout) -> Tree:
+        if isinstance(lay, Atom):
+            return ("g", names[lay.id])
+        if isinstance(lay, Fixed):
+            return ("fixed", lay.n)
+        kind = "prod" if isinstance(lay, Prod) else "sum"
+        return (kind, tuple(export(c) for c in lay.parts))
+
+    axes: dict[tuple[str, int], AxisSpec] = {}
+    members: dict[int, list[Member]] = {}
+    for key, lays in disc.param_axes.items():
+        for axis, raw in enumerate(lays):
+            resolved = table.resolve(raw)
+            for atom in table.atoms_in(resolved):
+                if atom not in names:
+                    base = key.rsplit(".", 1)[0] if "." in key else key
+                    name, k = base, 1
+                    while name in taken:
+                        k += 1
+                        name = f"{base}#{k}"
+                    names[atom] = name
+                    taken.add(name)
+            tree = export(resolved)
+            size = disc.param_shapes[key][axis]
+            because = tuple(str(r) for r in table.fixed_reasons(raw)) if not tree_groups(tree) \
+                else ()
+            for alias in disc.aliases[key]:
+                axes[(alias, axis)] = AxisSpec(alias, axis, size, tree, because)
+                for atom in dict.fromkeys(table.atoms_in(resolved)):
+                    members.setdefault(atom, []).append(Member(alias, axis, tree))
+    groups = [Group(names[a], table.atom_size(a), members[a]) for a in names]
+    cuts = [CutRecord(r.node, r.op, r.detail, r.source) for r in _unique(disc.cuts)]
+    return PermutationSpec(groups, axes, cuts, model_name, disc.tracer)
+
+
+def _unique(reasons: list[Reason]) -> list[Reason]:
+    return list(dict.fromkeys(reasons))

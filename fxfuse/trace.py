@@ -1,0 +1,124 @@
+"""Tracing: a model -> a ``torch.fx.GraphModule`` whose nodes carry the values seen on the example
+inputs (``node.meta["fxfuse.value"]``: a :class:`TensorMeta` for tensors, the concrete value for
+Python scalars/shapes, tuples of those for multi-output ops).
+
+Modules with a registered axis rule (all standard ``torch.nn`` layers, plus user-registered
+classes) are kept as leaves; everything else is traced through, so a weight-tied block called
+``k`` times appears as ``k`` ``call_module`` nodes with the same target.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import InputError, TraceError
+from .rules import lookup
+
+VALUE = "fxfuse.value"
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if lookup(type(m)) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    raise InputError(
+        f"example_inputs must be a tensor or a non-empty tuple of tensors, got "
+        f"{type(example_inputs).__name__}"
+    )
+
+
+def symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` symbolic tracing with fxfuse's leaf modules and recorded stack traces."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        raise TraceError(
+            f"torch.fx.symbolic_trace could not trace {type(model).__name__}: "
+            f"{type(exc).__name__}: {exc}. Data-dependent control flow, iteration over tensors "
+            f"or item assignment stop symbolic tracing; make that code a leaf module with a "
+            f"registered rule (@fxfuse.axis_rule(MyModule)), or rewrite it without Python "
+            f"control flow on tensor values."
+        ) from exc
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _summarise(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return TensorMeta(tuple(v.shape), v.dtype)
+    if isinstance(v, torch.Size):
+        return tuple(v)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_summarise(u) for u in v) if not hasattr(v, "_fields") else tuple(
+            _summarise(u) for u in v
+        )
+    return v
+
+
+class _Recorder(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta[VALUE] = _summarise(result)
+        return result
+
+
+def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> Any:
+    """Run ``gm`` once on ``inputs`` (eval mode, no grad; modes restored) and annotate every node."""
+    modes = [(m, m.training) for m in gm.modules()]
+    gm.eval()
+    try:
+        with torch.no_grad():
+            return _Recorder(gm).run(*inputs)
+    except Exception as exc:
+        raise InputError(
+            f"running the traced model on the example inputs failed: {type(exc).__name__}: "
+            f"{exc}. Check the number, shapes and dtypes of example_inputs."
+        ) from exc
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def source_line(node: fx.Node) -> str | None:
+    """``file:line: code`` of the user's line that created ``node`` (from its stack trace)."""
+    st = node.stack_trace
+    if not st:
+        return None
+    lines = [ln for ln in st.strip().splitlines() if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        ln = lines[i].strip()
+        if ln.startswith("File ") and _TORCH_DIR not in ln:
+            parts = ln.split(",")
+            path = parts[0][len("File "):].strip().strip('"')
+            lineno = parts[1].strip().removeprefix("line ").strip() if len(parts) > 1 else "?"
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return f"{path}:{lineno}: {code}"
+    return None
