@@ -48,7 +48,7 @@ class Discovery:
 
 def _op_name(node: fx.Node, gm: fx.GraphModule) -> str:
     if node.op == "call_module":
-        return f"{type(gm.get_submodule(str(node.target))).__name__} ({node.target})"
+        return type(gm.get_submodule(str(node.target))).__name__
     return target_name(node.target)
 
 
@@ -193,7 +193,8 @@ class _Driver:
         src = source_line(node)
         rule = lookup(_rule_key(node, self.gm))
         if rule is None:
-            msg = (f"no axis rule for {opname}; the groups through it stay fixed. Register one "
+            msg = (f"no axis rule for {opname}{_module_path(node)}; the groups through it stay "
+                   f"fixed. Register one "
                    f"with @fxfuse.axis_rule({_recipe(node, self.gm)}) (see fxfuse.rules)")
             if self.strict:
                 where = f" at {src}" if src else ""
@@ -253,6 +254,10 @@ class _Driver:
                     why = Reason("rule", base.node, base.op,
                                  f"the rule does not relate axis {d} of tensor #{i}", base.source)
                     self.table.fix(lo, why)
+
+
+def _module_path(node: fx.Node) -> str:
+    return f" (module {node.target})" if node.op == "call_module" else ""
 
 
 def _nodes_in(v: Any) -> list[fx.Node]:

@@ -73,6 +73,12 @@ class Reason:
         where = f" at {self.source}" if self.source else ""
         return f"{self.kind}: {self.detail} (node {self.node!r}, op {self.op}){where}"
 
+    def short(self) -> str:
+        """``kind: detail (op)`` without the node, so equal causes print once."""
+        if self.kind in ("input", "output", "unused"):
+            return f"{self.kind}: {self.detail}"
+        return f"{self.kind}: {self.detail} ({self.op})"
+
 
 @dataclass(frozen=True)
 class Link:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,12 +153,15 @@ class PermutationSpec:
             wrapped = textwrap.wrap(body, 100 - len(indent), break_on_hyphens=False) or [""]
             lines.append(f"  {g.name:<{width}}  {g.size:>5}  {wrapped[0]}")
             lines += [indent + w for w in wrapped[1:]]
-        fixed = self.fixed_axes
-        if fixed:
-            lines.append("fixed axes (never permuted):")
-            for a in fixed:
-                why = "; ".join(a.fixed_because) or "fixed"
-                lines.append(f"  {a.key}:{a.axis} ({a.size})  {why}")
+        by_reason: dict[str, list[str]] = {}
+        for a in self.fixed_axes:
+            why = "; ".join(a.fixed_because) or "fixed"
+            by_reason.setdefault(why, []).append(f"{a.key}:{a.axis}")
+        if by_reason:
+            lines.append("fixed axes (never permuted), by reason:")
+            for why, axes in by_reason.items():
+                lines.append(f"  {why}")
+                lines += ["      " + w for w in textwrap.wrap(", ".join(axes), 94)]
         if self.cuts:
             lines.append("cuts (ops with no axis rule; the groups through them stay fixed):")
             for c in self.cuts:
@@ -326,19 +329,21 @@ def _tree_from_json(v: Any) -> Tree:
     raise SpecError(f"unknown layout node {kind!r}")
 
 
+def to_tree(lay: Layout, name: Callable[[int], str]) -> Tree:
+    """A resolved layout as a tree over group names (``name(atom_id)``)."""
+    if isinstance(lay, Atom):
+        return ("g", name(lay.id))
+    if isinstance(lay, Fixed):
+        return ("fixed", lay.n)
+    kind = "prod" if isinstance(lay, Prod) else "sum"
+    return (kind, tuple(to_tree(c, name) for c in lay.parts))
+
+
 # -- derivation from discovery ---------------------------------------------------------------------
 def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
     table = disc.table
     names: dict[int, str] = {}
     taken: set[str] = set()
-
-    def export(lay: Layout) -> Tree:
-        if isinstance(lay, Atom):
-            return ("g", names[lay.id])
-        if isinstance(lay, Fixed):
-            return ("fixed", lay.n)
-        kind = "prod" if isinstance(lay, Prod) else "sum"
-        return (kind, tuple(export(c) for c in lay.parts))
 
     axes: dict[tuple[str, int], AxisSpec] = {}
     members: dict[int, list[Member]] = {}
@@ -354,9 +359,9 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
                         name = f"{base}#{k}"
                     names[atom] = name
                     taken.add(name)
-            tree = export(resolved)
+            tree = to_tree(resolved, names.__getitem__)
             size = disc.param_shapes[key][axis]
-            because = tuple(str(r) for r in table.fixed_reasons(raw)) if not tree_groups(tree) \
+            because = tuple(r.short() for r in table.fixed_reasons(raw)) if not tree_groups(tree) \
                 else ()
             for alias in disc.aliases[key]:
                 axes[(alias, axis)] = AxisSpec(alias, axis, size, tree, because)

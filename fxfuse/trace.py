@@ -118,6 +118,11 @@ def source_line(node: fx.Node) -> str | None:
         if ln.startswith("File ") and _TORCH_DIR not in ln:
             parts = ln.split(",")
             path = parts[0][len("File "):].strip().strip('"')
+            try:
+                rel = os.path.relpath(path)
+                path = rel if not rel.startswith("..") else path
+            except ValueError:  # another drive on Windows
+                pass
             lineno = parts[1].strip().removeprefix("line ").strip() if len(parts) > 1 else "?"
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             return f"{path}:{lineno}: {code}"

@@ -28,14 +28,17 @@ UNARY_FUNCTIONS = [
     F.leaky_relu, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.tanhshrink,
     F.logsigmoid, F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
     F.alpha_dropout, operator.neg, operator.pos, torch.zeros_like, torch.ones_like,
-    torch.full_like, torch.clone, torch.detach,
+    torch.full_like, torch.clone, torch.detach, operator.invert, torch.logical_not,
 ]
 BINARY_FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
     operator.mod, torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div,
     torch.divide, torch.true_divide, torch.pow, torch.maximum, torch.minimum, torch.where,
     torch.lerp, torch.addcmul, torch.addcdiv, torch.fmod, torch.remainder, torch.atan2,
-    torch.hypot, torch.logaddexp,
+    torch.hypot, torch.logaddexp, operator.gt, operator.lt, operator.ge, operator.le,
+    operator.eq, operator.ne, operator.and_, operator.or_, operator.xor, torch.gt, torch.lt,
+    torch.ge, torch.le, torch.eq, torch.ne, torch.logical_and, torch.logical_or,
+    torch.logical_xor,
 ]
 METHODS = [
     "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "erf", "sin", "cos",

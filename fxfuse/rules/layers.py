@@ -192,7 +192,7 @@ POOLS = {
         F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d],
     2: [nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d,
         F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-        nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle],
+        nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d],
     3: [nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
         F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d],
 }
@@ -201,15 +201,15 @@ POOLS = {
 def spatial_rule(op: OpView) -> list[Relation]:
     """Channel/batch axes pass through; spatial axes stay fixed unless globally pooled away."""
     x, y = op.args[0], op.out
-    if x.ndim != y.ndim or isinstance(op.module, nn.PixelShuffle):
+    if x.ndim != y.ndim:
         return []
     k = next(k for k, ts in POOLS.items() if op.target in ts or type(op.module) in ts)
     rels: list[Relation] = []
     for d in range(x.ndim):
         if d < x.ndim - k:
             rels.append(Same(x[d], y[d]))
-        elif all(s == 1 for s in y.shape[x.ndim - k:]) and "max" not in str(op.target).lower():
-            rels.append(Free(x[d]))  # a global average is invariant to spatial permutations
+        elif all(s == 1 for s in y.shape[x.ndim - k:]):
+            rels.append(Free(x[d]))  # a global pool (mean, max, Lp) ignores spatial order
         else:
             rels += [Cut(x[d], SPATIAL), Cut(y[d], SPATIAL)]
     return rels

@@ -157,6 +157,13 @@ def _full_slice(s: slice, n: int) -> bool:
 @axis_rule(operator.getitem)
 def getitem_rule(op: OpView) -> list[Relation]:
     src, idx = op.args[0], op.args[1]
+    if isinstance(src, (list, tuple)) and isinstance(idx, slice):  # a sub-tuple
+        picked = list(src[idx])
+        rels: list[Relation] = [Free(a) for t in src if not any(t is p for p in picked)
+                                for a in t.axes()]
+        for t, o in zip(picked, op.outs):
+            rels += [Same(t[d], o[d]) for d in range(t.ndim)]
+        return rels
     if isinstance(src, (list, tuple)):  # an element of a tuple of tensors (split, chunk, ...)
         elem = src[idx] if isinstance(idx, int) else None
         if not isinstance(elem, TensorHandle):
@@ -169,7 +176,7 @@ def getitem_rule(op: OpView) -> list[Relation]:
     if any(isinstance(i, (TensorHandle, list)) for i in index):
         return []
     used = sum(1 for i in index if i is not None and i is not Ellipsis)
-    rels: list[Relation] = []
+    rels = []
     i = j = 0
     for item in index:
         if item is Ellipsis:
@@ -216,7 +223,7 @@ def shape_query_rule(op: OpView) -> list[Relation]:
     return [Free(a) for t in op.tensors() for a in t.axes()]
 
 
-@axis_rule(F.pad, "pad")
+@axis_rule(F.pad)
 def pad_rule(op: OpView) -> list[Relation]:
     x, y = op.args[0], op.out
     pad = op.arg(1, "pad")

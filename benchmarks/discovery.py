@@ -1,0 +1,359 @@
+"""Benchmark: permutation-group discovery time over the reference zoo.
+
+For every zoo model (the small ones and the large ``resnet50`` / ``vit_b``) this times
+
+* ``fxfuse.find_groups(model, inputs)`` end to end (tracing + shape recording + discovery), and
+* torch-pruning's ``tp.DependencyGraph().build_dependency(model, example_inputs=inputs)``
+  (a benchmark-only extra: ``pip install --no-deps torch-pruning``),
+
+reporting the median of N repeats after one warm-up run (N=5 for small models, 3 for large ones),
+plus the spec's group / permutable-axis / cut counts.  The warm-up run is the "first attempt": a
+tool that takes longer than ``--timeout`` seconds on it is skipped for that model.
+
+Run from the repository root::
+
+    python benchmarks/discovery.py            # print the table
+    python benchmarks/discovery.py --write    # also update benchmarks/RESULTS.md
+    python benchmarks/discovery.py --quick --models mlp,resnet20   # smoke run, 1 repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib.metadata
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+import fxfuse  # noqa: E402
+import models  # noqa: E402
+
+RESULTS_PATH = REPO_ROOT / "benchmarks" / "RESULTS.md"
+BEGIN = "<!-- discovery:begin -->"
+END = "<!-- discovery:end -->"
+COMMAND = "python benchmarks/discovery.py --write"
+RESULTS_HEADER = (
+    "# fxfuse benchmark results\n\n"
+    "Every figure in this file is produced by the command named in its section; "
+    "re-run that command to refresh the section (do not edit the numbers by hand).\n"
+)
+
+REPEATS_SMALL = 5
+REPEATS_LARGE = 3
+NUM_THREADS = 2
+TARGET_MODEL = "resnet50"
+TARGET_SECONDS = 1.0
+
+
+class BenchTimeout(Exception):
+    """Raised by :func:`time_limit` when a guarded call runs too long."""
+
+
+@dataclass
+class Timing:
+    """Outcome of timing one tool on one model: a median in seconds, or a short status text."""
+
+    median_s: float | None = None
+    runs: int = 0
+    status: str = ""
+
+    def cell(self) -> str:
+        return fmt_seconds(self.median_s) if self.median_s is not None else self.status
+
+
+@dataclass
+class Row:
+    model: str
+    large: bool
+    repeats: int
+    groups: int | None
+    perm_axes: int | None
+    cuts: int | None
+    fxfuse: Timing
+    tp: Timing
+
+
+# -- timing helpers -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`BenchTimeout` inside the block after ``seconds`` (no-op without SIGALRM).
+
+    The alarm interrupts Python code only; a single long-running C call finishes first.
+    """
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        raise BenchTimeout(f"timeout (> {seconds:g} s on first attempt)")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def time_once(fn: Callable[[], Any]) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def short_error(exc: BaseException, limit: int = 80) -> str:
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def measure(fn: Callable[[], Any], repeats: int, timeout: float, label: str) -> Timing:
+    """One guarded warm-up run, then the median of ``repeats`` timed runs."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with time_limit(timeout):
+                time_once(fn)
+            times = [time_once(fn) for _ in range(repeats)]
+    except BenchTimeout as exc:
+        return Timing(status=str(exc))
+    except Exception as exc:  # any failure is a table entry, not a crash
+        summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        print(f"[{label}] raised {summary}", file=sys.stderr)
+        traceback.print_exc(limit=-4, file=sys.stderr)
+        return Timing(status=f"error: {short_error(exc)}")
+    return Timing(median_s=statistics.median(times), runs=len(times))
+
+
+# -- the two tools ------------------------------------------------------------------------------
+def import_torch_pruning() -> ModuleType | None:
+    try:
+        import torch_pruning
+    except Exception:  # a broken install counts as not installed
+        return None
+    return torch_pruning
+
+
+def bench_model(name: str, repeats: int, timeout: float, tp: ModuleType | None) -> Row:
+    entry = models.ZOO[name]
+    large = "large" in entry.tags
+    n = repeats if repeats > 0 else (REPEATS_LARGE if large else REPEATS_SMALL)
+    inputs = entry.example_inputs()
+
+    model = entry.factory()
+    spec_box: list[fxfuse.PermutationSpec] = []
+
+    def run_fxfuse() -> None:
+        spec_box[:] = [fxfuse.find_groups(model, inputs)]
+
+    fx_timing = measure(run_fxfuse, n, timeout, f"fxfuse {name}")
+    groups = perm_axes = cuts = None
+    if spec_box:
+        spec = spec_box[-1]
+        groups = len(spec.groups)
+        perm_axes = sum(1 for axis_spec in spec.axes.values() if axis_spec.groups)
+        cuts = len(spec.cuts)
+
+    if tp is None:
+        tp_timing = Timing(status="not installed")
+    else:
+        tp_model = entry.factory()  # fresh copy: build_dependency runs the model in train mode
+
+        def run_tp() -> None:
+            tp.DependencyGraph().build_dependency(tp_model, example_inputs=inputs)
+
+        tp_timing = measure(run_tp, n, timeout, f"torch-pruning {name}")
+
+    return Row(name, large, n, groups, perm_axes, cuts, fx_timing, tp_timing)
+
+
+# -- reporting ----------------------------------------------------------------------------------
+def fmt_seconds(seconds: float) -> str:
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
+    return f"{seconds * 1e3:.1f} ms"
+
+
+def fmt_count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def ratio_cell(row: Row) -> str:
+    fx, tp = row.fxfuse.median_s, row.tp.median_s
+    if fx is None or tp is None or tp == 0:
+        return "-"
+    return f"{fx / tp:.2f}x"
+
+
+def render_table(rows: list[Row]) -> str:
+    lines = [
+        "| model | repeats | groups | permutable axes | cuts | fxfuse find_groups | "
+        "torch-pruning build_dependency | fxfuse / tp |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        name = f"{r.model} (large)" if r.large else r.model
+        lines.append(
+            f"| {name} | {r.repeats} | {fmt_count(r.groups)} | {fmt_count(r.perm_axes)} | "
+            f"{fmt_count(r.cuts)} | {r.fxfuse.cell()} | {r.tp.cell()} | {ratio_cell(r)} |"
+        )
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[Row]) -> list[str]:
+    row = next((r for r in rows if r.model == TARGET_MODEL), None)
+    if row is None:
+        return [f"- Targets not evaluated: {TARGET_MODEL} was not in this run."]
+    fx, tp = row.fxfuse.median_s, row.tp.median_s
+    out = []
+    if fx is None:
+        out.append(f"- ResNet-50 discovery under {TARGET_SECONDS:g} s: FAIL ({row.fxfuse.status})")
+    else:
+        ok = fx < TARGET_SECONDS
+        out.append(
+            f"- ResNet-50 discovery under {TARGET_SECONDS:g} s: {'PASS' if ok else 'FAIL'} "
+            f"(median {fmt_seconds(fx)})"
+        )
+    if fx is None or tp is None:
+        why = row.fxfuse.status if fx is None else f"torch-pruning: {row.tp.status}"
+        out.append(f"- ResNet-50 no slower than torch-pruning build_dependency: N/A ({why})")
+    else:
+        ok = fx <= tp
+        out.append(
+            f"- ResNet-50 no slower than torch-pruning build_dependency: "
+            f"{'PASS' if ok else 'FAIL'} (fxfuse {fmt_seconds(fx)} vs torch-pruning "
+            f"{fmt_seconds(tp)}, {fx / tp:.2f}x)"
+        )
+    return out
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def render_section(rows: list[Row], args: argparse.Namespace, tp: ModuleType | None) -> str:
+    tp_version = "not installed"
+    if tp is not None:
+        try:
+            tp_version = importlib.metadata.version("torch-pruning")
+        except importlib.metadata.PackageNotFoundError:
+            tp_version = str(getattr(tp, "__version__", "unknown"))
+    run_kind = (
+        "quick smoke run (1 repeat)"
+        if args.quick
+        else (
+            f"median of {REPEATS_SMALL} repeats for small models and {REPEATS_LARGE} for large "
+            "ones, after one warm-up run"
+        )
+    )
+    if args.models:
+        run_kind += f"; models restricted to `{args.models}`"
+    this_run = "" if args.argv == ["--write"] else f" (this run: `{' '.join(args.argv)}`)"
+    parts = [
+        BEGIN,
+        "## Discovery time",
+        "",
+        f"Command: `{COMMAND}`" + this_run,
+        "",
+        f"- Date: {datetime.date.today().isoformat()}",
+        f"- Machine: {os.cpu_count()}-core CPU ({cpu_name()}), "
+        f"`torch.set_num_threads({NUM_THREADS})`, torch {torch.__version__}, "
+        f"Python {platform.python_version()}, torch-pruning {tp_version}",
+        f"- Method: wall time of `fxfuse.find_groups(model, inputs)` end to end (tracing, shape "
+        "recording, discovery, spec build) and of torch-pruning's "
+        "`tp.DependencyGraph().build_dependency(model, example_inputs=inputs)` on the same "
+        f"zoo model and inputs; {run_kind}. A tool slower than {args.timeout:g} s on its first "
+        "attempt is skipped. *groups* = `len(spec.groups)`, *permutable axes* = number of "
+        "`(key, axis)` in `spec.axes` with a non-empty `.groups`, *cuts* = `len(spec.cuts)`.",
+        "- Targets: ResNet-50 discovery under 1 s, and no slower than torch-pruning's "
+        "`build_dependency` on the same model.",
+        "",
+        render_table(rows),
+        "",
+        "Verdicts:",
+        "",
+        *verdicts(rows),
+        END,
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def write_section(section: str, path: Path = RESULTS_PATH) -> None:
+    text = path.read_text() if path.exists() else RESULTS_HEADER
+    begin, end = text.find(BEGIN), text.find(END)
+    if begin != -1 and end > begin:
+        text = text[:begin] + section + text[end + len(END) :].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+# -- entry point --------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--write", action="store_true", help=f"update {RESULTS_PATH.name}")
+    parser.add_argument("--models", default="", help="comma-separated zoo names (default: all)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 repeat per model")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="skip a tool slower than this on its first try"
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args.argv = list(argv)
+    return args
+
+
+def selected_models(spec: str) -> list[str]:
+    if not spec:
+        return models.names() + models.names("large")
+    chosen = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in models.ZOO]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {sorted(models.ZOO)}")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(NUM_THREADS)
+    names = selected_models(args.models)
+    tp = import_torch_pruning()
+    rows = []
+    for name in names:
+        print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+        rows.append(bench_model(name, 1 if args.quick else 0, args.timeout, tp))
+    section = render_section(rows, args, tp)
+    print(section)
+    if args.write:
+        write_section(section)
+        print(f"wrote {RESULTS_PATH.relative_to(REPO_ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Every registered axis rule is checked numerically (see fxfuse.validate)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import fxfuse
+from fxfuse.rules import Same, rule_table, target_name
+from fxfuse.validate import check_equivariance
+
+from .rule_cases import CASES
+
+TABLE = rule_table()
+PARAMS = [pytest.param(t, i, id=f"{target_name(t)}-{i}")
+          for t in TABLE for i in range(len(CASES.get(t, [])))]
+
+
+def test_every_rule_has_a_case() -> None:
+    missing = [target_name(t) for t in TABLE if t not in CASES and t != "cuda"]
+    assert not missing, f"rules without a numerical check in tests/rule_cases.py: {missing}"
+
+
+@pytest.mark.parametrize("target,i", PARAMS)
+def test_rule_is_equivariant(target: Any, i: int) -> None:
+    fn, inputs = CASES[target][i]
+    if isinstance(fn, nn.Module):
+        fn.eval()
+    check = check_equivariance(fn, inputs)
+    assert check.n_free > 0, "the case claims no permutable axis: it could not fail"
+    assert check.ok, f"{target_name(target)}: output differs by {check.rel_diff:.3g}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_method_rule() -> None:
+    assert check_equivariance(lambda x: x.cuda().cpu(), torch.randn(2, 3)).ok
+
+
+class Shift(nn.Module):
+    """Rolls the channels by one: NOT equivariant to channel permutations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(x, 1, dims=1)
+
+
+def test_validator_catches_a_wrong_rule() -> None:
+    @fxfuse.axis_rule(Shift)
+    def wrong_rule(op: Any) -> list[Any]:
+        x, y = op.args[0], op.out
+        return [Same(x[d], y[d]) for d in range(x.ndim)]  # claims full equivariance: false
+
+    try:
+        check = check_equivariance(Shift(), torch.randn(2, 6, 3))
+        assert check.n_free > 0 and not check.ok
+    finally:
+        from fxfuse.rules import registry
+
+        registry._RULES.pop(Shift)
