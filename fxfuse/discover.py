@@ -73,9 +73,9 @@ class _Driver:
         for key, t in model.state_dict(keep_vars=True).items():
             first = self.key_of.setdefault(id(t), key)
             self.aliases.setdefault(first, []).append(key)
+            self.param_shapes[key] = tuple(t.shape)
             if first == key:
                 self.param_axes[key] = tuple(self.table.new(s) for s in t.shape)
-                self.param_shapes[key] = tuple(t.shape)
         self.used: set[str] = set()
 
     # -- helpers ------------------------------------------------------------------------------

@@ -98,9 +98,10 @@ def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> Any:
         with torch.no_grad():
             return _Recorder(gm).run(*inputs)
     except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
         raise InputError(
             f"running the traced model on the example inputs failed: {type(exc).__name__}: "
-            f"{exc}. Check the number, shapes and dtypes of example_inputs."
+            f"{first}. Check the number, shapes and dtypes of example_inputs."
         ) from exc
     finally:
         for m, mode in modes:

@@ -1,0 +1,400 @@
+"""Targeted discovery tests: one per feature the groups issue lists, each on a model that uses it."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fxfuse
+import models
+from fxfuse.rules import Same
+from fxfuse.testing import randomize_constants
+
+
+def spec_of(name: str, **kwargs: object) -> tuple[nn.Module, tuple, fxfuse.PermutationSpec]:
+    entry = models.get(name)
+    model = randomize_constants(entry.factory(**kwargs) if kwargs else entry.factory(), seed=2)
+    inputs = entry.example_inputs()
+    return model, inputs, fxfuse.find_groups(model, inputs)
+
+
+def groups_of(spec: fxfuse.PermutationSpec, key: str, axis: int = 0) -> list[str]:
+    return spec.groups_of(key, axis)
+
+
+def out_changes(model: nn.Module, other: nn.Module, inputs: tuple) -> bool:
+    with torch.no_grad():
+        a, b = model.eval()(*inputs), other.eval()(*inputs)
+    return not torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# -- layers ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mlp", "conv1d_net", "conv3d_net"])
+def test_linear_and_conv_outputs_join_next_inputs_and_bias(name: str) -> None:
+    model, inputs, spec = spec_of(name)
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    for (n1, m1), (n2, _) in zip(layers, layers[1:]):
+        g = groups_of(spec, f"{n1}.weight", 0)
+        assert g and groups_of(spec, f"{n2}.weight", 1) == g
+        if m1.bias is not None:
+            assert groups_of(spec, f"{n1}.bias", 0) == g
+    fxfuse.verify(model, spec, inputs)
+
+
+def test_grouped_conv_permutations_respect_conv_groups() -> None:
+    model, inputs, spec = spec_of("grouped_conv")
+    layout = spec.axes[("gconv2.weight", 0)].layout
+    assert layout[0] == "prod" and spec.group(layout[1][0][1]).size == 2  # the 2 conv groups
+    # whole-group swap and within-group shuffles are in the spec and keep the function
+    fxfuse.verify(model, spec, inputs)
+    # a permutation mixing channels across the conv groups of gconv2 breaks it
+    bad = copy.deepcopy(model)
+    p = torch.arange(16)
+    p[[0, 8]] = p[[8, 0]]  # swap channel 0 (group 0) with channel 8 (group 1) of conv1's output
+    with torch.no_grad():
+        bad.conv1.weight.copy_(model.conv1.weight[p])
+        bad.conv1.bias.copy_(model.conv1.bias[p])
+        bad.gconv2.weight.copy_(model.gconv2.weight)  # cannot follow across groups
+    assert out_changes(model, bad, inputs)
+
+
+def test_depthwise_conv_shares_the_expand_group() -> None:
+    model, inputs, spec = spec_of("mobilenetv2")
+    dw = [n for n, m in model.named_modules()
+          if isinstance(m, nn.Conv2d) and m.groups == m.in_channels and m.groups > 1]
+    assert dw
+    for n in dw:
+        assert groups_of(spec, f"{n}.weight", 0), f"{n} output is fixed"
+        assert groups_of(spec, f"{n}.weight", 1) == []  # in/groups == 1: nothing to permute
+
+
+def test_batchnorm_params_and_running_stats_follow_the_conv() -> None:
+    _, _, spec = spec_of("vgg_bn")
+    g = groups_of(spec, "features.0.weight")
+    for suffix in ("weight", "bias", "running_mean", "running_var"):
+        assert groups_of(spec, f"features.1.{suffix}") == g
+    assert ("features.1.num_batches_tracked", 0) not in spec.axes
+
+
+def test_layernorm_channels_last_after_permute() -> None:
+    model, inputs, spec = spec_of("convnext")
+    lns = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    covered = [n for n in lns if groups_of(spec, f"{n}.weight")]
+    assert covered == lns
+    fxfuse.verify(model, spec, inputs)
+
+
+def test_groupnorm_groups_are_kept_together() -> None:
+    model, inputs, spec = spec_of("groupnorm_net")
+    layout = spec.axes[("gn1.weight", 0)].layout
+    assert layout[0] == "prod"
+    outer, inner = (spec.group(t[1]) for t in layout[1])
+    assert (outer.size, inner.size) == (model.gn1.num_groups, 16 // model.gn1.num_groups)
+    fxfuse.verify(model, spec, inputs)
+
+
+def test_rmsnorm_weight_is_permuted() -> None:
+    model, inputs, spec = spec_of("rmsnorm_mlp")
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.RMSNorm)]
+    assert norms and all(groups_of(spec, f"{n}.weight") for n in norms)
+    fxfuse.verify(model, spec, inputs)
+
+
+# -- elementwise, residual, gates --------------------------------------------------------------
+def test_residual_stream_is_one_group() -> None:
+    _, _, spec = spec_of("resnet20")
+    stream = {groups_of(spec, f"layer1.{i}.conv2.weight")[0] for i in range(3)}
+    assert stream == {groups_of(spec, "conv1.weight")[0]}
+
+
+def test_broadcast_parameters_join_channels() -> None:
+    model, inputs, spec = spec_of("broadcast_net")
+    per_channel = [(k, v) for k, v in model.state_dict().items()
+                   if v.dim() >= 1 and v.shape[0] == 1 and v.dim() == 4]
+    for k, _ in per_channel:
+        assert groups_of(spec, k, 1), f"{k} not permuted"
+    fxfuse.verify(model, spec, inputs)
+
+
+def test_squeeze_excitation_gate_shares_the_gated_group() -> None:
+    _, _, spec = spec_of("se_net")
+    assert groups_of(spec, "se.fc2.weight", 0) == groups_of(spec, "features.3.weight", 0)
+
+
+def test_swiglu_gate_and_up_share_a_group() -> None:
+    _, _, spec = spec_of("swiglu_mlp")
+    assert groups_of(spec, "block1.gate.weight") == groups_of(spec, "block1.up.weight")
+    assert groups_of(spec, "block1.down.weight", 1) == groups_of(spec, "block1.gate.weight")
+
+
+def test_glu_halves_share_one_permutation() -> None:
+    _, _, spec = spec_of("glu_mlp")
+    layout = spec.axes[("fc1.weight", 0)].layout
+    assert layout[0] == "sum" and layout[1][0] == layout[1][1]
+
+
+# -- concat, split, reshape, transpose, shuffle ------------------------------------------------
+def test_concat_gives_block_structure() -> None:
+    _, _, spec = spec_of("concat_split_net")
+    layout = spec.axes[("fc.weight", 1)].layout
+    assert layout == ("sum", (("g", "conv_q1"), ("g", "conv_q2")))
+
+
+def test_densenet_concat_layers_read_sums() -> None:
+    model, inputs, spec = spec_of("densenet")
+    sums = [a for a in spec.axes.values() if a.layout[0] == "sum"]
+    assert len(sums) >= 3
+    fxfuse.verify(model, spec, inputs)
+
+
+def test_flatten_acts_blockwise_on_the_next_linear() -> None:
+    _, _, spec = spec_of("flatten_net")
+    for key, conv in (("fc_view.weight", "conv1"), ("fc_flat.weight", "conv2")):
+        layout = spec.axes[(key, 1)].layout
+        assert layout[0] == "prod" and layout[1][0] == ("g", conv)
+        assert layout[1][1][0] == "fixed" and layout[1][1][1] > 1  # the spatial positions
+
+
+def test_vgg_conv_flatten_linear() -> None:
+    model, inputs, spec = spec_of("vgg")
+    linear = next(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    assert spec.axes[(f"{linear}.weight", 1)].layout[0] == "prod"
+    fxfuse.verify(model, spec, inputs)
+
+
+def test_transpose_carries_the_group_to_conv1d() -> None:
+    _, _, spec = spec_of("transpose_net")
+    assert groups_of(spec, "fc1.weight") == groups_of(spec, "conv.weight", 1)
+
+
+def test_channel_shuffle_reorders_kronecker_factors() -> None:
+    model, inputs, spec = spec_of("channel_shuffle_net")
+    produce = spec.axes[("conv1.weight", 0)].layout
+    consume = spec.axes[("conv2.weight", 1)].layout
+    assert produce[0] == consume[0] == "prod"
+    assert list(produce[1]) == list(consume[1])[::-1]
+    fxfuse.verify(model, spec, inputs)
+
+
+def test_shufflenet_split_and_shuffle() -> None:
+    model, inputs, spec = spec_of("shufflenet")
+    assert any(a.layout[0] == "sum" for a in spec.axes.values())
+    assert any(a.layout[0] == "prod" for a in spec.axes.values())
+    fxfuse.verify(model, spec, inputs)
+
+
+# -- weight tying ------------------------------------------------------------------------------
+@pytest.mark.parametrize("steps", [1, 3, 6])
+def test_neural_ode_block_iterated_k_times_has_one_set_of_groups(steps: int) -> None:
+    model, inputs, spec = spec_of("node_net", steps=steps)
+    assert len(spec.groups) == 2
+    assert groups_of(spec, "f.conv2.weight") == groups_of(spec, "stem.0.weight")
+    fxfuse.verify(model, spec, inputs)
+
+
+def test_tied_block_called_three_times() -> None:
+    _, _, spec = spec_of("tied_block_net")
+    g = groups_of(spec, "block.0.weight", 0)
+    assert g and groups_of(spec, "block.0.weight", 1) == g
+
+
+class TiedEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 12)
+        self.mix = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 20, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(self.embed(ids))))
+
+
+def test_tied_embedding_keys_are_both_members() -> None:
+    model = TiedEmbedding()
+    ids = torch.randint(0, 20, (2, 5))
+    spec = fxfuse.find_groups(model, ids)
+    g = groups_of(spec, "embed.weight", 1)
+    assert g and groups_of(spec, "head.weight", 1) == g
+    assert groups_of(spec, "embed.weight", 0) == []  # rows are addressed by token ids
+    fxfuse.verify(model, spec, ids)
+
+
+# -- boundaries, unknown ops, strict mode, user rules --------------------------------------------
+def test_inputs_and_outputs_are_never_permuted() -> None:
+    _, _, spec = spec_of("resnet20")
+    assert spec.groups_of("conv1.weight", 1) == []
+    assert spec.axes[("conv1.weight", 1)].fixed_because[0].startswith("input:")
+    assert spec.axes[("fc.weight", 0)].fixed_because[0].startswith("output:")
+
+
+class WithUnknownOp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 16)
+        self.c = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        h = torch.cummax(h, dim=-1).values  # no axis rule: must cut, not guess
+        return self.c(torch.relu(self.b(h)))
+
+
+def test_unknown_op_cuts_groups_and_records_why() -> None:
+    model = WithUnknownOp()
+    x = torch.randn(3, 8)
+    spec = fxfuse.find_groups(model, x)
+    assert groups_of(spec, "a.weight") == [] and groups_of(spec, "b.weight", 1) == []
+    assert groups_of(spec, "b.weight") != []  # after the cut, groups resume
+    cut = spec.cuts[0]
+    assert "cummax" in cut.op and cut.node.startswith("cummax")
+    assert cut.source and "test_discovery.py" in cut.source and "cummax" in cut.source
+    assert "no-rule" in spec.axes[("a.weight", 0)].fixed_because[0]
+    assert "cuts (ops with no axis rule" in str(spec)
+    fxfuse.verify(model, spec, x)
+
+
+def test_strict_mode_raises_a_typed_error_with_recipe() -> None:
+    with pytest.raises(fxfuse.UnsupportedOpError) as info:
+        fxfuse.find_groups(WithUnknownOp(), torch.randn(3, 8), strict=True)
+    msg = str(info.value)
+    assert "cummax" in msg and "test_discovery.py" in msg and "fxfuse.axis_rule" in msg
+
+
+class ChannelScale(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:  # Python control flow: symbolic_trace needs it as a leaf
+            raise ValueError
+        return x * self.weight
+
+
+class WithUserModule(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.s = ChannelScale(16)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.s(self.a(x))))
+
+
+def test_user_registered_rule_for_own_module() -> None:
+    model = WithUserModule()
+    x = torch.randn(3, 8)
+    with pytest.raises(fxfuse.TraceError):
+        fxfuse.find_groups(model, x)
+
+    @fxfuse.axis_rule(ChannelScale)
+    def channel_scale_rule(op):  # type: ignore[no-untyped-def]
+        x, y, w = op.args[0], op.out, op.param("weight")
+        return [Same(x[0], y[0]), Same(x[1], y[1]), Same(w[0], y[1])]
+
+    try:
+        spec = fxfuse.find_groups(model, x)
+        assert groups_of(spec, "s.weight") == groups_of(spec, "a.weight") != []
+        fxfuse.verify(model, spec, x)
+    finally:
+        from fxfuse.rules import registry
+
+        registry._RULES.pop(ChannelScale)
+
+
+# -- permute / verify / spec ---------------------------------------------------------------------
+def test_permute_returns_a_new_model_and_leaves_the_input_untouched() -> None:
+    model, inputs, spec = spec_of("vgg_bn")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    permuted = fxfuse.permute(model, spec, spec.random_perms(seed=3))
+    assert type(permuted) is type(model) and permuted is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in permuted.state_dict().items())
+    fresh = models.get("vgg_bn").factory()
+    fresh.load_state_dict(permuted.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(*inputs), model.eval()(*inputs), rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_random_perms_are_never_identity() -> None:
+    _, _, spec = spec_of("grouped_conv")
+    for seed in range(5):
+        for name, p in spec.random_perms(seed).items():
+            assert not torch.equal(p, torch.arange(len(p))), name
+
+
+def test_bad_permutations_are_refused() -> None:
+    model, _, spec = spec_of("mlp")
+    g = spec.groups[0]
+    with pytest.raises(fxfuse.PermutationError):
+        fxfuse.permute(model, spec, {g.name: torch.zeros(g.size, dtype=torch.long)})
+    with pytest.raises(fxfuse.PermutationError):
+        fxfuse.permute(model, spec, {"nope": torch.arange(3)})
+
+
+def test_spec_of_another_model_is_refused() -> None:
+    _, _, spec = spec_of("mlp")
+    other = models.get("vgg").factory()
+    with pytest.raises(fxfuse.SpecError):
+        fxfuse.permute(other, spec, spec.random_perms())
+
+
+def test_verify_detects_a_wrong_spec_and_names_the_group() -> None:
+    model, inputs, spec = spec_of("mlp")
+    data = json.loads(spec.to_json())
+    victim = data["groups"][0]
+    dropped = victim["members"].pop()  # forget that the next layer reads this group
+    data["axes"] = [a for a in data["axes"] if [a["key"], a["axis"]] != dropped]
+    broken = fxfuse.PermutationSpec.from_json(json.dumps(data))
+    with pytest.raises(fxfuse.VerificationError) as info:
+        fxfuse.verify(model, broken, inputs)
+    assert victim["name"] in str(info.value)
+
+
+def test_find_groups_does_not_modify_the_model() -> None:
+    model = randomize_constants(models.get("resnet20").factory(), seed=0).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fxfuse.find_groups(model, models.get("resnet20").example_inputs())
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_malformed_json_is_a_spec_error() -> None:
+    with pytest.raises(fxfuse.SpecError):
+        fxfuse.PermutationSpec.from_json('{"format": "fxfuse.PermutationSpec", "version": 1}')
+    with pytest.raises(fxfuse.SpecError):
+        fxfuse.PermutationSpec.from_json('{"format": "other"}')
+
+
+def test_bad_example_inputs_are_input_errors() -> None:
+    model = models.get("mlp").factory()
+    with pytest.raises(fxfuse.InputError):
+        fxfuse.find_groups(model, torch.randn(2, 3, 5, 5))
+    with pytest.raises(fxfuse.InputError):
+        fxfuse.find_groups(model, "not a tensor")
+
+
+def test_group_graph_links_groups_to_layers() -> None:
+    _, _, spec = spec_of("resnet20")
+    graph = spec.to_graph()
+    kinds = {d["kind"] for _, d in graph.nodes(data=True)}
+    assert kinds == {"group", "layer"}
+    stem = f"group:{groups_of(spec, 'conv1.weight')[0]}"
+    assert "layer:layer1.0.conv2" in graph[stem]
+
+
+def test_public_api_is_pinned() -> None:
+    assert sorted(fxfuse.__all__) == sorted([
+        "AxisSpec", "FxFuseError", "Group", "InputError", "Member", "PermutationError",
+        "PermutationSpec", "SpecError", "TraceError", "UnsupportedOpError", "VerificationError",
+        "VerifyResult", "axis_rule", "find_groups", "permute", "verify",
+    ])
