@@ -38,6 +38,11 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
 
+# With OpenMP's default spin-waiting, 2-thread torch ops on the 2-vCPU benchmark VM went through
+# multi-second phases ~10-40x slower (a 256x256 matmul: 10 ms -> 400 ms), swamping the figures;
+# sleep-waiting keeps them stable.  Must be set before torch is imported; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -73,11 +78,13 @@ class Timing:
     """Outcome of timing one tool on one model: a median in seconds, or a short status text."""
 
     median_s: float | None = None
-    runs: int = 0
+    min_s: float | None = None
     status: str = ""
 
     def cell(self) -> str:
-        return fmt_seconds(self.median_s) if self.median_s is not None else self.status
+        if self.median_s is None or self.min_s is None:
+            return self.status
+        return f"{fmt_seconds(self.median_s)} ({fmt_seconds(self.min_s)})"
 
 
 @dataclass
@@ -143,7 +150,7 @@ def measure(fn: Callable[[], Any], repeats: int, timeout: float, label: str) -> 
         print(f"[{label}] raised {summary}", file=sys.stderr)
         traceback.print_exc(limit=-4, file=sys.stderr)
         return Timing(status=f"error: {short_error(exc)}")
-    return Timing(median_s=statistics.median(times), runs=len(times))
+    return Timing(median_s=statistics.median(times), min_s=min(times))
 
 
 # -- the two tools ------------------------------------------------------------------------------
@@ -208,8 +215,8 @@ def ratio_cell(row: Row) -> str:
 
 def render_table(rows: list[Row]) -> str:
     lines = [
-        "| model | repeats | groups | permutable axes | cuts | fxfuse find_groups | "
-        "torch-pruning build_dependency | fxfuse / tp |",
+        "| model | repeats | groups | permutable axes | cuts | fxfuse find_groups, median (min) | "
+        "torch-pruning build_dependency, median (min) | fxfuse / tp (medians) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -273,22 +280,24 @@ def render_section(rows: list[Row], args: argparse.Namespace, tp: ModuleType | N
     )
     if args.models:
         run_kind += f"; models restricted to `{args.models}`"
-    this_run = "" if args.argv == ["--write"] else f" (this run: `{' '.join(args.argv)}`)"
     parts = [
         BEGIN,
         "## Discovery time",
         "",
-        f"Command: `{COMMAND}`" + this_run,
+        f"Command: `{COMMAND}`",
         "",
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Machine: {os.cpu_count()}-core CPU ({cpu_name()}), "
-        f"`torch.set_num_threads({NUM_THREADS})`, torch {torch.__version__}, "
+        f"`torch.set_num_threads({args.threads})`, "
+        f"`OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}`, torch {torch.__version__}, "
         f"Python {platform.python_version()}, torch-pruning {tp_version}",
         f"- Method: wall time of `fxfuse.find_groups(model, inputs)` end to end (tracing, shape "
         "recording, discovery, spec build) and of torch-pruning's "
         "`tp.DependencyGraph().build_dependency(model, example_inputs=inputs)` on the same "
         f"zoo model and inputs; {run_kind}. A tool slower than {args.timeout:g} s on its first "
-        "attempt is skipped. *groups* = `len(spec.groups)`, *permutable axes* = number of "
+        "attempt is skipped. `OMP_WAIT_POLICY=PASSIVE` is set by the script (unless already "
+        "set) because spin-waiting OpenMP threads made 2-thread timings swing by 10x on this VM. "
+        "*groups* = `len(spec.groups)`, *permutable axes* = number of "
         "`(key, axis)` in `spec.axes` with a non-empty `.groups`, *cuts* = `len(spec.cuts)`.",
         "- Targets: ResNet-50 discovery under 1 s, and no slower than torch-pruning's "
         "`build_dependency` on the same model.",
@@ -322,9 +331,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="skip a tool slower than this on its first try"
     )
-    argv = sys.argv[1:] if argv is None else argv
+    parser.add_argument(
+        "--threads", type=int, default=NUM_THREADS, help="torch.set_num_threads (default: 2)"
+    )
     args = parser.parse_args(argv)
-    args.argv = list(argv)
+    if args.write and (args.models or args.quick or args.threads != NUM_THREADS):
+        parser.error(
+            f"--write records the full run only ({COMMAND}); drop --models/--quick/--threads"
+        )
     return args
 
 
@@ -340,7 +354,7 @@ def selected_models(spec: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(NUM_THREADS)
+    torch.set_num_threads(args.threads)
     names = selected_models(args.models)
     tp = import_torch_pruning()
     rows = []

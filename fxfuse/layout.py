@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
-from typing import Union
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,15 +47,20 @@ class Fixed:
 
 @dataclass(frozen=True, slots=True)
 class Prod:
-    parts: tuple[Layout, ...]
+    """Row-major product.  Leaves are ``Atom``/``Fixed`` in layouts and axis references in the
+    expressions rules build (:mod:`fxfuse.rules.registry`), hence ``Any``."""
+
+    parts: tuple[Any, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Sum:
-    parts: tuple[Layout, ...]
+    """Concatenation (leaves as for :class:`Prod`)."""
+
+    parts: tuple[Any, ...]
 
 
-Layout = Union[Atom, Fixed, Prod, Sum]
+Layout = Atom | Fixed | Prod | Sum
 
 
 @dataclass(frozen=True)

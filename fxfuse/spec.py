@@ -25,7 +25,7 @@ import torch
 
 from .discover import Discovery
 from .errors import PermutationError, SpecError
-from .layout import Atom, Fixed, Layout, Prod, Reason, Sum
+from .layout import Atom, Fixed, Layout, Prod, Reason
 
 Tree = tuple[Any, ...]
 FORMAT_VERSION = 1

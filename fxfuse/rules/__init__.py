@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import elementwise, layers, shape  # noqa: F401,E402  (register the built-in rules)
 from .registry import (
     AxisRef,
     Cut,
@@ -18,7 +19,6 @@ from .registry import (
     same,
     target_name,
 )
-from . import elementwise, layers, shape  # noqa: F401,E402  (register the built-in rules)
 
 __all__ = [
     "AxisRef",

@@ -94,7 +94,7 @@ def _dims(dim: object, ndim: int) -> list[int]:
         return list(range(ndim))
     if isinstance(dim, int):
         return [dim % ndim]
-    return sorted(d % ndim for d in dim)  # type: ignore[union-attr]
+    return sorted(d % ndim for d in dim)  # type: ignore[attr-defined]
 
 
 @axis_rule(

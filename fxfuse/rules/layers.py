@@ -98,7 +98,7 @@ def channel_norm_relations(
     x: TensorHandle, y: TensorHandle, per_channel: list[TensorHandle | None]
 ) -> list[Relation]:
     """BatchNorm/InstanceNorm: per-channel tensors share axis 1; other axes pass through."""
-    rels = [Same(x[d], y[d]) for d in range(x.ndim) if d != 1]
+    rels: list[Relation] = [Same(x[d], y[d]) for d in range(x.ndim) if d != 1]
     rels += same(x[1], y[1], *(t[0] for t in per_channel if t is not None))
     return rels
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ class NewAxis:
     size: int
 
 
-Expr = Union[AxisRef, NewAxis, Prod, Sum]
+Expr = AxisRef | NewAxis | Prod | Sum
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class Cut:
     why: str
 
 
-Relation = Union[Same, Free, Cut]
+Relation = Same | Free | Cut
 
 
 class TensorHandle:

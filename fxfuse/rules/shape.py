@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -159,24 +160,25 @@ def getitem_rule(op: OpView) -> list[Relation]:
     src, idx = op.args[0], op.args[1]
     if isinstance(src, (list, tuple)) and isinstance(idx, slice):  # a sub-tuple
         picked = list(src[idx])
-        rels: list[Relation] = [Free(a) for t in src if not any(t is p for p in picked)
-                                for a in t.axes()]
+        sub: list[Relation] = [Free(a) for t in src if not any(t is p for p in picked)
+                               for a in t.axes()]
         for t, o in zip(picked, op.outs):
-            rels += [Same(t[d], o[d]) for d in range(t.ndim)]
-        return rels
+            sub += [Same(t[d], o[d]) for d in range(t.ndim)]
+        return sub
     if isinstance(src, (list, tuple)):  # an element of a tuple of tensors (split, chunk, ...)
         elem = src[idx] if isinstance(idx, int) else None
         if not isinstance(elem, TensorHandle):
             return []
         others = [Free(a) for t in src if isinstance(t, TensorHandle) and t is not elem
                   for a in t.axes()]  # elements not picked are not read
-        return [Same(elem[d], op.out[d]) for d in range(elem.ndim)] + others
+        picks: list[Relation] = [Same(elem[d], op.out[d]) for d in range(elem.ndim)]
+        return picks + others
     x, y = src, op.out
     index = idx if isinstance(idx, tuple) else (idx,)
     if any(isinstance(i, (TensorHandle, list)) for i in index):
         return []
     used = sum(1 for i in index if i is not None and i is not Ellipsis)
-    rels = []
+    rels: list[Relation] = []
     i = j = 0
     for item in index:
         if item is Ellipsis:
