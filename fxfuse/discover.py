@@ -11,7 +11,7 @@ unmentioned is fixed too.  Only this module mutates the atom table.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -108,7 +108,8 @@ class _Driver:
     # -- the walk -----------------------------------------------------------------------------
     def run(self) -> None:
         for node in self.gm.graph.nodes:
-            self.table.at(node.name, node.op)
+            self.table.at(node.name, _op_name(node, self.gm) if node.op.startswith("call")
+                          else node.op)
             if node.op == "placeholder":
                 node.meta[AXES] = self._fresh(node.meta.get(VALUE))
                 if self.fix_io:
@@ -287,9 +288,13 @@ def discover(
 ) -> Discovery:
     """Trace ``model``, run it on ``example_inputs`` and relate every axis (see module doc)."""
     inputs = as_input_tuple(example_inputs)
-    gm = symbolic_trace(model)
+    gm = symbolic_trace(model, stack_traces=strict)
     record_values(gm, inputs)
     driver = _Driver(model, gm, strict, fix_io)
     driver.run()
+    cuts = driver.cuts
+    if cuts:  # name the user's source lines: trace again, this time recording stack traces
+        sources = {n.name: source_line(n) for n in symbolic_trace(model).graph.nodes}
+        cuts = [replace(c, source=sources.get(c.node)) for c in cuts]
     return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes, driver.aliases,
-                     driver.cuts)
+                     cuts)

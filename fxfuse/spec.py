@@ -59,6 +59,7 @@ class Group:
     name: str
     size: int
     members: list[Member]
+    joined_by: tuple[str, ...] = ()  # provenance: "node (op)" of every rule that shaped it
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,16 @@ class PermutationSpec:
             if g.name == name:
                 return g
         raise KeyError(f"no group {name!r}; groups are {[g.name for g in self.groups]}")
+
+    def explain(self, name: str) -> str:
+        """Why group ``name`` is as it is: its members and the nodes whose rules joined them."""
+        g = self.group(name)
+        lines = [f"group {g.name!r} (size {g.size}) permutes:"]
+        lines += [f"  {m}" for m in g.members]
+        if g.joined_by:
+            lines.append("joined by the axis rules at:")
+            lines += [f"  {j}" for j in g.joined_by]
+        return "\n".join(lines)
 
     def groups_of(self, key: str, axis: int) -> list[str]:
         """Names of the groups acting on ``key``'s ``axis`` (axis -> group direction)."""
@@ -177,7 +188,8 @@ class PermutationSpec:
             "model": self.model,
             "tracer": self.tracer,
             "groups": [{"name": g.name, "size": g.size,
-                        "members": [[m.key, m.axis] for m in g.members]} for g in self.groups],
+                        "members": [[m.key, m.axis] for m in g.members],
+                        "joined_by": list(g.joined_by)} for g in self.groups],
             "axes": [{"key": a.key, "axis": a.axis, "size": a.size,
                       "layout": _tree_to_json(a.layout), "fixed_because": list(a.fixed_because)}
                      for a in self.axes.values()],
@@ -200,7 +212,8 @@ class PermutationSpec:
                 axes[(a["key"], int(a["axis"]))] = AxisSpec(
                     a["key"], int(a["axis"]), int(a["size"]), tree, tuple(a["fixed_because"]))
             groups = [Group(g["name"], int(g["size"]),
-                            [Member(k, int(ax), axes[(k, int(ax))].layout) for k, ax in g["members"]])
+                            [Member(k, int(ax), axes[(k, int(ax))].layout) for k, ax in g["members"]],
+                            tuple(g.get("joined_by", ())))
                       for g in d["groups"]]
             cuts = [CutRecord(c["node"], c["op"], c["reason"], c.get("source")) for c in d["cuts"]]
         except SpecError:
@@ -367,7 +380,14 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
                 axes[(alias, axis)] = AxisSpec(alias, axis, size, tree, because)
                 for atom in dict.fromkeys(table.atoms_in(resolved)):
                     members.setdefault(atom, []).append(Member(alias, axis, tree))
-    groups = [Group(names[a], table.atom_size(a), members[a]) for a in names]
+    joined: dict[int, dict[str, None]] = {a: {} for a in names}
+    for link in table.links:
+        where = f"{link.node} ({link.op})"
+        for end in (link.a, link.b):
+            for atom in table.atoms_in(Atom(end)):
+                if atom in joined:
+                    joined[atom][where] = None
+    groups = [Group(names[a], table.atom_size(a), members[a], tuple(joined[a])) for a in names]
     cuts = [CutRecord(r.node, r.op, r.detail, r.source) for r in _unique(disc.cuts)]
     return PermutationSpec(groups, axes, cuts, model_name, disc.tracer)
 

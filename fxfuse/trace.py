@@ -9,13 +9,15 @@ classes) are kept as leaves; everything else is traced through, so a weight-tied
 
 from __future__ import annotations
 
+import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError, TraceError
@@ -32,9 +34,9 @@ class TensorMeta:
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self) -> None:
+    def __init__(self, stack_traces: bool) -> None:
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = stack_traces
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if lookup(type(m)) is not None:
@@ -53,11 +55,13 @@ def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
     )
 
 
-def symbolic_trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx`` symbolic tracing with fxfuse's leaf modules and recorded stack traces."""
+def symbolic_trace(model: nn.Module, stack_traces: bool = True) -> fx.GraphModule:
+    """``torch.fx`` symbolic tracing with fxfuse's leaf modules (and the user's source line of
+    every node with ``stack_traces``: a quarter of the tracing time, so discovery asks for them
+    only when it has something to report)."""
     if not isinstance(model, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    tracer = _Tracer()
+    tracer = _Tracer(stack_traces)
     try:
         graph = tracer.trace(model)
     except Exception as exc:
@@ -83,20 +87,74 @@ def _summarise(v: Any) -> Any:
     return v
 
 
+def _meta(v: Any) -> Any:
+    return v.to("meta") if isinstance(v, torch.Tensor) else v
+
+
+# Ops whose arithmetic dominates a forward pass: their output shapes are computed on the meta
+# device and stand in as zeros, so recording costs about as much as the cheap ops around them.
+HEAVY_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
+HEAVY_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, operator.matmul,
+                   torch.bmm, "matmul", "bmm"}
+
+
 class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         n.meta[VALUE] = _summarise(result)
         return result
 
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        mod = self.module.get_submodule(target)
+        if isinstance(mod, HEAVY_MODULES):
+            state = {k: _meta(v) for k, v in [*mod.named_parameters(), *mod.named_buffers()]}
+            return self._shape_only(
+                lambda a, k: torch.func.functional_call(mod, state, a, k), args, kwargs,
+                lambda: super(_Recorder, self).call_module(target, args, kwargs))
+        return super().call_module(target, args, kwargs)
 
-def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> Any:
-    """Run ``gm`` once on ``inputs`` (eval mode, no grad; modes restored) and annotate every node."""
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target in HEAVY_FUNCTIONS:
+            return self._shape_only(lambda a, k: target(*a, **k), args, kwargs,
+                                    lambda: super(_Recorder, self).call_function(target, args,
+                                                                                 kwargs))
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target in HEAVY_FUNCTIONS:
+            return self._shape_only(lambda a, k: getattr(a[0], target)(*a[1:], **k), args,
+                                    kwargs, lambda: super(_Recorder, self).call_method(
+                                        target, args, kwargs))
+        return super().call_method(target, args, kwargs)
+
+    @staticmethod
+    def _shape_only(run: Callable[[Any, Any], Any], args: Any, kwargs: Any,
+                    fallback: Callable[[], Any]) -> Any:
+        real = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if real is None:
+            return fallback()
+        try:
+            out = run(tuple(_meta(a) for a in args), {k: _meta(v) for k, v in kwargs.items()})
+        except Exception:
+            return fallback()
+        if not isinstance(out, torch.Tensor):
+            return fallback()
+        return torch.zeros(out.shape, dtype=out.dtype, device=real.device)
+
+
+def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
+    """Annotate every node of ``gm`` with the values seen on ``inputs`` (eval mode, no grad;
+    modes restored).
+
+    Values are real except the outputs of arithmetic-heavy ops (``HEAVY_MODULES``,
+    ``HEAVY_FUNCTIONS``), whose shapes come from the meta device and whose values are zeros:
+    discovery needs shapes, not values.
+    """
     modes = [(m, m.training) for m in gm.modules()]
     gm.eval()
     try:
         with torch.no_grad():
-            return _Recorder(gm).run(*inputs)
+            _Recorder(gm).run(*inputs)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise InputError(
