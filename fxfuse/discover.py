@@ -46,18 +46,6 @@ class Discovery:
     tracer: str = "torch.fx.symbolic_trace"
 
 
-def _op_name(node: fx.Node, gm: fx.GraphModule) -> str:
-    if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target))).__name__
-    return target_name(node.target)
-
-
-def _rule_key(node: fx.Node, gm: fx.GraphModule) -> Any:
-    if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target)))
-    return node.target
-
-
 class _Driver:
     def __init__(self, model: nn.Module, gm: fx.GraphModule, strict: bool, fix_io: bool) -> None:
         self.gm = gm
@@ -108,8 +96,7 @@ class _Driver:
     # -- the walk -----------------------------------------------------------------------------
     def run(self) -> None:
         for node in self.gm.graph.nodes:
-            self.table.at(node.name, _op_name(node, self.gm) if node.op.startswith("call")
-                          else node.op)
+            self.table.at(node.name, node.op)
             if node.op == "placeholder":
                 node.meta[AXES] = self._fresh(node.meta.get(VALUE))
                 if self.fix_io:
@@ -145,12 +132,17 @@ class _Driver:
         self._fix_all(self._tensor_axes(node.meta[AXES]), why)
 
     def _call(self, node: fx.Node) -> None:
+        module = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        opname = type(module).__name__ if module is not None else target_name(node.target)
+        self.table.at(node.name, opname)
         value = node.meta.get(VALUE)
         node.meta[AXES] = self._fresh(value)
         handles: list[tuple[Layout, ...]] = []
+        shapes: list[tuple[int, ...]] = []
 
         def handle(lays: tuple[Layout, ...], meta: TensorMeta) -> TensorHandle:
             handles.append(lays)
+            shapes.append(meta.shape)
             return TensorHandle(len(handles) - 1, meta.shape, meta.dtype)
 
         def wrap(axes: Any, val: Any) -> Any:
@@ -174,7 +166,6 @@ class _Driver:
         args, kwargs = arg(node.args), arg(node.kwargs)
         out_value = wrap(node.meta[AXES], value)
         outs = _handles_in(out_value)
-        module = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         params: dict[str, TensorHandle] = {}
         if module is not None:
             for name, t in [*module._parameters.items(), *module._buffers.items()]:
@@ -183,16 +174,15 @@ class _Driver:
                 lays = self._param_layouts(t)
                 if lays is None:
                     lays = tuple(self.table.new(s) for s in t.shape)
-                    why = Reason("constant", node.name, _op_name(node, self.gm),
+                    why = Reason("constant", node.name, opname,
                                  f"buffer {name!r} is not in the state_dict")
                     for lay in lays:
                         self.table.fix(lay, why)
                 params[name] = handle(lays, TensorMeta(tuple(t.shape), t.dtype))
         if not handles:
             return  # no tensor in or out: shape arithmetic, nothing to relate
-        opname = _op_name(node, self.gm)
         src = source_line(node)
-        rule = lookup(_rule_key(node, self.gm))
+        rule = lookup(type(module) if module is not None else node.target)
         if rule is None:
             msg = (f"no axis rule for {opname}{_module_path(node)}; the groups through it stay "
                    f"fixed. Register one "
@@ -208,7 +198,7 @@ class _Driver:
         base = Reason("rule", node.name, opname, "", src)
         try:
             relations = rule(op)
-            self._apply(relations, handles, base)
+            self._apply(relations, handles, shapes, base)
         except Exception as exc:  # a rule that can not handle this call: never guess
             if self.strict:
                 raise UnsupportedOpError(
@@ -222,7 +212,8 @@ class _Driver:
             for lay in lays:
                 self.table.fix(lay, why)
 
-    def _apply(self, relations: list[Any], handles: list[tuple[Layout, ...]], base: Reason) -> None:
+    def _apply(self, relations: list[Any], handles: list[tuple[Layout, ...]],
+               shapes: list[tuple[int, ...]], base: Reason) -> None:
         mentioned: set[tuple[int, int]] = set()
         local: dict[str, Atom] = {}
 
@@ -251,7 +242,7 @@ class _Driver:
                 raise TypeError(f"not a relation: {r!r}")
         for i, lays in enumerate(handles):
             for d, lo in enumerate(lays):
-                if (i, d) not in mentioned and self.table.size(lo) > 1:
+                if shapes[i][d] > 1 and (i, d) not in mentioned:
                     why = Reason("rule", base.node, base.op,
                                  f"the rule does not relate axis {d} of tensor #{i}", base.source)
                     self.table.fix(lo, why)

@@ -93,7 +93,7 @@ def _meta(v: Any) -> Any:
 
 # Ops whose arithmetic dominates a forward pass: their output shapes are computed on the meta
 # device and stand in as zeros, so recording costs about as much as the cheap ops around them.
-HEAVY_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
+HEAVY_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 HEAVY_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, operator.matmul,
                    torch.bmm, "matmul", "bmm"}
 
@@ -106,11 +106,12 @@ class _Recorder(fx.Interpreter):
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         mod = self.module.get_submodule(target)
-        if isinstance(mod, HEAVY_MODULES):
-            state = {k: _meta(v) for k, v in [*mod.named_parameters(), *mod.named_buffers()]}
+        if isinstance(mod, HEAVY_MODULES) and not kwargs and len(args) == 1:
+            w, b = _meta(mod.weight), _meta(mod.bias)
+            run = ((lambda a, k: F.linear(a[0], w, b)) if isinstance(mod, nn.Linear)
+                   else (lambda a, k: mod._conv_forward(a[0], w, b)))  # type: ignore[operator]
             return self._shape_only(
-                lambda a, k: torch.func.functional_call(mod, state, a, k), args, kwargs,
-                lambda: super(_Recorder, self).call_module(target, args, kwargs))
+                run, args, kwargs, lambda: super(_Recorder, self).call_module(target, args, kwargs))
         return super().call_module(target, args, kwargs)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
