@@ -94,6 +94,10 @@ def _meta(v: Any) -> Any:
 # Ops whose arithmetic dominates a forward pass: their output shapes are computed on the meta
 # device and stand in as zeros, so recording costs about as much as the cheap ops around them.
 HEAVY_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Modules whose output has the input's shape and dtype: the input stands in for the output.
+SHAPE_PRESERVING = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+                    nn.RMSNorm, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
+                    nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.Identity, nn.Dropout)
 HEAVY_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, operator.matmul,
                    torch.bmm, "matmul", "bmm"}
 
@@ -106,6 +110,9 @@ class _Recorder(fx.Interpreter):
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         mod = self.module.get_submodule(target)
+        if (type(mod) in SHAPE_PRESERVING and not kwargs and len(args) == 1
+                and isinstance(args[0], torch.Tensor) and args[0].is_floating_point()):
+            return args[0]
         if isinstance(mod, HEAVY_MODULES) and not kwargs and len(args) == 1:
             w, b = _meta(mod.weight), _meta(mod.bias)
             run = ((lambda a, k: F.linear(a[0], w, b)) if isinstance(mod, nn.Linear)
@@ -148,8 +155,9 @@ def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     modes restored).
 
     Values are real except the outputs of arithmetic-heavy ops (``HEAVY_MODULES``,
-    ``HEAVY_FUNCTIONS``), whose shapes come from the meta device and whose values are zeros:
-    discovery needs shapes, not values.
+    ``HEAVY_FUNCTIONS``), whose shapes come from the meta device and whose values are zeros, and
+    of ``SHAPE_PRESERVING`` modules, which pass their input on: discovery needs shapes, not
+    values.
     """
     modes = [(m, m.training) for m in gm.modules()]
     gm.eval()
