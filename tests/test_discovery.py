@@ -398,3 +398,11 @@ def test_public_api_is_pinned() -> None:
         "PermutationSpec", "SpecError", "TraceError", "UnsupportedOpError", "VerificationError",
         "VerifyResult", "axis_rule", "find_groups", "permute", "verify",
     ])
+
+
+def test_explain_names_the_rules_that_joined_a_group() -> None:
+    _, _, spec = spec_of("resnet20")
+    name = groups_of(spec, "layer1.0.conv1.weight")[0]
+    text = spec.explain(name)
+    assert "layer1.0.norm1.running_var:0" in text
+    assert "layer1_0_norm1 (BatchNorm2d)" in text and "layer1_0_conv2 (Conv2d)" in text
