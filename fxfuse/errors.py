@@ -29,3 +29,15 @@ class PermutationError(FxFuseError, ValueError):
 
 class VerificationError(FxFuseError):
     """Permuting the discovered groups changed the model's outputs (details in the message)."""
+
+
+class ExportError(FxFuseError):
+    """A model could not be exported, or the written file does not reproduce its outputs."""
+
+
+class ArchitectureMismatchError(FxFuseError, ValueError):
+    """Models given to fuse do not share one architecture (message names the first difference)."""
+
+
+class PipelineError(FxFuseError):
+    """A fusion pass failed or its preconditions were not met (message names the pass)."""

@@ -22,6 +22,21 @@ from .spec import PermutationSpec, axis_index, check_perms
 from .trace import as_input_tuple
 
 
+def apply_perms(
+    state: Mapping[str, torch.Tensor], spec: PermutationSpec, perms: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``state`` with every axis of ``spec`` permuted by ``perms`` (checked LongTensors); the
+    tensors that no group touches are shared, not copied."""
+    sizes = {g.name: g.size for g in spec.groups}
+    out = dict(state)
+    for (key, axis), a in spec.axes.items():
+        if not a.groups or not any(g in perms for g in a.groups):
+            continue
+        t = out[key]
+        out[key] = t.index_select(axis, axis_index(a.layout, perms, sizes, t.device))
+    return out
+
+
 def permuted_state_dict(
     model: nn.Module, spec: PermutationSpec, perms: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
@@ -29,14 +44,7 @@ def permuted_state_dict(
     checked = check_perms(spec, perms)
     state = model.state_dict()
     spec.lint({k: tuple(v.shape) for k, v in state.items()})
-    sizes = {g.name: g.size for g in spec.groups}
-    out = dict(state)
-    for (key, axis), a in spec.axes.items():
-        if not a.groups:
-            continue
-        t = out[key]
-        out[key] = t.index_select(axis, axis_index(a.layout, checked, sizes, t.device))
-    return out
+    return apply_perms(state, spec, checked)
 
 
 def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, Any]) -> nn.Module:

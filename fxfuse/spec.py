@@ -23,7 +23,7 @@ from typing import Any
 import networkx as nx
 import torch
 
-from .discover import Discovery
+from .discover import AXES, Discovery, TensorAxes
 from .errors import PermutationError, SpecError
 from .layout import Atom, Fixed, Layout, Prod, Reason
 
@@ -92,6 +92,9 @@ class PermutationSpec:
     cuts: list[CutRecord] = field(default_factory=list)
     model: str = ""
     tracer: str = ""
+    # traced node name -> layout tree of each axis of its (single tensor) output, for nodes a
+    # group acts on: where activation-based passes read a group's features
+    activations: dict[str, tuple[Tree, ...]] = field(default_factory=dict)
 
     # -- queries --------------------------------------------------------------------------------
     def group(self, name: str) -> Group:
@@ -195,6 +198,8 @@ class PermutationSpec:
                      for a in self.axes.values()],
             "cuts": [{"node": c.node, "op": c.op, "reason": c.reason, "source": c.source}
                      for c in self.cuts],
+            "activations": {n: [_tree_to_json(t) for t in trees]
+                            for n, trees in self.activations.items()},
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -216,11 +221,13 @@ class PermutationSpec:
                             tuple(g.get("joined_by", ())))
                       for g in d["groups"]]
             cuts = [CutRecord(c["node"], c["op"], c["reason"], c.get("source")) for c in d["cuts"]]
+            activations = {n: tuple(_tree_from_json(t) for t in trees)
+                           for n, trees in d.get("activations", {}).items()}
         except SpecError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise SpecError(f"malformed PermutationSpec JSON: {type(exc).__name__}: {exc}") from exc
-        spec = cls(groups, axes, cuts, d.get("model", ""), d.get("tracer", ""))
+        spec = cls(groups, axes, cuts, d.get("model", ""), d.get("tracer", ""), activations)
         spec.lint()
         return spec
 
@@ -342,14 +349,20 @@ def _tree_from_json(v: Any) -> Tree:
     raise SpecError(f"unknown layout node {kind!r}")
 
 
-def to_tree(lay: Layout, name: Callable[[int], str]) -> Tree:
-    """A resolved layout as a tree over group names (``name(atom_id)``)."""
+def to_tree(lay: Layout, name: Callable[[int], str | None],
+            size: Callable[[int], int] | None = None) -> Tree:
+    """A resolved layout as a tree over group names (``name(atom_id)``; an atom without a name
+    is written as ``("fixed", size(atom_id))``)."""
     if isinstance(lay, Atom):
-        return ("g", name(lay.id))
+        n = name(lay.id)
+        if n is None:
+            assert size is not None
+            return ("fixed", size(lay.id))
+        return ("g", n)
     if isinstance(lay, Fixed):
         return ("fixed", lay.n)
     kind = "prod" if isinstance(lay, Prod) else "sum"
-    return (kind, tuple(to_tree(c, name) for c in lay.parts))
+    return (kind, tuple(to_tree(c, name, size) for c in lay.parts))
 
 
 # -- derivation from discovery ---------------------------------------------------------------------
@@ -389,7 +402,15 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
                     joined[atom][where] = None
     groups = [Group(names[a], table.atom_size(a), members[a], tuple(joined[a])) for a in names]
     cuts = [CutRecord(r.node, r.op, r.detail, r.source) for r in _unique(disc.cuts)]
-    return PermutationSpec(groups, axes, cuts, model_name, disc.tracer)
+    activations: dict[str, tuple[Tree, ...]] = {}
+    for node in disc.gm.graph.nodes:
+        axes_meta = node.meta.get(AXES)
+        if node.op.startswith("call") and isinstance(axes_meta, TensorAxes):
+            node_lays = [table.resolve(lay) for lay in axes_meta.layouts]
+            if any(a in names for lay_ in node_lays for a in table.atoms_in(lay_)):
+                activations[node.name] = tuple(
+                    to_tree(lay_, names.get, table.atom_size) for lay_ in node_lays)
+    return PermutationSpec(groups, axes, cuts, model_name, disc.tracer, activations)
 
 
 def _unique(reasons: list[Reason]) -> list[Reason]:

@@ -1,0 +1,81 @@
+"""Where a group sits along a tensor axis: the rows of a group's features.
+
+For an axis with layout tree ``t`` and a group ``g`` acting on it, every position ``p`` of the axis
+has a coordinate ``c(p)`` in ``g`` (or none, in a block of a sum that ``g`` does not touch).
+:func:`group_rows` returns ``rows: (|g|, R)`` with ``rows[i]`` the positions whose coordinate is
+``i``, in increasing order; position ``rows[i, r]`` and ``rows[j, r]`` then differ only in their
+``g`` coordinate (the same "context" ``r``: the same index of every other factor and block).
+
+So ``t.movedim(axis, 0)[rows.flatten()].reshape(|g|, -1)`` lays out a tensor's entries as one row
+per unit of ``g``, whatever the block structure (``g x 16`` after a flatten, ``(g + h)`` after a
+concat, ``(g + g)`` for GLU): the matrix weight and activation matching compare.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+Tree = tuple[Any, ...]
+
+
+def _coords(t: Tree, group: str) -> tuple[torch.Tensor, bool] | None:
+    """(coordinate of ``group`` at every position or -1, whether ``group`` occurs) or None when it
+    occurs twice in one position (``g x g``)."""
+    kind = t[0]
+    if kind == "gs":  # ("gs", name, size): a group leaf with its size attached by _sized
+        n = int(t[2])
+        return (torch.arange(n), True) if t[1] == group else (torch.full((n,), -1), False)
+    if kind == "fixed":
+        return torch.full((int(t[1]),), -1), False
+    parts = [_coords(c, group) for c in t[1]]
+    if any(p is None for p in parts):
+        return None
+    parts_ok = [p for p in parts if p is not None]
+    if kind == "sum":
+        return torch.cat([c for c, _ in parts_ok]), any(f for _, f in parts_ok)
+    if sum(f for _, f in parts_ok) > 1:
+        return None
+    out = torch.full((1,), -1)
+    found = False
+    for c, f in parts_ok:
+        if f:
+            out = (out[:, None] * 0 + c[None, :]).reshape(-1)
+            found = True
+        else:
+            out = out[:, None].expand(-1, c.numel()).reshape(-1)
+    return out, found
+
+
+def _sized(t: Tree, sizes: dict[str, int]) -> Tree:
+    if t[0] == "g":
+        return ("gs", t[1], sizes[t[1]])
+    if t[0] == "fixed":
+        return t
+    return (t[0], tuple(_sized(c, sizes) for c in t[1]))
+
+
+@lru_cache(maxsize=4096)
+def _rows_cached(t: Tree, group: str) -> torch.Tensor | None:
+    res = _coords(t, group)
+    if res is None or not res[1]:
+        return None
+    coord, _ = res
+    n = int(coord.max().item()) + 1
+    pos = torch.nonzero(coord >= 0).flatten()
+    order = torch.argsort(coord[pos] * coord.numel() + pos)
+    return pos[order].reshape(n, -1)
+
+
+def group_rows(t: Tree, group: str, sizes: dict[str, int]) -> torch.Tensor | None:
+    """``rows: (|group|, R)`` (see module doc), or None if ``group`` is not on this axis or occurs
+    twice in one position."""
+    return _rows_cached(_sized(t, sizes), group)
+
+
+def as_rows(x: torch.Tensor, axis: int, rows: torch.Tensor) -> torch.Tensor:
+    """``x`` as a matrix ``(|g|, everything else)`` with one row per unit of the group."""
+    n = rows.shape[0]
+    return x.movedim(axis, 0)[rows.to(x.device).reshape(-1)].reshape(n, -1)

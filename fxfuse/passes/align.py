@@ -1,0 +1,302 @@
+"""Alignment: find, for every model, the group permutations that bring it into a common basis.
+
+**Weight matching** (Git Re-Basin, Ainsworth et al. 2023).  For reference weights ``A`` and
+weights ``B`` to align, coordinate descent over the groups: for group ``g`` with the other groups'
+permutations held fixed, solve
+
+    max_P  <C_g, P>,   C_g = sum over every tensor axis g acts on of  A_(g) B'_(g)^T
+
+where ``X_(g)`` lays the tensor out with one row per unit of ``g`` (:mod:`fxfuse.coords`: block
+structure from flattens, concats, grouped convs included) and ``B'`` is ``B`` with every other
+permutation applied.  Each step is a linear assignment (``scipy.optimize.linear_sum_assignment``);
+sweeps repeat in random order until no group changes.  The cost is computed with torch on the
+models' device; only the ``|g| x |g|`` matrix goes to the host for the solver.
+
+**N models**: every model is first matched to model 0, then MergeMany rounds re-match each model to
+the mean of the others (all in the common basis) until no permutation changes.
+
+**Activation matching**: run the traced graph of both models over data, and for every group
+correlate the features of every node output ``g`` acts on (standardised, summed over those
+nodes); the permutation maximises the total correlation.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from scipy.optimize import linear_sum_assignment
+
+from ..coords import as_rows, group_rows
+from ..errors import InputError, PipelineError
+from ..permute import apply_perms
+from ..spec import PermutationSpec, axis_index
+from ..trace import symbolic_trace
+from .base import FusionState, Pass, eval_mode, on_device, progress
+
+
+@dataclass(frozen=True)
+class WeightMatching:
+    """Config: Git Re-Basin weight matching (``max_iter`` sweeps; ``merge_many_rounds`` for N>2)."""
+
+    max_iter: int = 100
+    seed: int = 0
+    merge_many_rounds: int = 20
+
+
+@dataclass(frozen=True)
+class ActivationMatching:
+    """Config: activation matching on ``data`` (batches ``x`` or ``(x, y)``)."""
+
+    data: Iterable[Any] = field(repr=False, default=())
+    max_batches: int | None = None
+
+
+def _lap(cost: torch.Tensor) -> torch.Tensor:
+    _, cols = linear_sum_assignment(cost.detach().double().cpu().numpy(), maximize=True)
+    return torch.as_tensor(np.asarray(cols), dtype=torch.long)
+
+
+def _identity(spec: PermutationSpec, device: torch.device) -> dict[str, torch.Tensor]:
+    return {g.name: torch.arange(g.size, device=device) for g in spec.groups}
+
+
+class _WeightMatcher:
+    """Precomputed row layouts for every (group, tensor axis) pair of a spec."""
+
+    def __init__(self, spec: PermutationSpec, device: torch.device) -> None:
+        self.spec = spec
+        self.sizes = {g.name: g.size for g in spec.groups}
+        self.device = device
+        self.trees: dict[str, dict[int, Any]] = {}
+        for (key, axis), a in spec.axes.items():
+            if a.groups:
+                self.trees.setdefault(key, {})[axis] = a.layout
+        self.members: dict[str, list[tuple[str, int, torch.Tensor]]] = {}
+        for g in spec.groups:
+            rows = []
+            for key, axis in g.members:
+                r = group_rows(self.trees[key][axis], g.name, self.sizes)
+                if r is not None:
+                    rows.append((key, axis, r.to(device)))
+            self.members[g.name] = rows
+
+    def _index(self, key: str, axis: int, perms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return axis_index(self.trees[key][axis], perms, self.sizes, self.device)
+
+    def match(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
+              init: dict[str, torch.Tensor], max_iter: int, seed: int,
+              show: bool) -> dict[str, torch.Tensor]:
+        perms = {k: v.clone() for k, v in init.items()}
+        names = [g.name for g in self.spec.groups if self.members[g.name]]
+        rng = random.Random(seed)
+        cache: dict[str, torch.Tensor] = {}
+
+        def permuted(key: str) -> torch.Tensor:  # other[key] with every current perm applied
+            if key not in cache:
+                t = other[key]
+                for axis in self.trees[key]:
+                    t = t.index_select(axis, self._index(key, axis, perms))
+                cache[key] = t
+            return cache[key]
+
+        for _ in progress(range(max_iter), "weight matching sweeps", show):
+            changed = False
+            rng.shuffle(names)
+            for name in names:
+                n = self.sizes[name]
+                cost = torch.zeros(n, n, device=self.device, dtype=torch.float64)
+                without = {**perms, name: torch.arange(n, device=self.device)}
+                for key, axis, rows in self.members[name]:
+                    full = self._index(key, axis, perms)
+                    inv = torch.empty_like(full)
+                    inv[full] = torch.arange(full.numel(), device=self.device)
+                    b = permuted(key).index_select(axis, inv[self._index(key, axis, without)])
+                    a_rows = as_rows(ref[key], axis, rows).double()
+                    cost += a_rows @ as_rows(b, axis, rows).double().T
+                new = _lap(cost).to(self.device)
+                idx = torch.arange(n, device=self.device)
+                old_score = cost[idx, perms[name]].sum()
+                new_score = cost[idx, new].sum()
+                if new_score > old_score + 1e-12 * max(1.0, abs(float(old_score))):
+                    perms[name] = new
+                    changed = True
+                    for key, _, _ in self.members[name]:
+                        cache.pop(key, None)
+            if not changed:
+                break
+        return perms
+
+
+def _float_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+class AlignWeights(Pass):
+    """Weight matching of every model into model 0's basis, then MergeMany rounds for N > 2."""
+
+    name = "align-weights"
+
+    def __init__(self, config: WeightMatching) -> None:
+        self.config = config
+
+    def requires(self, state: FusionState) -> None:
+        if state.spec is None or not state.states:
+            raise PipelineError("align-weights needs the discovered groups and model states")
+
+    def call(self, state: FusionState) -> None:
+        assert state.spec is not None
+        cfg = self.config
+        matcher = _WeightMatcher(state.spec, state.device)
+        ident = _identity(state.spec, state.device)
+        perms = [ident] + [matcher.match(state.states[0], s, ident, cfg.max_iter, cfg.seed + k,
+                                         state.progress)
+                           for k, s in enumerate(state.states[1:], start=1)]
+        n = len(state.states)
+        if n > 2:
+            keys = _float_keys(state.states[0])
+            rng = random.Random(cfg.seed)
+            for _ in range(cfg.merge_many_rounds):
+                changed = False
+                for k in rng.sample(range(n), n):
+                    aligned = [apply_perms(s, state.spec, p) for s, p in zip(state.states, perms)]
+                    mean = {key: torch.stack([aligned[j][key] for j in range(n) if j != k]).mean(0)
+                            for key in keys}
+                    new = matcher.match(mean, state.states[k], perms[k], cfg.max_iter,
+                                        cfg.seed + k, False)
+                    if any(not torch.equal(new[g], perms[k][g]) for g in new):
+                        perms[k] = new
+                        changed = True
+                if not changed:
+                    break
+        state.perms = perms
+
+
+def _features(spec: PermutationSpec, device: torch.device
+              ) -> dict[str, list[tuple[str, int, torch.Tensor]]]:
+    """group -> [(node, axis, rows)] for every traced node output the group acts on."""
+    sizes = {g.name: g.size for g in spec.groups}
+    out: dict[str, list[tuple[str, int, torch.Tensor]]] = {g.name: [] for g in spec.groups}
+    for node, trees in spec.activations.items():
+        for axis, tree in enumerate(trees):
+            for g in dict.fromkeys(_groups_in(tree)):
+                rows = group_rows(tree, g, sizes)
+                if rows is not None and g in out:
+                    out[g].append((node, axis, rows.to(device)))
+    return out
+
+
+def _groups_in(tree: Any) -> list[str]:
+    if tree[0] == "g":
+        return [tree[1]]
+    if tree[0] == "fixed":
+        return []
+    return [n for c in tree[1] for n in _groups_in(c)]
+
+
+class _Capture(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
+        super().__init__(gm)
+        self.wanted = wanted
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.wanted and isinstance(out, torch.Tensor) and out.is_floating_point():
+            self.seen[n.name] = out
+        return out
+
+
+def batch_inputs(batch: Any, device: torch.device) -> tuple[Any, ...]:
+    """The model inputs of one data batch: ``x`` or the first element of ``(x, y)``."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"a data batch must be a tensor x or a tuple (x, y), got "
+                         f"{type(batch).__name__}")
+    return (x.to(device),)
+
+
+def limited(data: Iterable[Any], max_batches: int | None) -> list[Any]:
+    out = []
+    for i, b in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            break
+        out.append(b)
+    if not out:
+        raise InputError("the data given for this pass is empty: pass an iterable of batches "
+                         "(a DataLoader, or a list of x or (x, y) tensors)")
+    return out
+
+
+class AlignActivations(Pass):
+    """Activation matching of every model to model 0 (correlation of group features)."""
+
+    name = "align-activations"
+
+    def __init__(self, config: ActivationMatching) -> None:
+        self.config = config
+
+    def requires(self, state: FusionState) -> None:
+        if state.spec is None:
+            raise PipelineError("align-activations needs the discovered groups")
+
+    def call(self, state: FusionState) -> None:
+        assert state.spec is not None
+        spec = state.spec
+        data = limited(self.config.data, self.config.max_batches)
+        feats = _features(spec, state.device)
+        wanted = {node for rows in feats.values() for node, _, _ in rows}
+        models = [on_device(m, state.device) for m in state.models]
+        gms = [symbolic_trace(m, stack_traces=False) for m in models]
+        perms = [_identity(spec, state.device)]
+        for k in range(1, len(gms)):
+            stats: dict[str, list[torch.Tensor]] = {}
+            for batch in progress(data, f"activation statistics, model {k}", state.progress):
+                xs = batch_inputs(batch, state.device)
+                with eval_mode(gms[0], gms[k]):
+                    cap_a, cap_b = _Capture(gms[0], wanted), _Capture(gms[k], wanted)
+                    cap_a.run(*xs)
+                    cap_b.run(*xs)
+                for g, rows_list in feats.items():
+                    for node, axis, rows in rows_list:
+                        if node not in cap_a.seen or node not in cap_b.seen:
+                            continue
+                        a = as_rows(cap_a.seen[node], axis, rows).double()
+                        b = as_rows(cap_b.seen[node], axis, rows).double()
+                        acc = stats.setdefault(f"{g}\0{node}\0{axis}", [
+                            torch.zeros(()), torch.zeros(a.shape[0], dtype=torch.float64,
+                                                         device=a.device),
+                            torch.zeros(a.shape[0], dtype=torch.float64, device=a.device),
+                            torch.zeros(a.shape[0], dtype=torch.float64, device=a.device),
+                            torch.zeros(a.shape[0], dtype=torch.float64, device=a.device),
+                            torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64,
+                                        device=a.device)])
+                        acc[0] = acc[0] + a.shape[1]
+                        acc[1] += a.sum(1)
+                        acc[2] += b.sum(1)
+                        acc[3] += (a * a).sum(1)
+                        acc[4] += (b * b).sum(1)
+                        acc[5] += a @ b.T
+            perms.append(self._solve(spec, stats, state.device))
+        state.perms = perms
+
+    @staticmethod
+    def _solve(spec: PermutationSpec, stats: dict[str, list[torch.Tensor]],
+               device: torch.device) -> dict[str, torch.Tensor]:
+        out = _identity(spec, device)
+        corr: dict[str, torch.Tensor] = {}
+        for name, (m, sa, sb, saa, sbb, sab) in stats.items():
+            g = name.split("\0")[0]
+            mean_a, mean_b = sa / m, sb / m
+            std_a = (saa / m - mean_a**2).clamp_min(0).sqrt() + 1e-8
+            std_b = (sbb / m - mean_b**2).clamp_min(0).sqrt() + 1e-8
+            c = (sab / m - mean_a[:, None] * mean_b[None, :]) / (std_a[:, None] * std_b[None, :])
+            corr[g] = corr[g] + c if g in corr else c
+        for g, c in corr.items():
+            out[g] = _lap(c).to(device)
+        return out

@@ -1,0 +1,160 @@
+"""The pass contract and the pipeline that runs passes.
+
+A pass has a ``name`` and three methods (like onnx-ir's passes):
+
+* ``requires(state)``: raise :class:`~fxfuse.errors.PipelineError` if its inputs are missing;
+* ``call(state)``: do the work, updating the :class:`FusionState`;
+* ``ensures(state)``: check what it promised (e.g. finite weights).
+
+:class:`Pipeline` runs them in order, times each one into the :class:`FusionReport`, and re-raises
+any failure as a ``PipelineError`` naming the pass (typed fxfuse errors keep their type and get the
+pass name prepended).  Users add their own pass by subclassing :class:`Pass` and building a
+``Pipeline`` with it (see :func:`fxfuse.fuse` for the default list).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from ..errors import FxFuseError, PipelineError
+from ..spec import PermutationSpec
+
+T = TypeVar("T")
+
+
+@dataclass
+class FusionReport:
+    """Per-pass wall time (seconds) and notes, in run order."""
+
+    timings: list[tuple[str, float]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = ["pass                      seconds"]
+        lines += [f"{name:<24} {sec:8.3f}" for name, sec in self.timings]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass
+class FusionState:
+    """What the passes share.  ``states[k]`` are detached copies of model ``k``'s state_dict on
+    ``device``; ``perms[k]`` maps group name -> permutation taking model ``k`` into the common
+    basis; ``fused`` is the output model (a copy of model 0 with the merged state)."""
+
+    models: Sequence[nn.Module]
+    example_inputs: tuple[Any, ...]
+    weights: list[float]
+    device: torch.device
+    progress: bool = True
+    spec: PermutationSpec | None = None
+    states: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    perms: list[dict[str, torch.Tensor]] | None = None
+    fused: nn.Module | None = None
+    report: FusionReport = field(default_factory=FusionReport)
+
+    def aligned_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every model's state in the common basis (its perms applied)."""
+        from ..permute import apply_perms
+
+        if self.spec is None or self.perms is None:
+            return self.states
+        return [apply_perms(s, self.spec, p) for s, p in zip(self.states, self.perms)]
+
+
+class Pass:
+    """Base class of a pipeline pass (see module doc)."""
+
+    name = "pass"
+
+    def requires(self, state: FusionState) -> None:
+        """Raise PipelineError if ``state`` lacks what this pass needs."""
+
+    def call(self, state: FusionState) -> None:
+        raise NotImplementedError
+
+    def ensures(self, state: FusionState) -> None:
+        """Raise PipelineError if the pass did not deliver what it promises."""
+
+
+class Pipeline:
+    """Runs passes in order with timing; a failure names the pass."""
+
+    def __init__(self, passes: Iterable[Pass]) -> None:
+        self.passes = list(passes)
+
+    def run(self, state: FusionState) -> FusionReport:
+        for p in self.passes:
+            start = time.perf_counter()
+            try:
+                p.requires(state)
+                p.call(state)
+                p.ensures(state)
+            except FxFuseError as exc:
+                if not str(exc).startswith(f"[{p.name}]"):
+                    exc.args = (f"[{p.name}] {exc}", *exc.args[1:])
+                raise
+            except Exception as exc:
+                raise PipelineError(f"[{p.name}] failed: {type(exc).__name__}: {exc}") from exc
+            state.report.timings.append((p.name, time.perf_counter() - start))
+        return state.report
+
+    def __repr__(self) -> str:
+        return f"Pipeline([{', '.join(p.name for p in self.passes)}])"
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in [*model.parameters(), *model.buffers()]:
+        return t.device
+    return torch.device("cpu")
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` itself if it already lives on ``device``, else a copy moved there (a user's
+    model is never moved)."""
+    if model_device(model) == device:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(device)
+
+
+@contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for the duration; every module's training flag is restored."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def progress(items: Iterable[T], label: str, enabled: bool, total: int | None = None) -> Iterator[T]:
+    """A minimal progress bar on stderr (no dependency); silent when ``enabled`` is False."""
+    if not enabled:
+        yield from items
+        return
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    i = 0
+    for i, item in enumerate(items, start=1):
+        yield item
+        done = f"{i}/{total}" if total else str(i)
+        sys.stderr.write(f"\r{label}: {done} ({time.perf_counter() - start:.1f}s)")
+        sys.stderr.flush()
+    if i:
+        sys.stderr.write("\n")
+        sys.stderr.flush()

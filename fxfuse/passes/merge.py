@@ -1,0 +1,80 @@
+"""Merge aligned weights, and check the fused model.
+
+Merge: ``theta = sum_k w_k * P_k(theta_k)`` for every floating tensor (parameters and float buffers
+such as BatchNorm running statistics, averaged like the weights they describe), with ``w`` the
+interpolation weights (non-negative, summing to 1).  Integer buffers (``num_batches_tracked``)
+are not averaged: model 0's value is kept.  The fused model is a copy of model 0 (the user's
+class) with the merged state loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..errors import PipelineError, VerificationError
+from ..permute import rel_diff
+from .base import FusionState, Pass, eval_mode
+
+
+class MergeWeights(Pass):
+    name = "merge"
+
+    def requires(self, state: FusionState) -> None:
+        if not state.states:
+            raise PipelineError("merge needs the models' states")
+
+    def call(self, state: FusionState) -> None:
+        aligned = state.aligned_states()
+        merged: dict[str, torch.Tensor] = {}
+        for key, ref in aligned[0].items():
+            if ref.is_floating_point() or ref.is_complex():
+                merged[key] = torch.stack([w * s[key] for w, s in zip(state.weights, aligned)]).sum(0)
+            else:
+                merged[key] = ref.clone()
+        fused = copy.deepcopy(state.models[0]).to(state.device)
+        fused.load_state_dict(merged)
+        state.fused = fused
+
+    def ensures(self, state: FusionState) -> None:
+        assert state.fused is not None
+        for key, t in state.fused.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise PipelineError(f"merged tensor {key!r} is not finite")
+
+
+class VerifyFused(Pass):
+    """The fused model runs on the example inputs and gives finite outputs; with ``reference``
+    set, its outputs must also equal the reference model's (self-fusion checks)."""
+
+    name = "verify"
+
+    def __init__(self, reference: torch.nn.Module | None = None, tolerance: float = 1e-5) -> None:
+        self.reference = reference
+        self.tolerance = tolerance
+
+    def requires(self, state: FusionState) -> None:
+        if state.fused is None:
+            raise PipelineError("verify needs a fused model")
+
+    def call(self, state: FusionState) -> None:
+        from torch.utils._pytree import tree_flatten
+
+        assert state.fused is not None
+        xs = tuple(x.to(state.device) if isinstance(x, torch.Tensor) else x
+                   for x in state.example_inputs)
+        with eval_mode(state.fused):
+            outs = [o for o in tree_flatten(state.fused(*xs))[0] if isinstance(o, torch.Tensor)]
+        for i, o in enumerate(outs):
+            if o.is_floating_point() and not bool(torch.isfinite(o).all()):
+                raise VerificationError(f"output {i} of the fused model is not finite")
+        if self.reference is not None:
+            with eval_mode(self.reference):
+                ref = [o for o in tree_flatten(self.reference(*xs))[0]
+                       if isinstance(o, torch.Tensor)]
+            diff = rel_diff(ref, outs)
+            if diff > self.tolerance:
+                raise VerificationError(f"the fused model differs from the reference by {diff:.3g} "
+                                        f"(relative max difference > {self.tolerance:g})")
+            state.report.notes.append(f"verify: fused == reference within {diff:.2g}")
