@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 from .errors import (
+    ArchitectureMismatchError,
+    ExportError,
     FxFuseError,
     InputError,
     PermutationError,
+    PipelineError,
     SpecError,
     TraceError,
     UnsupportedOpError,
     VerificationError,
 )
+from .fuse import fuse
 from .groups import find_groups
+from .passes import (
+    ActivationMatching,
+    FusionReport,
+    Pass,
+    Pipeline,
+    Repair,
+    ResetBatchNorm,
+    WeightMatching,
+)
 from .permute import VerifyResult, permute, verify
 from .rules import axis_rule
 from .spec import AxisSpec, Group, Member, PermutationSpec
@@ -19,20 +32,31 @@ from .spec import AxisSpec, Group, Member, PermutationSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationMatching",
+    "ArchitectureMismatchError",
     "AxisSpec",
+    "ExportError",
+    "FusionReport",
     "FxFuseError",
     "Group",
     "InputError",
     "Member",
     "PermutationError",
     "PermutationSpec",
+    "Pass",
+    "Pipeline",
+    "PipelineError",
+    "Repair",
+    "ResetBatchNorm",
     "SpecError",
     "TraceError",
     "UnsupportedOpError",
     "VerificationError",
     "VerifyResult",
+    "WeightMatching",
     "axis_rule",
     "find_groups",
+    "fuse",
     "permute",
     "verify",
 ]

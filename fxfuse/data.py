@@ -176,8 +176,8 @@ def load_digits_data(split: str = "train", seed: int = 0) -> tuple[torch.Tensor,
         from sklearn.datasets import load_digits
     except ImportError as exc:
         raise InputError(
-            "load_digits_data() needs scikit-learn (optional dependency); install it with: "
-            "python -m pip install scikit-learn"
+            f"load_digits_data() needs scikit-learn (optional dependency; import failed: {exc}); "
+            "install it with: python -m pip install scikit-learn"
         ) from exc
     bunch: Any = load_digits()
     images = torch.as_tensor(np.asarray(bunch.images, dtype=np.float32) / 16.0)

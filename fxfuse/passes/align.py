@@ -92,6 +92,26 @@ class _WeightMatcher:
     def match(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
               init: dict[str, torch.Tensor], max_iter: int, seed: int,
               show: bool) -> dict[str, torch.Tensor]:
+        """Pooled descent (coarse), then exact descent from there and from ``init``; the result
+        with the larger total inner product ``sum_k <A_k, P(B_k)>`` wins."""
+        coarse = self.descend(ref, other, init, max_iter, seed, False, pooled=True)
+        candidates = [self.descend(ref, other, coarse, max_iter, seed, show, pooled=False)]
+        if any(not torch.equal(coarse[g], init[g]) for g in init):
+            candidates.append(self.descend(ref, other, init, max_iter, seed, False, pooled=False))
+        return max(candidates, key=lambda p: self.score(ref, other, p))
+
+    def score(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
+              perms: dict[str, torch.Tensor]) -> float:
+        aligned = apply_perms({k: other[k] for k in self.trees}, self.spec, perms)
+        return float(sum((ref[k].double() * aligned[k].double()).sum() for k in self.trees))
+
+    def descend(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
+                init: dict[str, torch.Tensor], max_iter: int, seed: int, show: bool,
+                pooled: bool) -> dict[str, torch.Tensor]:
+        """Coordinate descent.  ``pooled``: each unit's features are summed over its contexts
+        (other factors of the same axis, spatial blocks), which no in-axis partner group's
+        permutation changes: a Kronecker factor (conv groups x channels per group) can then be
+        found before its partner is."""
         perms = {k: v.clone() for k, v in init.items()}
         names = [g.name for g in self.spec.groups if self.members[g.name]]
         rng = random.Random(seed)
@@ -118,7 +138,10 @@ class _WeightMatcher:
                     inv[full] = torch.arange(full.numel(), device=self.device)
                     b = permuted(key).index_select(axis, inv[self._index(key, axis, without)])
                     a_rows = as_rows(ref[key], axis, rows).double()
-                    cost += a_rows @ as_rows(b, axis, rows).double().T
+                    b_rows = as_rows(b, axis, rows).double()
+                    if pooled:
+                        a_rows, b_rows = _pool(a_rows, rows.shape[1]), _pool(b_rows, rows.shape[1])
+                    cost += a_rows @ b_rows.T
                 new = _lap(cost).to(self.device)
                 idx = torch.arange(n, device=self.device)
                 old_score = cost[idx, perms[name]].sum()
@@ -131,6 +154,12 @@ class _WeightMatcher:
             if not changed:
                 break
         return perms
+
+
+def _pool(x: torch.Tensor, contexts: int) -> torch.Tensor:
+    """``(n, R * rest)`` -> ``(n, 2 * rest)``: sum and root-sum-of-squares over the R contexts."""
+    y = x.reshape(x.shape[0], contexts, -1)
+    return torch.cat([y.sum(1), y.square().sum(1).sqrt()], dim=1)
 
 
 def _float_keys(state: dict[str, torch.Tensor]) -> list[str]:

@@ -1,0 +1,249 @@
+"""fuse(): self-recovery on the zoo, N models, activation matching, repair, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxfuse
+import models
+from fxfuse.fuse import fuse
+from fxfuse.passes import (
+    ActivationMatching,
+    FusionReport,
+    MergeWeights,
+    Pass,
+    Repair,
+    ResetBatchNorm,
+    WeightMatching,
+)
+from fxfuse.passes.repair import reset_batchnorm
+from fxfuse.permute import rel_diff
+from fxfuse.testing import randomize_constants
+
+
+def outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model.eval()(*inputs)
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def permuted_copies(name: str, n: int) -> tuple[nn.Module, tuple, list[nn.Module]]:
+    entry = models.get(name)
+    a = randomize_constants(entry.factory(), seed=3)
+    inputs = entry.example_inputs()
+    spec = fxfuse.find_groups(a, inputs)
+    copies = [fxfuse.permute(a, spec, spec.random_perms(seed=10 + k)) for k in range(n - 1)]
+    return a, inputs, copies
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_self_recovery_with_weight_matching(name: str) -> None:
+    a, inputs, (b,) = permuted_copies(name, 2)
+    assert rel_diff(outputs(a, inputs), outputs(b, inputs)) < 1e-4  # b is a's function...
+    sd_a = a.state_dict()
+    assert any(not torch.equal(sd_a[k], v) for k, v in b.state_dict().items())  # ...not weights
+    naive = fuse([a, b], inputs, align=None, progress=False)
+    fused = fuse([a, b], inputs, align=WeightMatching(), progress=False)
+    assert rel_diff(outputs(a, inputs), outputs(fused, inputs)) < 1e-5
+    assert rel_diff(outputs(a, inputs), outputs(naive, inputs)) > 1e-3  # the test can fail
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "shufflenet", "densenet", "grouped_conv"])
+def test_self_recovery_three_copies(name: str) -> None:
+    a, inputs, copies = permuted_copies(name, 3)
+    fused = fuse([a, *copies], inputs, progress=False)
+    assert rel_diff(outputs(a, inputs), outputs(fused, inputs)) < 1e-5
+
+
+def test_activation_matching_recovers_a_permuted_copy() -> None:
+    a, inputs, (b,) = permuted_copies("vgg_bn", 2)
+    data = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    fused = fuse([a, b], inputs, align=ActivationMatching(data=data), progress=False)
+    assert rel_diff(outputs(a, inputs), outputs(fused, inputs)) < 1e-5
+
+
+def test_inputs_are_not_modified_and_result_is_the_users_class() -> None:
+    a, inputs, (b,) = permuted_copies("vgg_bn", 2)
+    a.train()
+    before = [copy.deepcopy(m.state_dict()) for m in (a, b)]
+    fused = fuse([a, b], inputs, repair=ResetBatchNorm(data=[inputs[0]]), progress=False)
+    assert type(fused) is type(a) and fused is not a
+    assert a.training and not b.training
+    for m, sd in zip((a, b), before):
+        assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+    fresh = models.get("vgg_bn").factory()
+    fresh.load_state_dict(fused.state_dict())
+
+
+def test_weights_interpolate() -> None:
+    a, inputs, (b,) = permuted_copies("mlp", 2)
+    only_a = fuse([a, b], inputs, weights=[1.0, 0.0], align=None, progress=False)
+    assert rel_diff(outputs(a, inputs), outputs(only_a, inputs)) < 1e-6
+    with pytest.raises(fxfuse.InputError):
+        fuse([a, b], inputs, weights=[1.0, -1.0], progress=False)
+
+
+def test_report_times_every_pass_and_custom_pipeline() -> None:
+    a, inputs, (b,) = permuted_copies("mlp", 2)
+    report = FusionReport()
+    fuse([a, b], inputs, report=report, progress=False)
+    assert [n for n, _ in report.timings] == ["discover", "align-weights", "merge", "verify"]
+
+    class Halve(Pass):
+        name = "halve-head"
+
+        def call(self, state) -> None:  # type: ignore[no-untyped-def]
+            with torch.no_grad():
+                state.fused.head.weight.mul_(0.5)
+
+    from fxfuse.fuse import default_passes
+
+    passes = [*default_passes(WeightMatching(), None)[:-1], Halve()]
+    fused = fuse([a, b], inputs, passes=passes, progress=False)
+    assert torch.allclose(fused.head.weight, a.head.weight * 0.5)
+
+
+def test_a_failing_pass_is_named() -> None:
+    a, inputs, (b,) = permuted_copies("mlp", 2)
+
+    class Boom(Pass):
+        name = "boom"
+
+        def call(self, state) -> None:  # type: ignore[no-untyped-def]
+            raise RuntimeError("kaput")
+
+    with pytest.raises(fxfuse.FxFuseError, match=r"\[boom\].*kaput"):
+        fuse([a, b], inputs, passes=[MergeWeights(), Boom()], progress=False)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def test_fewer_than_two_models() -> None:
+    a, inputs, _ = permuted_copies("mlp", 1)
+    with pytest.raises(fxfuse.InputError, match="at least two"):
+        fuse([a], inputs)
+
+
+def test_different_architectures_name_the_parameter() -> None:
+    a = models.get("resnet20").factory()
+    b = models.zoo.resnet20(width=2)
+    with pytest.raises(fxfuse.ArchitectureMismatchError, match="conv1.weight"):
+        fuse([a, b], models.get("resnet20").example_inputs())
+    with pytest.raises(fxfuse.ArchitectureMismatchError, match="ResNetCifar"):
+        fuse([a, models.get("vgg").factory()], models.get("vgg").example_inputs())
+
+
+def test_non_finite_weights_are_refused() -> None:
+    a, inputs, (b,) = permuted_copies("mlp", 2)
+    with torch.no_grad():
+        b.head.bias[0] = float("nan")
+    with pytest.raises(fxfuse.InputError, match="head.bias"):
+        fuse([a, b], inputs)
+
+
+def test_empty_data_is_a_clear_error() -> None:
+    a, inputs, (b,) = permuted_copies("vgg_bn", 2)
+    with pytest.raises(fxfuse.InputError, match="empty"):
+        fuse([a, b], inputs, repair=ResetBatchNorm(data=[]), progress=False)
+
+
+# -- repair ----------------------------------------------------------------------------------------
+def _teacher_data(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    w = torch.randn(dim, 4, generator=g)
+    return x, (x @ w).argmax(1)
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def _mlp(norm: str | None, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    dims = [16, 64, 64, 64]
+    for i, o in zip(dims, dims[1:]):
+        layers.append(nn.Linear(i, o))
+        if norm == "bn":
+            layers.append(nn.BatchNorm1d(o))
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers, nn.Linear(64, 4))
+
+
+def _channel_std(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    out = {}
+    h = model.get_submodule(layer).register_forward_hook(lambda m, a, y: out.setdefault("y", y))
+    with torch.no_grad():
+        model.eval()(x)
+    h.remove()
+    return out["y"].std(0)
+
+
+def test_repair_restores_channel_statistics_of_a_no_norm_net() -> None:
+    x, y = _teacher_data(512, 16, 0)
+    a, b = _train(_mlp(None, 1), x, y, 1), _train(_mlp(None, 2), x, y, 2)
+    data = [x[i:i + 128] for i in range(0, 512, 128)]
+    fused = fuse([a, b], x[:4], align=WeightMatching(), progress=False)
+    repaired = fuse([a, b], x[:4], align=WeightMatching(), repair=Repair(data=data),
+                    progress=False)
+    # target: the interpolated endpoint std of the last hidden layer, in the common basis
+    spec = fxfuse.find_groups(a, x[:4])
+    from fxfuse.passes.align import AlignWeights
+    from fxfuse.passes.base import FusionState
+
+    st = FusionState([a, b], (x[:4],), [0.5, 0.5], torch.device("cpu"), progress=False, spec=spec,
+                     states=[a.state_dict(), b.state_dict()])
+    AlignWeights(WeightMatching()).call(st)
+    b_aligned = fxfuse.permute(b, spec, st.perms[1])  # type: ignore[index]
+    target = (_channel_std(a, "4", x) + _channel_std(b_aligned, "4", x)) / 2
+    before = (_channel_std(fused, "4", x) / target).mean().item()
+    after = (_channel_std(repaired, "4", x) / target).mean().item()
+    assert before < 0.97  # variance collapse after averaging
+    assert abs(after - 1.0) < 0.02  # golden: REPAIR restores it
+    acc = lambda m: (m.eval()(x).argmax(1) == y).float().mean().item()  # noqa: E731
+    with torch.no_grad():
+        assert acc(repaired) >= acc(fused) - 0.01
+
+
+def test_reset_batchnorm_matches_fresh_statistics() -> None:
+    x, y = _teacher_data(512, 16, 0)
+    a, b = _train(_mlp("bn", 1), x, y, 1), _train(_mlp("bn", 2), x, y, 2)
+    data = [x[i:i + 128] for i in range(0, 512, 128)]
+    fused = fuse([a, b], x[:4], repair=ResetBatchNorm(data=data), progress=False)
+    # golden: the running statistics are the data's per-channel statistics of each BN input
+    bn = fused.get_submodule("1")
+    inputs = {}
+    h = fused.get_submodule("0").register_forward_hook(lambda m, a_, out: inputs.setdefault("y", out))
+    with torch.no_grad():
+        fused.eval()(x)
+    h.remove()
+    torch.testing.assert_close(bn.running_mean, inputs["y"].mean(0), rtol=1e-4, atol=1e-5)
+    # momentum=None: the cumulative average of the per-batch (unbiased) variances
+    per_batch = torch.stack([inputs["y"][i:i + 128].var(0, unbiased=True) for i in (0, 128, 256,
+                                                                                    384)])
+    torch.testing.assert_close(bn.running_var, per_batch.mean(0), rtol=1e-4, atol=1e-5)
+    # and resetting twice changes nothing
+    before = copy.deepcopy(fused.state_dict())
+    reset_batchnorm(fused, data, torch.device("cpu"))
+    assert all(torch.allclose(before[k].float(), v.float()) for k, v in fused.state_dict().items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fuse_on_cuda() -> None:
+    a, inputs, (b,) = permuted_copies("resnet20", 2)
+    fused = fuse([a, b], inputs, device="cuda", progress=False)
+    assert next(fused.parameters()).is_cuda
+    ref = outputs(a, inputs)
+    got = outputs(fused.cpu(), inputs)
+    assert rel_diff(ref, got) < 1e-4
