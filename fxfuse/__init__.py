@@ -14,6 +14,7 @@ from .errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from .exporter import ExportReport, export
 from .fuse import fuse
 from .groups import find_groups
 from .passes import (
@@ -36,6 +37,7 @@ __all__ = [
     "ArchitectureMismatchError",
     "AxisSpec",
     "ExportError",
+    "ExportReport",
     "FusionReport",
     "FxFuseError",
     "Group",
@@ -55,6 +57,7 @@ __all__ = [
     "VerifyResult",
     "WeightMatching",
     "axis_rule",
+    "export",
     "find_groups",
     "fuse",
     "permute",

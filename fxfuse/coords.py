@@ -78,4 +78,8 @@ def group_rows(t: Tree, group: str, sizes: dict[str, int]) -> torch.Tensor | Non
 def as_rows(x: torch.Tensor, axis: int, rows: torch.Tensor) -> torch.Tensor:
     """``x`` as a matrix ``(|g|, everything else)`` with one row per unit of the group."""
     n = rows.shape[0]
-    return x.movedim(axis, 0)[rows.to(x.device).reshape(-1)].reshape(n, -1)
+    moved = x.movedim(axis, 0)
+    if rows.shape[1] == 1 and n == moved.shape[0] and bool(
+            (rows[:, 0] == torch.arange(n, device=rows.device)).all()):
+        return moved.reshape(n, -1)  # the whole axis is the group, in order: no gather
+    return moved[rows.to(x.device).reshape(-1)].reshape(n, -1)

@@ -394,11 +394,11 @@ def test_group_graph_links_groups_to_layers() -> None:
 
 def test_public_api_is_pinned() -> None:
     assert sorted(fxfuse.__all__) == sorted([
-        "ActivationMatching", "ArchitectureMismatchError", "AxisSpec", "ExportError",
+        "ActivationMatching", "ArchitectureMismatchError", "AxisSpec", "ExportError", "ExportReport",
         "FusionReport", "FxFuseError", "Group", "InputError", "Member", "Pass", "PermutationError",
         "PermutationSpec", "Pipeline", "PipelineError", "Repair", "ResetBatchNorm", "SpecError",
         "TraceError", "UnsupportedOpError", "VerificationError", "VerifyResult", "WeightMatching",
-        "axis_rule", "find_groups", "fuse", "permute", "verify",
+        "axis_rule", "export", "find_groups", "fuse", "permute", "verify",
     ])
 
 

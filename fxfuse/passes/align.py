@@ -92,18 +92,9 @@ class _WeightMatcher:
     def match(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
               init: dict[str, torch.Tensor], max_iter: int, seed: int,
               show: bool) -> dict[str, torch.Tensor]:
-        """Pooled descent (coarse), then exact descent from there and from ``init``; the result
-        with the larger total inner product ``sum_k <A_k, P(B_k)>`` wins."""
+        """Pooled descent (coarse), then exact descent from there."""
         coarse = self.descend(ref, other, init, max_iter, seed, False, pooled=True)
-        candidates = [self.descend(ref, other, coarse, max_iter, seed, show, pooled=False)]
-        if any(not torch.equal(coarse[g], init[g]) for g in init):
-            candidates.append(self.descend(ref, other, init, max_iter, seed, False, pooled=False))
-        return max(candidates, key=lambda p: self.score(ref, other, p))
-
-    def score(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
-              perms: dict[str, torch.Tensor]) -> float:
-        aligned = apply_perms({k: other[k] for k in self.trees}, self.spec, perms)
-        return float(sum((ref[k].double() * aligned[k].double()).sum() for k in self.trees))
+        return self.descend(ref, other, coarse, max_iter, seed, show, pooled=False)
 
     def descend(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
                 init: dict[str, torch.Tensor], max_iter: int, seed: int, show: bool,
@@ -116,6 +107,15 @@ class _WeightMatcher:
         names = [g.name for g in self.spec.groups if self.members[g.name]]
         rng = random.Random(seed)
         cache: dict[str, torch.Tensor] = {}
+        ref_cache: dict[tuple[str, str, int, bool], torch.Tensor] = {}
+
+        def ref_rows(name: str, key: str, axis: int, rows: torch.Tensor,
+                     pool: bool) -> torch.Tensor:  # the reference side never changes
+            k = (name, key, axis, pool)
+            if k not in ref_cache:
+                r = as_rows(ref[key], axis, rows)
+                ref_cache[k] = _pool(r, rows.shape[1]) if pool else r
+            return ref_cache[k]
 
         def permuted(key: str) -> torch.Tensor:  # other[key] with every current perm applied
             if key not in cache:
@@ -137,11 +137,12 @@ class _WeightMatcher:
                     inv = torch.empty_like(full)
                     inv[full] = torch.arange(full.numel(), device=self.device)
                     b = permuted(key).index_select(axis, inv[self._index(key, axis, without)])
-                    a_rows = as_rows(ref[key], axis, rows).double()
-                    b_rows = as_rows(b, axis, rows).double()
-                    if pooled:
-                        a_rows, b_rows = _pool(a_rows, rows.shape[1]), _pool(b_rows, rows.shape[1])
-                    cost += a_rows @ b_rows.T
+                    pool = pooled and rows.shape[1] > 1
+                    a_rows = ref_rows(name, key, axis, rows, pool)
+                    b_rows = as_rows(b, axis, rows)
+                    if pool:
+                        b_rows = _pool(b_rows, rows.shape[1])
+                    cost += (a_rows @ b_rows.T).double()
                 new = _lap(cost).to(self.device)
                 idx = torch.arange(n, device=self.device)
                 old_score = cost[idx, perms[name]].sum()

@@ -1,7 +1,7 @@
 """Export a trained model to ONNX, a ``.pt`` state_dict or a ``.safetensors`` file, checked and
 written atomically.
 
->>> from fxfuse.export import export
+>>> from fxfuse import export
 >>> report = export(model, torch.randn(1, 3, 32, 32), "model.onnx")   # doctest: +SKIP
 >>> report.exporter, report.max_rel_diff                              # doctest: +SKIP
 ('dynamo', 3.1e-07)
