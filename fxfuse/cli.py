@@ -175,6 +175,67 @@ def cmd_groups(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_data(spec: str, max_samples: int = 2048) -> list[Any]:
+    """``mnist`` (its train split) or a user file (``.pt``/``.npz``), as a list of batches."""
+    from .data import batches, load_mnist, load_tensors
+
+    y: torch.Tensor | None
+    if spec == "mnist":
+        x, y = load_mnist("train")
+    else:
+        x, y = load_tensors(spec)
+    x = x[:max_samples]
+    return list(batches(x, None if y is None else y[:max_samples], batch_size=256))
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from . import ActivationMatching, Repair, ResetBatchNorm, WeightMatching, export, fuse
+    from .passes import FusionReport
+
+    if len(args.checkpoints) < 2:
+        raise InputError("give at least two checkpoints to fuse, e.g. A.pt B.pt")
+    if not args.input_shape:
+        raise InputError("give the model's input shape, e.g. --input-shape 1,1,28,28")
+    suffix = Path(args.out).suffix
+    if suffix not in (".onnx", ".pt", ".safetensors"):
+        raise InputError(f"--out {args.out!r}: use a .onnx, .pt or .safetensors file name")
+    inputs = tuple(parse_input(s, seed=i) for i, s in enumerate(args.input_shape))
+    models = []
+    for path in args.checkpoints:
+        model = build_model(args.model, args.factory_args)
+        load_weights(model, path)
+        models.append(model)
+    needs_data = args.align == "activation" or args.repair != "none"
+    data = load_data(args.data) if needs_data else []
+    if needs_data and not args.data:
+        raise InputError("--align activation and --repair need --data mnist or --data FILE")
+    align: WeightMatching | ActivationMatching | None = None
+    if args.align == "weight":
+        align = WeightMatching()
+    elif args.align == "activation":
+        align = ActivationMatching(data=data)
+    repair: ResetBatchNorm | Repair | None = None
+    if args.repair == "reset-bn":
+        repair = ResetBatchNorm(data=data)
+    elif args.repair == "repair":
+        repair = Repair(data=data)
+    report = FusionReport()
+    fused = fuse(models, inputs, align=align, repair=repair, progress=not args.quiet,
+                 report=report)
+    print(report)
+    result = export(fused, inputs, args.out)
+    extra = f", onnxruntime max relative difference {result.max_rel_diff:.2g}" \
+        if result.max_rel_diff is not None else ""
+    print(f"wrote {args.out} ({result.format}{extra})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(out=args.out, epochs=args.epochs, width=args.width, quiet=args.quiet)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxfuse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +251,26 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--verify", action="store_true",
                    help="also permute every group at random and check the outputs are unchanged")
     g.set_defaults(func=cmd_groups)
+
+    f = sub.add_parser("fuse", help="fuse checkpoints of one architecture into one model")
+    f.add_argument("model", help="package.module:factory returning the nn.Module")
+    f.add_argument("checkpoints", nargs="+", help="state_dicts to fuse (.pt or .safetensors)")
+    f.add_argument("--input-shape", action="append", default=[], metavar="SHAPE[:DTYPE]")
+    f.add_argument("--factory-args", help="JSON object of keyword arguments for the factory")
+    f.add_argument("--align", choices=["weight", "activation", "none"], default="weight")
+    f.add_argument("--repair", choices=["reset-bn", "repair", "none"], default="none")
+    f.add_argument("--data", help="'mnist' or a .pt/.npz file of inputs (for activation "
+                                  "matching and repair)")
+    f.add_argument("--out", required=True, help="fused.onnx, fused.pt or fused.safetensors")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(func=cmd_fuse)
+
+    d = sub.add_parser("demo", help="train two MNIST MLPs from different seeds and fuse them")
+    d.add_argument("--out", default="fused.onnx", help="where to write the fused ONNX model")
+    d.add_argument("--epochs", type=int, default=2)
+    d.add_argument("--width", type=int, default=512)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
+import logging
 import os
 import shutil
 import tempfile
@@ -261,6 +262,21 @@ def _tensor_leaves(out: Any) -> list[torch.Tensor]:
 # --- ONNX ---------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's chatter (torchvision op registration notices, deprecations)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _export_onnx(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],
@@ -271,7 +287,7 @@ def _export_onnx(
 ) -> tuple[str, float | None]:
     """Export (dynamo, else legacy) into a staged file, check it, publish it."""
     input_names = [f"input_{i}" for i in range(len(inputs))]
-    with _eval_mode(model), _staged(target) as staged:
+    with _eval_mode(model), _staged(target) as staged, _quiet_exporter():
         exporter = _run_onnx_exporters(model, inputs, staged, opset, input_names)
         max_rel: float | None = None
         if check:

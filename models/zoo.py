@@ -26,7 +26,7 @@ from .features import (
     tied_block_net,
     transpose_net,
 )
-from .mlp import mlp
+from .mlp import mlp, mlp_classifier
 from .mobilenet import mobilenetv2
 from .node import node_net
 from .resnet import bottleneck_resnet, resnet20, resnet20_ln, resnet50
@@ -49,6 +49,7 @@ __all__ = [
     "groupnorm_net",
     "layernorm_mlp",
     "mlp",
+    "mlp_classifier",
     "mobilenetv2",
     "node_net",
     "resnet20",
