@@ -247,3 +247,22 @@ def test_fuse_on_cuda() -> None:
     ref = outputs(a, inputs)
     got = outputs(fused.cpu(), inputs)
     assert rel_diff(ref, got) < 1e-4
+
+
+def test_repair_on_a_layernorm_net_folds_the_linear_layers() -> None:
+    x, y = _teacher_data(512, 16, 0)
+
+    def ln_mlp(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 64),
+                             nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 4))
+
+    a, b = _train(ln_mlp(1), x, y, 1), _train(ln_mlp(2), x, y, 2)
+    data = [x[i:i + 128] for i in range(0, 512, 128)]
+    report = FusionReport()
+    repaired = fuse([a, b], x[:4], repair=Repair(data=data), progress=False, report=report)
+    assert any("repair: 2 layers folded" in n for n in report.notes)
+    plain = fuse([a, b], x[:4], progress=False)
+    assert not torch.allclose(repaired.get_submodule("0").weight, plain.get_submodule("0").weight)
+    fresh = ln_mlp(0)
+    fresh.load_state_dict(repaired.state_dict())  # architecture unchanged
