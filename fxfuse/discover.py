@@ -168,7 +168,8 @@ class _Driver:
         outs = _handles_in(out_value)
         params: dict[str, TensorHandle] = {}
         if module is not None:
-            for name, t in [*module._parameters.items(), *module._buffers.items()]:
+            for name, t in [*module.named_parameters(remove_duplicate=False),
+                            *module.named_buffers(remove_duplicate=False)]:
                 if t is None:
                     continue
                 lays = self._param_layouts(t)
@@ -223,7 +224,7 @@ class _Driver:
                 return handles[e.tensor][e.axis]
             if isinstance(e, NewAxis):
                 if e.key not in local:
-                    local[e.key] = self.table.new(e.size)
+                    local[e.key] = self.table.new(e.size, e.key)
                 return local[e.key]
             if isinstance(e, Prod):
                 return Prod(tuple(lay(p) for p in e.parts))

@@ -105,6 +105,7 @@ class AtomTable:
         self._refined: list[Layout | None] = []
         self.links: list[Link] = []
         self._where: tuple[str, str] = ("", "")
+        self._labels: dict[int, str] = {}  # atom -> what a rule called it ("heads", "groups")
 
     # -- provenance ---------------------------------------------------------------------------
     def at(self, node: str, op: str) -> None:
@@ -112,12 +113,21 @@ class AtomTable:
         self._where = (node, op)
 
     # -- atoms ------------------------------------------------------------------------------------
-    def new(self, size: int) -> Atom:
+    def new(self, size: int, label: str | None = None) -> Atom:
         self._parent.append(len(self._parent))
         self._size.append(size)
         self._fixed.append(None)
         self._refined.append(None)
+        if label is not None:
+            self._labels[len(self._parent) - 1] = label
         return Atom(len(self._parent) - 1)
+
+    def labels(self) -> dict[int, str]:
+        """Root atom -> the label a rule gave one of its members (first one wins)."""
+        out: dict[int, str] = {}
+        for atom, label in self._labels.items():
+            out.setdefault(self.find(atom), label)
+        return out
 
     def find(self, i: int) -> int:
         parent = self._parent

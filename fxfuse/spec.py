@@ -373,12 +373,19 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
 
     axes: dict[tuple[str, int], AxisSpec] = {}
     members: dict[int, list[Member]] = {}
+    # a rule's label ("heads", "groups") names an atom only where it is a proper factor; an atom
+    # that fills an axis by itself (a depthwise conv's "groups") is a plain channel group
+    whole = {r.id for lays in disc.param_axes.values() for r in map(table.resolve, lays)
+             if isinstance(r, Atom)}
+    labels = {a: lab for a, lab in table.labels().items() if a not in whole}
     for key, lays in disc.param_axes.items():
         for axis, raw in enumerate(lays):
             resolved = table.resolve(raw)
             for atom in table.atoms_in(resolved):
                 if atom not in names:
                     base = key.rsplit(".", 1)[0] if "." in key else key
+                    if atom in labels:
+                        base = f"{base}.{labels[atom]}"
                     name, k = base, 1
                     while name in taken:
                         k += 1

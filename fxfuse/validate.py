@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from .discover import AXES, TensorAxes, discover
 from .permute import rel_diff
@@ -52,6 +54,17 @@ class _Fn5(_Fn1):
 
 
 _WRAPPERS: dict[int, type[_Fn1]] = {1: _Fn1, 2: _Fn2, 3: _Fn3, 4: _Fn4, 5: _Fn5}
+
+
+def _tensor_axes_in(v: Any) -> list[TensorAxes]:
+    """The tensor layouts in an output structure, in the order tree_flatten visits tensors."""
+    if isinstance(v, TensorAxes):
+        return [v]
+    if isinstance(v, (tuple, list)):
+        return [a for u in v for a in _tensor_axes_in(u)]
+    if isinstance(v, dict):
+        return [a for u in v.values() for a in _tensor_axes_in(u)]
+    return []
 
 
 @dataclass(frozen=True)
@@ -101,14 +114,16 @@ def check_equivariance(
             new_state[alias] = new_state[key]
     permuted.load_state_dict(new_state)
     out_node = next(n for n in disc.gm.graph.nodes if n.op == "output")
-    out_axes = [a.meta[AXES] for a in out_node.all_input_nodes]
+    out_axes = _tensor_axes_in(fx.node.map_arg(out_node.args[0], lambda n: n.meta[AXES]))
     with torch.no_grad():
         model.eval()
         permuted.eval()
         ref = model(*xs)
         got = permuted(*new_xs)
-    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
-    gots = got if isinstance(got, (tuple, list)) else (got,)
-    expected = [apply(r, ax.layouts) for r, ax in zip(refs, out_axes) if isinstance(ax, TensorAxes)]
-    diff = rel_diff(expected, [g for g in gots if isinstance(g, torch.Tensor)])
+    refs = [r for r in tree_flatten(ref)[0] if isinstance(r, torch.Tensor)]
+    gots = [g for g in tree_flatten(got)[0] if isinstance(g, torch.Tensor)]
+    if len(refs) != len(out_axes):
+        raise AssertionError(f"{len(refs)} output tensors but {len(out_axes)} output layouts")
+    expected = [apply(r, ax.layouts) for r, ax in zip(refs, out_axes)]
+    diff = rel_diff(expected, gots)
     return RuleCheck(len(perms), diff, diff <= tolerance)

@@ -265,3 +265,40 @@ for f in (torch.matmul, operator.matmul, torch.bmm):
 add(torch.matmul, lambda a, b: a @ b, (rnd(2, 3, 4, 5), rnd(5, 6)))
 for m in ("matmul", "bmm", "__matmul__"):
     add(m, lambda a, b, _m=m: getattr(a, _m)(b), (rnd(3, 4, 5), rnd(3, 5, 6)))
+
+# -- attention ---------------------------------------------------------------------------------
+Q, K, V = rnd(2, 4, 5, 8), rnd(2, 4, 6, 8), rnd(2, 4, 6, 3)
+add(F.scaled_dot_product_attention, lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+    (Q, K, V))
+add(F.scaled_dot_product_attention,
+    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (Q, K[:, :, :5], V[:, :, :5]))
+add(F.scaled_dot_product_attention,
+    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+    (Q, rnd(2, 2, 6, 8), rnd(2, 2, 6, 3)))
+add(F.scaled_dot_product_attention,
+    lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), (Q, K, V, rnd(5, 6)))
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, batch_first: bool = True, **kwargs: Any) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.kwargs = kwargs
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.attn(x, x, x, **self.kwargs)
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, pad: torch.Tensor) -> Any:
+        return self.attn(x, mem, mem, key_padding_mask=pad, need_weights=False)[0]
+
+
+add(nn.MultiheadAttention, _SelfAttention(), rnd(2, 5, 8))
+add(nn.MultiheadAttention, _SelfAttention(False, average_attn_weights=False), rnd(5, 2, 8))
+add(nn.MultiheadAttention, _CrossAttention(),
+    (rnd(2, 5, 8), rnd(2, 7, 8), torch.rand(2, 7, generator=g) > 0.7))

@@ -29,6 +29,8 @@ def test_rule_is_equivariant(target: Any, i: int) -> None:
     fn, inputs = CASES[target][i]
     if isinstance(fn, nn.Module):
         fn.eval()
+        if isinstance(target, type):
+            assert any(isinstance(m, target) for m in fn.modules()), "case lacks the module"
     check = check_equivariance(fn, inputs)
     assert check.n_free > 0, "the case claims no permutable axis: it could not fail"
     assert check.ok, f"{target_name(target)}: output differs by {check.rel_diff:.3g}"

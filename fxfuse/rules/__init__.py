@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import elementwise, layers, shape  # noqa: F401,E402  (register the built-in rules)
+from . import attention, elementwise, layers, shape  # noqa: F401,E402  (register the rules)
 from .registry import (
     AxisRef,
     Cut,

@@ -57,8 +57,15 @@ MODULES = [
 
 
 def broadcast_relations(inputs: list[TensorHandle], y: TensorHandle) -> list[Relation]:
-    """Right-aligned broadcasting: each input axis of the output's size joins that output axis."""
+    """Right-aligned broadcasting: each input axis of the output's size joins that output axis.
+
+    An output axis that every input broadcasts (size 1 or absent) holds identical copies:
+    permuting it changes nothing, so it is left free (``Free``).  This is what lets an
+    ``expand`` + ``reshape`` of k/v heads (grouped-query attention) permute the query heads
+    within each kv group.
+    """
     rels: list[Relation] = []
+    fed = [False] * y.ndim
     for t in inputs:
         off = y.ndim - t.ndim
         if off < 0:
@@ -66,8 +73,10 @@ def broadcast_relations(inputs: list[TensorHandle], y: TensorHandle) -> list[Rel
         for d in range(t.ndim):
             if t.shape[d] == y.shape[d + off]:
                 rels.append(Same(t[d], y[d + off]))
+                fed[d + off] = True
             elif t.shape[d] != 1:
                 return []
+    rels += [Free(y[d]) for d in range(y.ndim) if not fed[d]]
     return rels
 
 
