@@ -18,10 +18,29 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import UnsupportedOpError
+from .errors import InputError, TraceError, UnsupportedOpError
 from .layout import Atom, AtomTable, Layout, Prod, Reason, Sum
-from .rules import AxisRef, Cut, Free, NewAxis, OpView, Same, TensorHandle, lookup, target_name
-from .trace import VALUE, TensorMeta, as_input_tuple, record_values, source_line, symbolic_trace
+from .rules import (
+    AxisRef,
+    Cut,
+    Free,
+    NewAxis,
+    OpView,
+    Same,
+    TensorHandle,
+    canonical,
+    lookup,
+    target_name,
+)
+from .trace import (
+    VALUE,
+    TensorMeta,
+    as_input_tuple,
+    export_trace,
+    record_values,
+    source_line,
+    symbolic_trace,
+)
 
 AXES = "fxfuse.axes"
 
@@ -44,11 +63,18 @@ class Discovery:
     aliases: dict[str, list[str]]
     cuts: list[Reason] = field(default_factory=list)
     tracer: str = "torch.fx.symbolic_trace"
+    lifted: dict[str, str] = field(default_factory=dict)  # export: placeholder -> param name
+
+    def input_nodes(self) -> list[fx.Node]:
+        """The placeholders that are model inputs (not lifted parameters/buffers)."""
+        return [n for n in self.gm.graph.nodes if n.op == "placeholder" and n.name not in self.lifted]
 
 
 class _Driver:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, strict: bool, fix_io: bool) -> None:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, strict: bool, fix_io: bool,
+                 lifted: dict[str, str] | None = None) -> None:
         self.gm = gm
+        self.lifted = lifted or {}  # export graphs: placeholder name -> parameter/buffer name
         self.strict = strict
         self.fix_io = fix_io
         self.table = AtomTable()
@@ -58,7 +84,8 @@ class _Driver:
         self.aliases: dict[str, list[str]] = {}
         self.param_axes: dict[str, tuple[Layout, ...]] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
-        for key, t in model.state_dict(keep_vars=True).items():
+        self.state = model.state_dict(keep_vars=True)
+        for key, t in self.state.items():
             first = self.key_of.setdefault(id(t), key)
             self.aliases.setdefault(first, []).append(key)
             self.param_shapes[key] = tuple(t.shape)
@@ -97,7 +124,9 @@ class _Driver:
     def run(self) -> None:
         for node in self.gm.graph.nodes:
             self.table.at(node.name, node.op)
-            if node.op == "placeholder":
+            if node.op == "placeholder" and node.name in self.lifted:
+                self._lifted(node)
+            elif node.op == "placeholder":
                 node.meta[AXES] = self._fresh(node.meta.get(VALUE))
                 if self.fix_io:
                     why = Reason("input", node.name, "placeholder", "model inputs are never permuted")
@@ -116,6 +145,19 @@ class _Driver:
                 why = Reason("unused", key, "state_dict", "not used by the traced forward")
                 for lay in lays:
                     self.table.fix(lay, why)
+
+    def _lifted(self, node: fx.Node) -> None:
+        """A parameter/buffer that torch.export lifted to a graph input."""
+        name = self.lifted[node.name]
+        t = self.state.get(name)
+        lays = self._param_layouts(t) if t is not None else None
+        if lays is not None:
+            node.meta[AXES] = TensorAxes(lays)
+            return
+        node.meta[AXES] = self._fresh(node.meta.get(VALUE))
+        why = Reason("constant", node.name, "placeholder", f"tensor {name!r} is not in the "
+                     "state_dict, so it can not be permuted")
+        self._fix_all(self._tensor_axes(node.meta[AXES]), why)
 
     def _get_attr(self, node: fx.Node) -> None:
         value = node.meta.get(VALUE)
@@ -183,7 +225,8 @@ class _Driver:
         if not handles:
             return  # no tensor in or out: shape arithmetic, nothing to relate
         src = source_line(node)
-        rule = lookup(type(module) if module is not None else node.target)
+        target = canonical(node.target)
+        rule = lookup(type(module) if module is not None else target)
         if rule is None:
             msg = (f"no axis rule for {opname}{_module_path(node)}; the groups through it stay "
                    f"fixed. Register one "
@@ -195,7 +238,7 @@ class _Driver:
             self.cuts.append(why)
             self._fix_handles(handles, why)
             return
-        op = OpView(node.target, args, kwargs, outs, out_value, module, params)
+        op = OpView(target, args, kwargs, outs, out_value, module, params)
         base = Reason("rule", node.name, opname, "", src)
         try:
             relations = rule(op)
@@ -275,18 +318,47 @@ def _recipe(node: fx.Node, gm: fx.GraphModule) -> str:
     return target_name(node.target)
 
 
+TRACERS = ("auto", "symbolic", "export")
+
+
 def discover(
-    model: nn.Module, example_inputs: Any, *, strict: bool = False, fix_io: bool = True
+    model: nn.Module, example_inputs: Any, *, strict: bool = False, fix_io: bool = True,
+    tracer: str = "auto",
 ) -> Discovery:
-    """Trace ``model``, run it on ``example_inputs`` and relate every axis (see module doc)."""
+    """Trace ``model``, record its values on ``example_inputs`` and relate every axis.
+
+    ``tracer``: ``"symbolic"`` (``torch.fx.symbolic_trace``, Python-level ops), ``"export"``
+    (``torch.export``, ATen-level ops, for models symbolic tracing can not handle: most Hugging
+    Face models) or ``"auto"`` (symbolic, then export if that fails).  One rule table serves
+    both levels (:mod:`fxfuse.rules.aten`).
+    """
+    if tracer not in TRACERS:
+        raise InputError(f"tracer must be one of {TRACERS}, got {tracer!r}")
     inputs = as_input_tuple(example_inputs)
-    gm = symbolic_trace(model, stack_traces=strict)
-    record_values(gm, inputs)
-    driver = _Driver(model, gm, strict, fix_io)
+    if tracer != "export":
+        try:
+            gm = symbolic_trace(model, stack_traces=strict)
+        except TraceError as exc:
+            if tracer == "symbolic":
+                raise
+            symbolic_error = exc
+        else:
+            record_values(gm, inputs)
+            driver = _Driver(model, gm, strict, fix_io)
+            driver.run()
+            cuts = driver.cuts
+            if cuts:  # name the user's source lines: trace again, recording stack traces
+                sources = {n.name: source_line(n) for n in symbolic_trace(model).graph.nodes}
+                cuts = [replace(c, source=sources.get(c.node)) for c in cuts]
+            return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes,
+                             driver.aliases, cuts)
+    try:
+        gm, lifted = export_trace(model, inputs)
+    except TraceError as exc:
+        if tracer == "auto":
+            raise TraceError(f"{symbolic_error} Then: {exc}") from exc
+        raise
+    driver = _Driver(model, gm, strict, fix_io, lifted)
     driver.run()
-    cuts = driver.cuts
-    if cuts:  # name the user's source lines: trace again, this time recording stack traces
-        sources = {n.name: source_line(n) for n in symbolic_trace(model).graph.nodes}
-        cuts = [replace(c, source=sources.get(c.node)) for c in cuts]
     return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes, driver.aliases,
-                     cuts)
+                     driver.cuts, tracer="torch.export", lifted=lifted)

@@ -106,6 +106,8 @@ class AtomTable:
         self.links: list[Link] = []
         self._where: tuple[str, str] = ("", "")
         self._labels: dict[int, str] = {}  # atom -> what a rule called it ("heads", "groups")
+        self._also: dict[int, list[Reason]] = {}  # fixed root -> later input/output reasons
+        self._fixed_from: dict[int, list[int]] = {}  # root fixed by unifying with these roots
 
     # -- provenance ---------------------------------------------------------------------------
     def at(self, node: str, op: str) -> None:
@@ -229,8 +231,9 @@ class AtomTable:
                 r = self.find(x.id)
                 why = self._fixed[r]
                 if why is not None:
-                    if why not in out:
-                        out.append(why)
+                    for w in (why, *self._also.get(r, ())):
+                        if w not in out:
+                            out.append(w)
                 elif self._refined[r] is not None:
                     walk(self._refined[r])  # type: ignore[arg-type]
             elif isinstance(x, (Prod, Sum)):
@@ -244,6 +247,33 @@ class AtomTable:
     def fix(self, lay: Layout, why: Reason) -> None:
         for r in self.atoms_in(lay):
             self._fixed[r] = why
+        if why.kind in ("input", "output"):  # also note it where something else fixed it first
+            todo, seen = self._fixed_roots(lay), set()
+            while todo:
+                r = todo.pop()
+                if r in seen:
+                    continue
+                seen.add(r)
+                if self._fixed[r] != why and why not in self._also.setdefault(r, []):
+                    self._also[r].append(why)
+                todo += self._fixed_from.get(r, [])
+
+    def _fixed_roots(self, lay: Layout) -> list[int]:
+        out: list[int] = []
+
+        def walk(x: Layout) -> None:
+            if isinstance(x, Atom):
+                r = self.find(x.id)
+                if self._fixed[r] is not None:
+                    out.append(r)
+                elif self._refined[r] is not None:
+                    walk(self._refined[r])  # type: ignore[arg-type]
+            elif isinstance(x, (Prod, Sum)):
+                for p in x.parts:
+                    walk(p)
+
+        walk(lay)
+        return out
 
     def _union(self, a: int, b: int) -> None:
         if a == b:
@@ -270,9 +300,15 @@ class AtomTable:
         if a == b:
             return
         if isinstance(a, Fixed) or isinstance(b, Fixed):
-            # the free side inherits the reason the other side is fixed (e.g. "model input")
-            known = self.fixed_reasons(x if isinstance(a, Fixed) else y)
-            self.fix(a if isinstance(b, Fixed) else b, known[0] if known else why)
+            # the free side inherits the reason the other side is fixed (e.g. "model input"),
+            # and remembers where it came from, so a later input/output reason reaches both
+            fixed_side, free_side = (x, b) if isinstance(a, Fixed) else (y, a)
+            known = self.fixed_reasons(fixed_side)
+            sources = self._fixed_roots(fixed_side)
+            free_roots = self.atoms_in(free_side)
+            self.fix(free_side, known[0] if known else why)
+            for r in free_roots:
+                self._fixed_from.setdefault(r, []).extend(sources)
         elif isinstance(a, Atom) and isinstance(b, Atom):
             self._union(a.id, b.id)
         elif isinstance(a, Atom):

@@ -394,8 +394,7 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
                     taken.add(name)
             tree = to_tree(resolved, names.__getitem__)
             size = disc.param_shapes[key][axis]
-            because = tuple(r.short() for r in table.fixed_reasons(raw)) if not tree_groups(tree) \
-                else ()
+            because = tuple(r.short() for r in table.fixed_reasons(raw))  # also partly fixed
             for alias in disc.aliases[key]:
                 axes[(alias, axis)] = AxisSpec(alias, axis, size, tree, because)
                 for atom in dict.fromkeys(table.atoms_in(resolved)):

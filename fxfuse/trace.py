@@ -75,11 +75,43 @@ def symbolic_trace(model: nn.Module, stack_traces: bool = True) -> fx.GraphModul
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+def export_trace(model: nn.Module, inputs: Sequence[Any]) -> tuple[fx.GraphModule, dict[str, str]]:
+    """``torch.export`` (ATen-level graph, shapes from its fake tensors) for models symbolic
+    tracing can not handle.  Returns the graph module and, for every placeholder that is a
+    parameter/buffer/constant, the name it has in the model (``state_dict`` key)."""
+    try:
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(model, tuple(inputs), strict=False)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise TraceError(
+            f"torch.export could not trace {type(model).__name__} either: {type(exc).__name__}: "
+            f"{first}. For Hugging Face causal LMs set config.use_cache = False; make the forward "
+            f"free of data-dependent Python control flow, or register a rule for the module "
+            f"that is not traceable (@fxfuse.axis_rule(MyModule)) so it stays a leaf."
+        ) from exc
+    sig = ep.graph_signature
+    names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+             **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
+    gm = ep.graph_module
+    for node in gm.graph.nodes:
+        node.meta[VALUE] = _summarise(node.meta.get("val"))
+    return gm, dict(names)
+
+
 def _summarise(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return TensorMeta(tuple(v.shape), v.dtype)
     if isinstance(v, torch.Size):
-        return tuple(v)
+        return tuple(int(s) for s in v)
+    if isinstance(v, torch.SymInt):
+        return int(v)
     if isinstance(v, (list, tuple)):
         return type(v)(_summarise(u) for u in v) if not hasattr(v, "_fields") else tuple(
             _summarise(u) for u in v

@@ -77,11 +77,12 @@ class RuleCheck:
 
 
 def check_equivariance(
-    fn: nn.Module | Callable[..., Any], inputs: Any, *, seed: int = 0, tolerance: float = 1e-5
+    fn: nn.Module | Callable[..., Any], inputs: Any, *, seed: int = 0, tolerance: float = 1e-5,
+    tracer: str = "symbolic",
 ) -> RuleCheck:
     xs = as_input_tuple(inputs)
     model = _WRAPPERS[len(xs)](fn)  # a root module is traced through, so wrap it as a leaf
-    disc = discover(model, xs, fix_io=False)
+    disc = discover(model, xs, fix_io=False, tracer=tracer)
     table = disc.table
     gen = torch.Generator().manual_seed(seed)
     perms: dict[str, torch.Tensor] = {}
@@ -102,7 +103,7 @@ def check_equivariance(
             t = t.index_select(d, index(lay))
         return t
 
-    placeholders = [n for n in disc.gm.graph.nodes if n.op == "placeholder"]
+    placeholders = disc.input_nodes()
     new_xs = tuple(apply(x, n.meta[AXES].layouts) if isinstance(n.meta.get(AXES), TensorAxes)
                    else x for x, n in zip(xs, placeholders))
     permuted = copy.deepcopy(model)

@@ -302,3 +302,37 @@ add(nn.MultiheadAttention, _SelfAttention(), rnd(2, 5, 8))
 add(nn.MultiheadAttention, _SelfAttention(False, average_attn_weights=False), rnd(5, 2, 8))
 add(nn.MultiheadAttention, _CrossAttention(),
     (rnd(2, 5, 8), rnd(2, 7, 8), torch.rand(2, 7, generator=g) > 0.7))
+
+# -- ATen-level rules (graphs from torch.export): EXPORT_CASES[target] must contain target -------
+EXPORT_CASES: dict[Any, list[Case]] = {}
+aten = torch.ops.aten
+
+
+def add_export(target: Any, fn: Any, inputs: Any) -> None:
+    EXPORT_CASES.setdefault(target, []).append((fn, inputs))
+
+
+X2 = rnd(2, 4)
+add_export(aten.embedding.default, nn.Embedding(10, 6), torch.randint(0, 10, (2, 5), generator=g))
+add_export(aten.batch_norm.default, nn.BatchNorm1d(6), rnd(4, 6, 3))
+add_export(aten.slice.Tensor, lambda x: x[:, 1:3] * x[:, :2], rnd(2, 6, 4))
+add_export(aten.slice.Tensor, lambda x: x[:, 0:6:1] + x[:, :, 1:3].sum(-1, keepdim=True), rnd(2, 6, 4))
+add_export(aten.select.int, lambda x: x[:, 1], rnd(2, 6, 4))
+add_export(aten.addmm.default, lambda x, w, b: torch.addmm(b, x, w), (rnd(3, 4), rnd(4, 5), rnd(5)))
+add_export(aten._assert_tensor_metadata.default, lambda x: x.to(torch.float64), X2)
+add_export(aten.arange.default, lambda x: x + torch.arange(4.0), X2)
+add_export(aten.arange.start, lambda x: x + torch.arange(1, 5), X2)
+add_export(aten.arange.start_step, lambda x: x + torch.arange(0, 8, 2), X2)
+add_export(aten.zeros.default, lambda x: x + torch.zeros(4), X2)
+add_export(aten.ones.default, lambda x: x + torch.ones(4), X2)
+add_export(aten.full.default, lambda x: x + torch.full((4,), 2.0), X2)
+add_export(aten.empty.memory_format, lambda x: x + torch.empty(4).fill_(1.0), X2)
+add_export(aten.lift_fresh_copy.default, lambda x: x + torch.tensor([1.0, 2.0, 3.0, 4.0]), X2)
+add_export(aten.linspace.default, lambda x: x + torch.linspace(0, 1, 4), X2)
+add(torch.arange, lambda x: x + torch.arange(4.0), X2)
+add(torch.zeros, lambda x: x + torch.zeros(4), X2)
+add(torch.ones, lambda x: x + torch.ones(4), X2)
+add(torch.full, lambda x: x + torch.full((4,), 2.0), X2)
+add(torch.empty, lambda x: x * 0 + torch.empty(4).fill_(1.0), X2)
+add(torch.tensor, lambda x: x + torch.tensor([1.0, 2.0, 3.0, 4.0]), X2)
+add(torch.linspace, lambda x: x + torch.linspace(0, 1, 4), X2)

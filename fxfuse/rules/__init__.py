@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import attention, elementwise, layers, shape  # noqa: F401,E402  (register the rules)
+from .aten import canonical  # noqa: E402
 from .registry import (
     AxisRef,
     Cut,
@@ -31,6 +32,7 @@ __all__ = [
     "Same",
     "TensorHandle",
     "axis_rule",
+    "canonical",
     "lookup",
     "rule_table",
     "same",
