@@ -279,3 +279,34 @@ _register(
     {"feature", "mlp", "linear", "tied"},
     "The same Linear-ReLU block module called 3 times in sequence.",
 )
+
+# --- transformers --------------------------------------------------------------------------
+_register(
+    "vit_tiny",
+    zoo.vit,
+    IMG32,
+    {"transformer", "attention", "mha", "layernorm", "residual", "concat"},
+    "ViT: conv patch embedding, class token, learned positional embedding, nn.MultiheadAttention.",
+)
+_register(
+    "sdpa_net",
+    zoo.sdpa_net,
+    TOKENS,
+    {"transformer", "attention", "sdpa", "layernorm", "residual", "sequence"},
+    "Hand-written attention: q/k/v Linear -> view/transpose into heads -> SDPA -> out proj.",
+)
+
+
+def _token_ids(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 64, (2, 8), generator=gen),)
+
+
+ZOO["llama_lm"] = ModelEntry(
+    name="llama_lm",
+    factory=zoo.llama_lm,
+    example_inputs=_token_ids,
+    tags=frozenset({"transformer", "attention", "sdpa", "rmsnorm", "rope", "gqa", "swiglu",
+                    "embedding", "residual", "sequence"}),
+    description="LLaMA-style LM: RMSNorm, RoPE (rotate_half), GQA (4 q / 2 kv heads), SwiGLU.",
+)

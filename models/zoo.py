@@ -31,6 +31,7 @@ from .mobilenet import mobilenetv2
 from .node import node_net
 from .resnet import bottleneck_resnet, resnet20, resnet20_ln, resnet50
 from .shufflenet import shufflenet
+from .transformer import llama_lm, sdpa_net
 from .vgg import vgg, vgg_bn
 from .vit import vit, vit_b
 
@@ -63,6 +64,8 @@ __all__ = [
     "transpose_net",
     "vgg",
     "vgg_bn",
+    "llama_lm",
+    "sdpa_net",
     "vit",
     "vit_b",
 ]
