@@ -60,7 +60,7 @@ ALIASES: dict[Any, Any] = {
     aten.cos.default: torch.cos, aten.add_.Tensor: torch.add, aten.mul_.Tensor: torch.mul,
     aten.sub_.Tensor: torch.sub, aten.div_.Tensor: torch.div, aten.relu_.default: torch.relu,
     aten.hardtanh_.default: F.hardtanh, aten.fill_.Scalar: torch.full_like,
-    aten.detach_.default: torch.detach,
+    aten.detach_.default: torch.detach, aten.roll.default: torch.roll,
     # reductions, softmax
     aten.mean.dim: torch.mean, aten.sum.dim_IntList: torch.sum, aten.amax.default: torch.amax,
     aten.amin.default: torch.amin, aten.var.correction: torch.var,

@@ -238,3 +238,19 @@ def pad_rule(op: OpView) -> list[Relation]:
         else:
             rels.append(Same(x[d], y[d]))
     return rels
+
+
+@axis_rule(torch.roll, "roll")
+def roll_rule(op: OpView) -> list[Relation]:
+    """``roll(x, shifts, dims)`` (Swin's shifted windows): rolled axes move positions, the
+    others (channels) pass through."""
+    x, y = op.args[0], op.out
+    dims = op.arg(2, "dims")
+    if dims is None:
+        return []  # rolls the flattened tensor: every axis moves
+    rolled = {d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)}
+    why = "roll shifts positions along this axis"
+    rels: list[Relation] = []
+    for d in range(x.ndim):
+        rels += [Cut(x[d], why), Cut(y[d], why)] if d in rolled else [Same(x[d], y[d])]
+    return rels

@@ -1,0 +1,109 @@
+"""Benchmark: discovery time on transformer-sized models, symbolic path vs torch.export path.
+
+* ViT-B/16-sized (``models.get("vit_b")``: 12 blocks, width 768, nn.MultiheadAttention), which
+  ``torch.fx.symbolic_trace`` handles: timed with ``tracer="symbolic"`` and ``tracer="export"``.
+* A 12-layer LLaMA-style LM, hidden 768 (12 query heads, 4 kv heads, RoPE, SwiGLU 2048,
+  vocabulary 1000), which symbolic tracing can not handle: timed with ``tracer="export"`` (what
+  ``tracer="auto"`` falls back to; the failed symbolic attempt is timed separately).
+
+Median of 3 runs after a warm-up, 2 threads.  ``--write`` replaces the section between
+``<!-- transformer-discovery:begin -->`` and ``<!-- transformer-discovery:end -->`` in
+``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import fxfuse  # noqa: E402
+import models  # noqa: E402
+from models.transformer import LlamaLM  # noqa: E402
+
+BEGIN, END = "<!-- transformer-discovery:begin -->", "<!-- transformer-discovery:end -->"
+COMMAND = "python benchmarks/transformer_discovery.py --write"
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    vit = models.get("vit_b")
+    vit_model, vit_x = vit.factory(), vit.example_inputs()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        llama = LlamaLM(vocab=1000, dim=768, heads=12, kv_heads=4, depth=12, hidden=2048,
+                        max_len=64).eval()
+    ids = (torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0)),)
+    rows = []
+    for name, model, x, tracer in [("ViT-B/16 (vit_b)", vit_model, vit_x, "symbolic"),
+                                   ("ViT-B/16 (vit_b)", vit_model, vit_x, "export"),
+                                   ("LLaMA-style 12 x 768", llama, ids, "export")]:
+        sec, spec = median_time(lambda m=model, x=x, t=tracer: fxfuse.find_groups(m, x, tracer=t),
+                                args.repeats)
+        heads = sum(1 for g in spec.groups if any(
+            ("attn" in m.key or "q_proj" in m.key) and m.layout[0] == "prod" for m in g.members))
+        rows.append(f"| {name} | {tracer} | {1000 * sec:.0f} ms | {len(spec.groups)} | {heads} "
+                    f"| {len(spec.cuts)} |")
+        print(rows[-1], flush=True)
+    start = time.perf_counter()
+    try:
+        fxfuse.find_groups(llama, ids, tracer="symbolic")
+        failed = "succeeded"
+    except fxfuse.TraceError:
+        failed = "raised TraceError"
+    symbolic_fail = time.perf_counter() - start
+    note = (f"On the LLaMA-style model the symbolic attempt {failed} after "
+            f"{1000 * symbolic_fail:.0f} ms; `tracer=\"auto\"` then takes the export path.")
+    print(note)
+    section = "\n".join([
+        BEGIN, "## Discovery time on transformers (symbolic vs torch.export path)", "",
+        f"Command: `{COMMAND}`", "",
+        f"- Date: {datetime.date.today()}; machine: {platform.processor() or 'CPU'}, 2 threads, "
+        f"torch {torch.__version__}; median of {args.repeats} runs after a warm-up; "
+        "batch 1 (ViT 224x224 image, LLaMA 32 tokens).",
+        "- head groups: groups acting as a factor of an attention projection's axis (heads, "
+        "head_dim, query heads per kv head). On the export path nn.MultiheadAttention is lowered "
+        "to linear + unflatten(3, E) + select, so q/k/v share one head_dim group there (a "
+        "subgroup of what the module-level rule finds).",
+        "", "| model | tracer | find_groups | groups | head groups | cuts |",
+        "|---|---|---:|---:|---:|---:|", *rows, "", note, END])
+    if args.write:
+        path = ROOT / "benchmarks" / "RESULTS.md"
+        text = path.read_text() if path.exists() else "# fxfuse benchmark results\n"
+        if BEGIN in text:
+            text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        path.write_text(text)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
