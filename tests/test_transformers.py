@@ -114,3 +114,15 @@ def test_hugging_face_model(name: str) -> None:
     if name in ("bert", "llama", "vit"):  # heads found from the graph, not given by hand
         assert any(a.layout[0] == "prod" and len(a.groups) >= 2 for (k, ax), a in spec.axes.items()
                    if "attention" in k or "attn" in k)
+
+
+def test_fusing_an_exported_model_weight_matching_and_clear_limits() -> None:
+    model, inputs, spec = llama()
+    copy = fxfuse.permute(model, spec, spec.random_perms(seed=4))
+    fused = fxfuse.fuse([model, copy], inputs, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+    data = [inputs[0]]
+    with pytest.raises(fxfuse.PipelineError, match="WeightMatching"):
+        fxfuse.fuse([model, copy], inputs, align=fxfuse.ActivationMatching(data=data),
+                    progress=False)

@@ -282,6 +282,10 @@ class AlignActivations(Pass):
         feats = _features(spec, state.device)
         wanted = {node for rows in feats.values() for node, _, _ in rows}
         models = [on_device(m, state.device) for m in state.models]
+        if spec.tracer != "torch.fx.symbolic_trace":
+            raise PipelineError(f"activation matching reads activations by node of the "
+                                f"symbolic graph, and this model was traced with {spec.tracer}; "
+                                f"use align=fxfuse.WeightMatching() for it")
         gms = [symbolic_trace(m, stack_traces=False) for m in models]
         perms = [_identity(spec, state.device)]
         for k in range(1, len(gms)):

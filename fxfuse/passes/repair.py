@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import PipelineError
+from ..errors import PipelineError, TraceError
 from ..trace import symbolic_trace
 from .align import batch_inputs, limited
 from .base import FusionState, Pass, eval_mode, progress
@@ -127,8 +127,20 @@ def repair_points(model: nn.Module, state: FusionState) -> list[tuple[str, str]]
     """``(kind, module name)`` in execution order: ``("bn", name)`` for BatchNorms,
     ``("fold", name)`` for hidden Linear/Conv layers not followed by a BatchNorm."""
     assert state.spec is not None
-    gm = symbolic_trace(model, stack_traces=False)
-    points: list[tuple[str, str]] = []
+    try:
+        gm = symbolic_trace(model, stack_traces=False)
+    except TraceError:  # not symbolically traceable (torch.export models): registration order
+        points = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, BATCHNORMS):
+                points.append(("bn", name))
+            elif isinstance(mod, LAYERS) and state.spec.groups_of(f"{name}.weight", 0):
+                points.append(("fold", name))
+        state.report.notes.append("repair: model not symbolically traceable; layers repaired in "
+                                  "registration order, and a layer feeding a BatchNorm is folded "
+                                  "too")
+        return points
+    points = []
     seen: set[str] = set()
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target in seen:
