@@ -126,3 +126,44 @@ def test_fusing_an_exported_model_weight_matching_and_clear_limits() -> None:
     with pytest.raises(fxfuse.PipelineError, match="WeightMatching"):
         fxfuse.fuse([model, copy], inputs, align=fxfuse.ActivationMatching(data=data),
                     progress=False)
+
+
+class SwinStyleBlock(nn.Module):
+    """Shifted windows: roll, window partition (view/permute/reshape), windowed attention."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, window: int = 2) -> None:
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.embed = nn.Linear(8, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, W, 8)
+        x = self.embed(x)
+        b, h, w, c = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        s = self.window
+        y = torch.roll(self.norm(x), shifts=(-1, -1), dims=(1, 2))
+        y = y.view(b, h // s, s, w // s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, c)
+        qkv = self.qkv(y).reshape(y.shape[0], s * s, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # fused qkv projection
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        a = self.proj(a.transpose(1, 2).reshape(-1, s * s, c))
+        a = a.view(b, h // s, w // s, s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        x = x + torch.roll(a, shifts=(1, 1), dims=(1, 2))
+        x = x + self.fc2(nn.functional.gelu(self.fc1(x)))
+        return self.head(x)
+
+
+def test_swin_style_shifted_windows_and_fused_qkv() -> None:
+    torch.manual_seed(0)
+    model = randomize_constants(SwinStyleBlock().eval(), seed=1)
+    x = torch.randn(2, 4, 4, 8)
+    spec = fxfuse.find_groups(model, x)
+    fxfuse.verify(model, spec, x)
+    assert not uncovered_layers(model, spec)
+    rows = spec.axes[("qkv.weight", 0)].layout  # (3 x heads x head_dim): q, k, v blocks
+    assert rows[0] == "prod" and rows[1][0] == ("fixed", 3) and len(rows[1]) == 3
