@@ -225,22 +225,11 @@ class AtomTable:
     def fixed_reasons(self, lay: Layout) -> list[Reason]:
         """Reasons recorded on the fixed atom classes underneath ``lay`` (unresolved walk)."""
         out: list[Reason] = []
-
-        def walk(x: Layout) -> None:
-            if isinstance(x, Atom):
-                r = self.find(x.id)
-                why = self._fixed[r]
-                if why is not None:
-                    for w in (why, *self._also.get(r, ())):
-                        if w not in out:
-                            out.append(w)
-                elif self._refined[r] is not None:
-                    walk(self._refined[r])  # type: ignore[arg-type]
-            elif isinstance(x, (Prod, Sum)):
-                for p in x.parts:
-                    walk(p)
-
-        walk(lay)
+        for r in self._fixed_roots(lay):
+            why = self._fixed[r]
+            for w in (why, *self._also.get(r, ())):
+                if w is not None and w not in out:
+                    out.append(w)
         return out
 
     # -- substitutions --------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from scipy.optimize import linear_sum_assignment
 from ..coords import as_rows, group_rows
 from ..errors import InputError, PipelineError
 from ..permute import apply_perms
-from ..spec import PermutationSpec, axis_index
+from ..spec import PermutationSpec, axis_index, tree_groups
 from ..trace import symbolic_trace
 from .base import FusionState, Pass, eval_mode, on_device, progress
 
@@ -214,19 +214,11 @@ def _features(spec: PermutationSpec, device: torch.device
     out: dict[str, list[tuple[str, int, torch.Tensor]]] = {g.name: [] for g in spec.groups}
     for node, trees in spec.activations.items():
         for axis, tree in enumerate(trees):
-            for g in dict.fromkeys(_groups_in(tree)):
+            for g in dict.fromkeys(tree_groups(tree)):
                 rows = group_rows(tree, g, sizes)
                 if rows is not None and g in out:
                     out[g].append((node, axis, rows.to(device)))
     return out
-
-
-def _groups_in(tree: Any) -> list[str]:
-    if tree[0] == "g":
-        return [tree[1]]
-    if tree[0] == "fixed":
-        return []
-    return [n for c in tree[1] for n in _groups_in(c)]
 
 
 class _Capture(fx.Interpreter):
