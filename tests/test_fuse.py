@@ -52,7 +52,7 @@ def test_self_recovery_with_weight_matching(name: str) -> None:
     assert rel_diff(outputs(a, inputs), outputs(naive, inputs)) > 1e-3  # the test can fail
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet20", "shufflenet", "densenet", "grouped_conv"])
+@pytest.mark.parametrize("name", models.names())
 def test_self_recovery_three_copies(name: str) -> None:
     a, inputs, copies = permuted_copies(name, 3)
     fused = fuse([a, *copies], inputs, progress=False)
