@@ -414,7 +414,8 @@ def write_section(section: str, path: Path = RESULTS_PATH) -> None:
     text = path.read_text() if path.exists() else RESULTS_HEADER
     begin, end = text.find(BEGIN), text.find(END)
     if begin != -1 and end > begin:
-        text = text[:begin] + section + text[end + len(END):].lstrip("\n")
+        rest = text[end + len(END):].lstrip("\n")
+        text = text[:begin] + section + ("\n" + rest if rest else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
