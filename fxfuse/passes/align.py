@@ -92,8 +92,11 @@ class _WeightMatcher:
     def match(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
               init: dict[str, torch.Tensor], max_iter: int, seed: int,
               show: bool) -> dict[str, torch.Tensor]:
-        """Pooled descent (coarse), then exact descent from there."""
-        coarse = self.descend(ref, other, init, max_iter, seed, False, pooled=True)
+        """Pooled descent (coarse), then exact descent from there.  Where no group has more
+        than one context on any axis (plain chains, ResNets) pooling changes nothing: skipped."""
+        coarse = init
+        if any(rows.shape[1] > 1 for ms in self.members.values() for _, _, rows in ms):
+            coarse = self.descend(ref, other, init, max_iter, seed, False, pooled=True)
         return self.descend(ref, other, coarse, max_iter, seed, show, pooled=False)
 
     def descend(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
