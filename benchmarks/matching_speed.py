@@ -360,11 +360,11 @@ def render_section(fx_runs: list[FxRun], rb: RebasinRun, distance_before: float,
     ]
     if rb.rebasin_s is not None and rb_total is not None:
         verdicts.append(
-            f"- vs rebasin on the same models in the same run: rebasin's `rebasin()` took "
-            f"{fmt_seconds(rb.rebasin_s)} ({fmt_seconds(rb_total)} with set-up), "
-            f"{rb.rebasin_s / align_med:.1f}x fxfuse's align pass "
-            f"({rb_total / fuse_med:.1f}x whole call vs whole call); distance to A after "
-            f"matching: fxfuse {fx_dist:.1f}, rebasin {rb.distance_after:.1f} "
+            f"- vs rebasin on the same models in the same run: fxfuse's align pass "
+            f"{fmt_seconds(align_med)} vs rebasin's `rebasin()` {fmt_seconds(rb.rebasin_s)} "
+            f"(fxfuse / rebasin = {align_med / rb.rebasin_s:.2f}x; whole calls "
+            f"{fmt_seconds(fuse_med)} vs {fmt_seconds(rb_total)}, {fuse_med / rb_total:.2f}x); "
+            f"distance to A after matching: fxfuse {fx_dist:.1f}, rebasin {rb.distance_after:.1f} "
             f"(before {distance_before:.1f}; lower is a better match)")
     else:
         verdicts.append(f"- vs rebasin: no timing{rb_status}")
