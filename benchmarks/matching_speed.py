@@ -117,6 +117,13 @@ def fxfuse_revision() -> str:
     return f"{rev} (with uncommitted changes in fxfuse/ or models/)" if dirty else rev
 
 
+def revision_note(start: str) -> str:
+    """``start`` (the revision when the run began, whose code was imported), noting a change of
+    HEAD or of local changes while the run went on (others may commit in the same checkout)."""
+    end = fxfuse_revision()
+    return start if end == start else f"{start} (HEAD moved to {end} during the run)"
+
+
 def load_average() -> str:
     """The 1-minute load average (other processes share the 2 cores), or "n/a"."""
     try:
@@ -379,7 +386,7 @@ def render_section(fx_runs: list[FxRun], rb: RebasinRun, distance_before: float,
         f"`torch.set_num_threads({NUM_THREADS})`, "
         f"`OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}`, torch {torch.__version__}, "
         f"Python {platform.python_version()}, fxfuse {version_of('fxfuse')} at commit "
-        f"{fxfuse_revision()}, rebasin {version_of('rebasin')} "
+        f"{revision_note(args.revision)}, rebasin {version_of('rebasin')} "
         f"(torchview {version_of('torchview')})",
         "- Method: two random-init ResNet-50s (`models.zoo.resnet50(seed=0)` and `seed=1`, "
         "1000 classes, BatchNorm statistics randomised by the zoo), example input "
@@ -446,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(NUM_THREADS)
     start = time.perf_counter()
     args.load_start = load_average()
+    args.revision = fxfuse_revision()
     a, b, x = make_models()
     distance_before = state_distance(a.state_dict(), b.state_dict())
     spec = fxfuse.find_groups(a, x)
