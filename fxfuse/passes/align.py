@@ -4,11 +4,14 @@
 weights ``B`` to align, coordinate descent over the groups: for group ``g`` with the other groups'
 permutations held fixed, solve
 
-    max_P  <C_g, P>,   C_g = sum over every tensor axis g acts on of  A_(g) B'_(g)^T
+    max_P  <C_g, P>,   C_g = sum over every parameter axis g acts on of  A_(g) B'_(g)^T
 
 where ``X_(g)`` lays the tensor out with one row per unit of ``g`` (:mod:`fxfuse.coords`: block
 structure from flattens, concats, grouped convs included) and ``B'`` is ``B`` with every other
-permutation applied.  Each step is a linear assignment (``scipy.optimize.linear_sum_assignment``);
+permutation applied.  Buffers (BatchNorm running statistics) are permuted with their group but
+not matched on, as in Git Re-Basin: they are statistics of the data, on another scale than the
+weights (random or trained, their outer products would dominate the cost), and REPAIR /
+ResetBatchNorm recompute them; a group that touches no parameter is matched on its buffers.  Each step is a linear assignment (``scipy.optimize.linear_sum_assignment``);
 sweeps repeat in random order until no group changes.  The cost is computed with torch on the
 models' device; only the ``|g| x |g|`` matrix goes to the host for the solver.
 
@@ -74,7 +77,8 @@ def _identity(spec: PermutationSpec, device: torch.device) -> dict[str, torch.Te
 class _WeightMatcher:
     """Precomputed row layouts for every (group, tensor axis) pair of a spec."""
 
-    def __init__(self, spec: PermutationSpec, device: torch.device) -> None:
+    def __init__(self, spec: PermutationSpec, device: torch.device,
+                 params: set[str] | None = None) -> None:
         self.spec = spec
         self.sizes = {g.name: g.size for g in spec.groups}
         self.device = device
@@ -89,7 +93,22 @@ class _WeightMatcher:
                 r = group_rows(self.trees[key][axis], g.name, self.sizes)
                 if r is not None:
                     rows.append((key, axis, r.to(device)))
-            self.members[g.name] = rows
+            learned = [m for m in rows if params is None or m[0] in params]
+            self.members[g.name] = learned or rows
+        # (key, axis) -> whether other groups share that axis with the one being matched;
+        # group -> its members partitioned by the groups their cost depends on
+        self.shared = {(key, axis): len(set(tree_groups(t))) > 1
+                       for key, axes in self.trees.items() for axis, t in axes.items()}
+        self.blocks: dict[str, dict[tuple[str, ...], list[tuple[str, int, torch.Tensor]]]] = {}
+        self.deps: dict[str, tuple[str, ...]] = {}
+        for name, ms in self.members.items():
+            parts: dict[tuple[str, ...], list[tuple[str, int, torch.Tensor]]] = {}
+            for key, axis, rows in ms:
+                used = {d for ax, t in self.trees[key].items() for d in tree_groups(t)
+                        if d != name or ax != axis}
+                parts.setdefault(tuple(sorted(used)), []).append((key, axis, rows))
+            self.blocks[name] = parts
+            self.deps[name] = tuple(sorted({d for deps in parts for d in deps}))
 
     def _index(self, key: str, axis: int, perms: dict[str, torch.Tensor]) -> torch.Tensor:
         return axis_index(self.trees[key][axis], perms, self.sizes, self.device)
@@ -110,11 +129,20 @@ class _WeightMatcher:
         """Coordinate descent.  ``pooled``: each unit's features are summed over its contexts
         (other factors of the same axis, spatial blocks), which no in-axis partner group's
         permutation changes: a Kronecker factor (conv groups x channels per group) can then be
-        found before its partner is."""
+        found before its partner is.
+
+        A group's cost depends only on the permutations of the groups it shares a tensor with
+        (``self.deps``), so a group none of whose neighbours changed since its last solve would
+        get the same cost, the same assignment and the same accept/reject decision: it is skipped.
+        The cost is also kept per *block* of members with the same neighbours, and a block is
+        recomputed only when one of its neighbours changed.  Both are exact: the sweeps visit
+        groups in the same order and reach the same permutations as a full recomputation."""
         perms = {k: v.clone() for k, v in init.items()}
+        version = dict.fromkeys(self.sizes, 0)
         names = [g.name for g in self.spec.groups if self.members[g.name]]
         rng = random.Random(seed)
-        cache: dict[str, torch.Tensor] = {}
+        solved_at: dict[str, tuple[int, ...]] = {}
+        blocks: dict[tuple[str, tuple[str, ...]], tuple[tuple[int, ...], torch.Tensor]] = {}
         ref_cache: dict[tuple[str, str, int, bool], torch.Tensor] = {}
 
         def ref_rows(name: str, key: str, axis: int, rows: torch.Tensor,
@@ -125,44 +153,52 @@ class _WeightMatcher:
                 ref_cache[k] = _pool(r, rows.shape[1]) if pool else r
             return ref_cache[k]
 
-        def permuted(key: str) -> torch.Tensor:  # other[key] with every current perm applied
-            if key not in cache:
-                t = other[key]
-                for axis in self.trees[key]:
-                    t = t.index_select(axis, self._index(key, axis, perms))
-                cache[key] = t
-            return cache[key]
+        def block_cost(name: str, members: list[tuple[str, int, torch.Tensor]]) -> torch.Tensor:
+            n = self.sizes[name]
+            cost = torch.zeros(n, n, device=self.device, dtype=torch.float64)
+            without = {**perms, name: torch.arange(n, device=self.device)}
+            for key, axis, rows in members:
+                b = other[key]  # b with every permutation applied except name's on this axis
+                for ax in self.trees[key]:
+                    if ax != axis or self.shared[(key, axis)]:
+                        b = b.index_select(ax, self._index(key, ax, perms if ax != axis
+                                                           else without))
+                pool = pooled and rows.shape[1] > 1
+                b_rows = as_rows(b, axis, rows)
+                if pool:
+                    b_rows = _pool(b_rows, rows.shape[1])
+                cost += (ref_rows(name, key, axis, rows, pool) @ b_rows.T).double()
+            return cost
 
         for _ in progress(range(max_iter), "weight matching sweeps", show):
             changed = False
             rng.shuffle(names)
             for name in names:
-                n = self.sizes[name]
-                cost = torch.zeros(n, n, device=self.device, dtype=torch.float64)
-                without = {**perms, name: torch.arange(n, device=self.device)}
-                for key, axis, rows in self.members[name]:
-                    full = self._index(key, axis, perms)
-                    inv = torch.empty_like(full)
-                    inv[full] = torch.arange(full.numel(), device=self.device)
-                    b = permuted(key).index_select(axis, inv[self._index(key, axis, without)])
-                    pool = pooled and rows.shape[1] > 1
-                    a_rows = ref_rows(name, key, axis, rows, pool)
-                    b_rows = as_rows(b, axis, rows)
-                    if pool:
-                        b_rows = _pool(b_rows, rows.shape[1])
-                    cost += (a_rows @ b_rows.T).double()
+                stamp = tuple(version[d] for d in self.deps[name])
+                if solved_at.get(name) == stamp:
+                    continue
+                solved_at[name] = stamp
+                cost = None
+                for deps, members in self.blocks[name].items():
+                    bstamp = tuple(version[d] for d in deps)
+                    hit = blocks.get((name, deps))
+                    if hit is None or hit[0] != bstamp:
+                        hit = (bstamp, block_cost(name, members))
+                        blocks[(name, deps)] = hit
+                    cost = hit[1] if cost is None else cost + hit[1]
+                assert cost is not None
                 new = _lap(cost).to(self.device)
-                idx = torch.arange(n, device=self.device)
+                idx = torch.arange(self.sizes[name], device=self.device)
                 old_score = cost[idx, perms[name]].sum()
                 new_score = cost[idx, new].sum()
                 if new_score > old_score + 1e-12 * max(1.0, abs(float(old_score))):
                     perms[name] = new
+                    version[name] += 1
                     changed = True
-                    for key, _, _ in self.members[name]:
-                        cache.pop(key, None)
             if not changed:
                 break
         return perms
+DEBUG: list | None = None
 
 
 def _pool(x: torch.Tensor, contexts: int) -> torch.Tensor:
@@ -190,7 +226,8 @@ class AlignWeights(Pass):
     def call(self, state: FusionState) -> None:
         assert state.spec is not None
         cfg = self.config
-        matcher = _WeightMatcher(state.spec, state.device)
+        params = {k for k, _ in state.models[0].named_parameters(remove_duplicate=False)}
+        matcher = _WeightMatcher(state.spec, state.device, params)
         ident = _identity(state.spec, state.device)
         perms = [ident] + [matcher.match(state.states[0], s, ident, cfg.max_iter, cfg.seed + k,
                                          state.progress)
