@@ -142,19 +142,31 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 
 
 def progress(items: Iterable[T], label: str, enabled: bool, total: int | None = None) -> Iterator[T]:
-    """A minimal progress bar on stderr (no dependency); silent when ``enabled`` is False."""
+    """A minimal progress bar on stderr (no dependency); silent when ``enabled`` is False.
+
+    On a terminal the line is redrawn in place; elsewhere (logs, CI) one line is written when the
+    loop ends.  Either way the line is closed with a newline also when the caller stops early
+    (``break``: weight matching usually ends before ``max_iter`` sweeps)."""
     if not enabled:
         yield from items
         return
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
+    tty = sys.stderr.isatty()
     start = time.perf_counter()
     i = 0
-    for i, item in enumerate(items, start=1):
-        yield item
-        done = f"{i}/{total}" if total else str(i)
-        sys.stderr.write(f"\r{label}: {done} ({time.perf_counter() - start:.1f}s)")
-        sys.stderr.flush()
-    if i:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+
+    def line(n: int) -> str:
+        done = f"{n}/{total}" if total else str(n)
+        return f"{label}: {done} ({time.perf_counter() - start:.1f}s)"
+
+    try:
+        for i, item in enumerate(items, start=1):
+            yield item
+            if tty:
+                sys.stderr.write("\r" + line(i))
+                sys.stderr.flush()
+    finally:
+        if i:
+            sys.stderr.write("\n" if tty else line(i) + "\n")
+            sys.stderr.flush()
