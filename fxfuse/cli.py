@@ -211,7 +211,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         raise InputError("--align activation and --repair need --data mnist or --data FILE")
     align: WeightMatching | ActivationMatching | None = None
     if args.align == "weight":
-        align = WeightMatching()
+        align = WeightMatching() if args.tol is None else WeightMatching(tol=args.tol)
     elif args.align == "activation":
         align = ActivationMatching(data=data)
     repair: ResetBatchNorm | Repair | None = None
@@ -258,6 +258,10 @@ def make_parser() -> argparse.ArgumentParser:
     f.add_argument("--input-shape", action="append", default=[], metavar="SHAPE[:DTYPE]")
     f.add_argument("--factory-args", help="JSON object of keyword arguments for the factory")
     f.add_argument("--align", choices=["weight", "activation", "none"], default="weight")
+    f.add_argument("--tol", type=float, default=None,
+                   help="weight matching stops at the first sweep shortening the squared "
+                        "distance by less than this fraction; 0: until no group changes "
+                        "(default: fxfuse.WeightMatching's, 1e-3)")
     f.add_argument("--repair", choices=["reset-bn", "repair", "none"], default="none")
     f.add_argument("--data", help="'mnist' or a .pt/.npz file of inputs (for activation "
                                   "matching and repair)")

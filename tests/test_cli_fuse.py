@@ -84,3 +84,19 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert rows["weight matching"] > rows["naive average"] + 5  # alignment matters
     assert rows["weight matching + REPAIR"] > 85
     assert (tmp_path / "f.onnx").exists() and "checked in onnxruntime" in res.stdout
+
+
+def test_fuse_tol_exact_and_bad_value(tmp_path: Path) -> None:
+    pa, pb = _checkpoints(tmp_path)
+    common = ("fuse", "models.zoo:mlp", str(pa), str(pb), "--input-shape", "2,1,28,28", "--quiet")
+    res = run(*common, "--tol", "0", "--out", str(tmp_path / "exact.pt"))
+    assert res.returncode == 0, res.stderr
+    fused = models.get("mlp").factory()
+    fused.load_state_dict(torch.load(tmp_path / "exact.pt", weights_only=True))
+    a = models.get("mlp").factory()
+    a.load_state_dict(torch.load(pa, weights_only=True))
+    x = models.get("mlp").example_inputs()[0]
+    torch.testing.assert_close(fused(x), a(x), rtol=1e-5, atol=1e-6)  # self-fusion, exact descent
+    res = run(*common, "--tol", "-1", "--out", str(tmp_path / "bad.pt"))
+    assert res.returncode == 2 and "tol" in res.stderr and "[0, 1)" in res.stderr
+    assert not (tmp_path / "bad.pt").exists()
