@@ -46,8 +46,6 @@ from ..spec import PermutationSpec, axis_index, tree_groups
 from ..trace import symbolic_trace
 from .base import FusionState, Pass, eval_mode, on_device, progress
 
-TOL = 1e-3
-
 
 @dataclass(frozen=True)
 class WeightMatching:
@@ -65,7 +63,7 @@ class WeightMatching:
     max_iter: int = 100
     seed: int = 0
     merge_many_rounds: int = 20
-    tol: float = TOL
+    tol: float = 1e-3
 
     def __post_init__(self) -> None:
         if not (isinstance(self.tol, (int, float)) and 0 <= self.tol < 1):
@@ -217,7 +215,7 @@ class _WeightMatcher:
             assert cost is not None
             return cost
 
-        def finish(name: str) -> float:  # apply a solved assignment if it improves the matching
+        def finish(name: str) -> None:  # apply a solved assignment if it improves the matching
             future, cost = in_flight.pop(name)
             new = future.result().to(self.device)
             idx = torch.arange(self.sizes[name], device=self.device)
@@ -226,8 +224,7 @@ class _WeightMatcher:
             if new_score > old_score + 1e-12 * max(1.0, abs(old_score)):
                 perms[name] = new
                 version[name] += 1
-                return new_score - old_score  # = the increase of sum_t <A_t, P(B_t)>
-            return 0.0
+                gains.append(new_score - old_score)  # = the increase of sum_t <A_t, P(B_t)>
 
         # Assignments are solved in worker threads (scipy releases the GIL) while the next costs
         # are computed.  A group waits for every in-flight neighbour first, so the groups in flight
@@ -236,39 +233,32 @@ class _WeightMatcher:
         distance2 = self._distance2(ref, other, perms) if tol > 0 else 0.0
         with ThreadPoolExecutor(max_workers=_LAP_WORKERS) as pool:
             for _ in progress(range(max_iter), "weight matching sweeps", show):
-                gain, changed = 0.0, False
+                gains: list[float] = []  # accepted steps of this sweep
                 rng.shuffle(names)
                 for name in names:
                     for busy in [b for b in in_flight if b in self.neighbours[name]]:
-                        step = finish(busy)
-                        gain, changed = gain + step, changed or step > 0
+                        finish(busy)
                     stamp = tuple(version[d] for d in self.deps[name])
                     if solved_at.get(name) == stamp:
                         continue
                     solved_at[name] = stamp
                     cost = group_cost(name)
                     if len(in_flight) >= _LAP_WORKERS:
-                        step = finish(next(iter(in_flight)))
-                        gain, changed = gain + step, changed or step > 0
+                        finish(next(iter(in_flight)))
                     in_flight[name] = (pool.submit(_lap, cost), cost)
                 for busy in list(in_flight):
-                    step = finish(busy)
-                    gain, changed = gain + step, changed or step > 0
-                if not changed or 2 * gain <= tol * distance2:
+                    finish(busy)
+                if not gains or 2 * sum(gains) <= tol * distance2:
                     break
-                distance2 -= 2 * gain
+                distance2 -= 2 * sum(gains)
         return perms
 
     def _distance2(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
                    perms: dict[str, torch.Tensor]) -> float:
         """``sum_t ||A_t - P(B_t)||^2`` over the tensors the matching reads."""
-        total = 0.0
-        for key in {key for ms in self.members.values() for key, _, _ in ms}:
-            b = other[key]
-            for ax in self.trees[key]:
-                b = b.index_select(ax, self._index(key, ax, perms))
-            total += float((ref[key].double() - b.double()).square().sum())
-        return total
+        moved = apply_perms(other, self.spec, perms)
+        return sum(float((ref[key].double() - moved[key].double()).square().sum())
+                   for key in {key for ms in self.members.values() for key, _, _ in ms})
 
 
 _LAP_WORKERS = 2
