@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import fxfuse  # noqa: E402
+from benchmarks._report import RESULTS_PATH, write_section  # noqa: E402
 from fxfuse.data import batches, load_mnist  # noqa: E402
 from models.train import evaluate, train_classifier  # noqa: E402
 from models.zoo import mlp_classifier  # noqa: E402
@@ -70,14 +71,8 @@ def main() -> None:
         "Published permute-only -> REPAIR: 80.8 -> 95.9 at width 128.", "",
         "| model | test acc % | test loss | fuse time |", "|---|---:|---:|---:|", *rows, "", END])
     if args.write:
-        path = ROOT / "benchmarks" / "RESULTS.md"
-        text = path.read_text()
-        if BEGIN in text:
-            text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        path.write_text(text)
-        print(f"wrote {path}")
+        write_section(section, BEGIN, END)
+        print(f"wrote {RESULTS_PATH}")
 
 
 if __name__ == "__main__":

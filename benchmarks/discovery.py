@@ -51,16 +51,11 @@ import torch  # noqa: E402
 
 import fxfuse  # noqa: E402
 import models  # noqa: E402
+from benchmarks._report import RESULTS_PATH, cpu_name, write_section  # noqa: E402
 
-RESULTS_PATH = REPO_ROOT / "benchmarks" / "RESULTS.md"
 BEGIN = "<!-- discovery:begin -->"
 END = "<!-- discovery:end -->"
 COMMAND = "python benchmarks/discovery.py --write"
-RESULTS_HEADER = (
-    "# fxfuse benchmark results\n\n"
-    "Every figure in this file is produced by the command named in its section; "
-    "re-run that command to refresh the section (do not edit the numbers by hand).\n"
-)
 
 REPEATS_SMALL = 5
 REPEATS_LARGE = 3
@@ -255,14 +250,6 @@ def verdicts(rows: list[Row]) -> list[str]:
     return out
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def render_section(rows: list[Row], args: argparse.Namespace, tp: ModuleType | None) -> str:
     tp_version = "not installed"
     if tp is not None:
@@ -312,16 +299,6 @@ def render_section(rows: list[Row], args: argparse.Namespace, tp: ModuleType | N
     return "\n".join(parts) + "\n"
 
 
-def write_section(section: str, path: Path = RESULTS_PATH) -> None:
-    text = path.read_text() if path.exists() else RESULTS_HEADER
-    begin, end = text.find(BEGIN), text.find(END)
-    if begin != -1 and end > begin:
-        text = text[:begin] + section + text[end + len(END) :].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 # -- entry point --------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -364,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render_section(rows, args, tp)
     print(section)
     if args.write:
-        write_section(section)
+        write_section(section, BEGIN, END)
         print(f"wrote {RESULTS_PATH.relative_to(REPO_ROOT)}", file=sys.stderr)
     return 0
 

@@ -31,14 +31,11 @@ RESULTS.md section are written (with ``--write``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
-import importlib.metadata
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -59,22 +56,25 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fxfuse  # noqa: E402
+from benchmarks._report import (  # noqa: E402
+    RESULTS_PATH,
+    cpu_name,
+    fxfuse_revision,
+    load_average,
+    revision_note,
+    version_of,
+    write_section,
+)
 from fxfuse.data import batches, load_mnist  # noqa: E402
 from fxfuse.fuse import Align, RepairConfig, default_passes  # noqa: E402
 from fxfuse.passes import FusionState, Pass  # noqa: E402
 from models.train import evaluate, train_classifier  # noqa: E402
 from models.zoo import mlp_classifier  # noqa: E402
 
-RESULTS_PATH = REPO_ROOT / "benchmarks" / "RESULTS.md"
 PLOT_PATH = REPO_ROOT / "benchmarks" / "mnist_mlp_interpolation.png"
 BEGIN = "<!-- fusion:begin -->"
 END = "<!-- fusion:end -->"
 COMMAND = "python benchmarks/fusion_mnist.py --write"
-RESULTS_HEADER = (
-    "# fxfuse benchmark results\n\n"
-    "Every figure in this file is produced by the command named in its section; "
-    "re-run that command to refresh the section (do not edit the numbers by hand).\n"
-)
 
 NUM_THREADS = 2
 ALPHAS = [i / 10 for i in range(11)]
@@ -633,51 +633,6 @@ def ctx_budget(ctx: Context, cfg: TrainConfig) -> str:
     return cfg.budget()
 
 
-def fxfuse_revision() -> str:
-    """The repository commit the run used, marked when fxfuse/ or models/ had local changes."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxfuse", "models"],
-                               cwd=REPO_ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if not rev:
-        return "unknown"
-    return f"{rev} (with uncommitted changes in fxfuse/ or models/)" if dirty else rev
-
-
-def revision_note(start: str) -> str:
-    """``start`` (the revision when the run began, whose code was imported), noting a change of
-    HEAD or of local changes while the run went on (others may commit in the same checkout)."""
-    end = fxfuse_revision()
-    return start if end == start else f"{start} (HEAD moved to {end} during the run)"
-
-
-def load_average() -> str:
-    """The 1-minute load average (other processes share the 2 cores), or "n/a"."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "n/a"
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def version_of(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def render_training(ctx: Context) -> list[str]:
     lines = ["Training (every model, in this run):", "",
              "| model | seed | budget | test acc % | test loss | train time |",
@@ -723,17 +678,6 @@ def render_section(ctx: Context, body: list[str], times: dict[str, float], total
         *body,
     ]
     return "\n".join(parts).rstrip("\n") + "\n" + END + "\n"
-
-
-def write_section(section: str, path: Path = RESULTS_PATH) -> None:
-    text = path.read_text() if path.exists() else RESULTS_HEADER
-    begin, end = text.find(BEGIN), text.find(END)
-    if begin != -1 and end > begin:
-        rest = text[end + len(END):].lstrip("\n")
-        text = text[:begin] + section + ("\n" + rest if rest else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -825,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
                              revision)
     print(section)
     if args.write:
-        write_section(section)
+        write_section(section, BEGIN, END)
         print(f"wrote {RESULTS_PATH.relative_to(REPO_ROOT)} and "
               f"{PLOT_PATH.relative_to(REPO_ROOT)}", file=sys.stderr)
     return 0

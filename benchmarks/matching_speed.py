@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import importlib.metadata
 import json
 import os
 import platform
@@ -55,20 +54,23 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fxfuse  # noqa: E402
+from benchmarks._report import (  # noqa: E402
+    RESULTS_PATH,
+    cpu_name,
+    fxfuse_revision,
+    load_average,
+    revision_note,
+    version_of,
+    write_section,
+)
 from fxfuse.fuse import default_passes  # noqa: E402
 from fxfuse.passes import FusionReport, FusionState, Pass  # noqa: E402
 from fxfuse.passes import align as align_module  # noqa: E402
 from models.zoo import resnet50  # noqa: E402
 
-RESULTS_PATH = REPO_ROOT / "benchmarks" / "RESULTS.md"
 BEGIN = "<!-- matching-speed:begin -->"
 END = "<!-- matching-speed:end -->"
 COMMAND = "python benchmarks/matching_speed.py --write"
-RESULTS_HEADER = (
-    "# fxfuse benchmark results\n\n"
-    "Every figure in this file is produced by the command named in its section; "
-    "re-run that command to refresh the section (do not edit the numbers by hand).\n"
-)
 
 NUM_THREADS = 2
 SEEDS = (0, 1)
@@ -106,51 +108,6 @@ def fmt_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return f"{seconds:.2f} s" if seconds >= 1.0 else f"{seconds * 1e3:.0f} ms"
-
-
-def fxfuse_revision() -> str:
-    """The repository commit the run used, marked when fxfuse/ or models/ had local changes."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxfuse", "models"],
-                               cwd=REPO_ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if not rev:
-        return "unknown"
-    return f"{rev} (with uncommitted changes in fxfuse/ or models/)" if dirty else rev
-
-
-def revision_note(start: str) -> str:
-    """``start`` (the revision when the run began, whose code was imported), noting a change of
-    HEAD or of local changes while the run went on (others may commit in the same checkout)."""
-    end = fxfuse_revision()
-    return start if end == start else f"{start} (HEAD moved to {end} during the run)"
-
-
-def load_average() -> str:
-    """The 1-minute load average (other processes share the 2 cores), or "n/a"."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "n/a"
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def version_of(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 # -- fxfuse -------------------------------------------------------------------------------------
@@ -433,17 +390,6 @@ def render_section(fx_runs: list[FxRun], exact: FxRun | None, rb: RebasinRun,
     return "\n".join(parts) + "\n"
 
 
-def write_section(section: str, path: Path = RESULTS_PATH) -> None:
-    text = path.read_text() if path.exists() else RESULTS_HEADER
-    begin, end = text.find(BEGIN), text.find(END)
-    if begin != -1 and end > begin:
-        rest = text[end + len(END):].lstrip("\n")
-        text = text[:begin] + section + ("\n" + rest if rest else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 # -- entry point --------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -498,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                              diag, args, time.perf_counter() - start)
     print(section)
     if args.write:
-        write_section(section)
+        write_section(section, BEGIN, END)
         print(f"wrote {RESULTS_PATH.relative_to(REPO_ROOT)}", file=sys.stderr)
     return 0
 

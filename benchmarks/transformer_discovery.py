@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 import fxfuse  # noqa: E402
 import models  # noqa: E402
+from benchmarks._report import RESULTS_PATH, write_section  # noqa: E402
 from models.transformer import LlamaLM  # noqa: E402
 
 BEGIN, END = "<!-- transformer-discovery:begin -->", "<!-- transformer-discovery:end -->"
@@ -95,14 +96,8 @@ def main() -> None:
         "", "| model | tracer | find_groups | groups | head groups | cuts |",
         "|---|---|---:|---:|---:|---:|", *rows, "", note, END])
     if args.write:
-        path = ROOT / "benchmarks" / "RESULTS.md"
-        text = path.read_text() if path.exists() else "# fxfuse benchmark results\n"
-        if BEGIN in text:
-            text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        path.write_text(text)
-        print(f"wrote {path}")
+        write_section(section, BEGIN, END)
+        print(f"wrote {RESULTS_PATH}")
 
 
 if __name__ == "__main__":
