@@ -11,20 +11,33 @@ from ._utils import build
 
 
 class MLP(nn.Module):
-    """Flatten -> [Linear -> ReLU] * len(hidden) -> Linear."""
+    """Flatten -> [Linear -> (BatchNorm1d | LayerNorm)? -> ReLU] * len(hidden) -> Linear.
+
+    ``norm``: None (default), ``"bn"`` or ``"ln"``, between each hidden Linear and its ReLU.
+    """
 
     def __init__(
         self,
         in_features: int = 784,
         hidden: Sequence[int] = (64, 64),
         num_classes: int = 10,
+        norm: str | None = None,
     ) -> None:
         super().__init__()
+        if norm not in (None, "bn", "ln"):
+            raise ValueError(f"unknown norm {norm!r}; expected None, 'bn' or 'ln'")
+        if not hidden or any(int(w) <= 0 for w in hidden):
+            raise ValueError(f"widths must be a non-empty sequence of positive ints, got {hidden!r}")
         self.flatten = nn.Flatten()
         layers: list[nn.Module] = []
         prev = in_features
         for h in hidden:
-            layers += [nn.Linear(prev, h), nn.ReLU()]
+            layers.append(nn.Linear(prev, h))
+            if norm == "bn":
+                layers.append(nn.BatchNorm1d(h))
+            elif norm == "ln":
+                layers.append(nn.LayerNorm(h))
+            layers.append(nn.ReLU())
             prev = h
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(prev, num_classes)
@@ -45,56 +58,17 @@ def mlp(
     return build(lambda: MLP(in_features, tuple(hidden), num_classes), seed)
 
 
-class NormMLP(nn.Module):
-    """Flatten -> [Linear -> (BatchNorm1d | LayerNorm)? -> ReLU] * len(widths) -> Linear.
-
-    Same attribute layout as :class:`MLP` (``flatten``, ``features``, ``head``); the
-    optional norm sits between each hidden Linear and its ReLU.
-    """
-
-    def __init__(
-        self,
-        widths: Sequence[int] = (512, 512, 512),
-        in_dim: int = 784,
-        num_classes: int = 10,
-        norm: str | None = None,
-    ) -> None:
-        super().__init__()
-        if norm not in (None, "bn", "ln"):
-            raise ValueError(f"unknown norm {norm!r}; expected None, 'bn' or 'ln'")
-        if not widths or any(int(w) <= 0 for w in widths):
-            raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths!r}")
-        self.flatten = nn.Flatten()
-        layers: list[nn.Module] = []
-        prev = in_dim
-        for w in widths:
-            layers.append(nn.Linear(prev, w))
-            if norm == "bn":
-                layers.append(nn.BatchNorm1d(w))
-            elif norm == "ln":
-                layers.append(nn.LayerNorm(w))
-            layers.append(nn.ReLU())
-            prev = w
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(prev, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.flatten(x)
-        x = self.features(x)
-        return self.head(x)
-
-
 def mlp_classifier(
     widths: Sequence[int] = (512, 512, 512),
     in_dim: int = 784,
     num_classes: int = 10,
     norm: str | None = None,
     seed: int | None = 0,
-) -> NormMLP:
+) -> MLP:
     """Trainable MLP ``in_dim -> *widths -> num_classes`` (ReLU), optional ``"bn"``/``"ln"`` norm.
 
     Default 784-512-512-512-10 for (N, 1, 28, 28) MNIST inputs; used by the training
     recipes in :mod:`models.train`. Built like every zoo factory (seeded, eval mode).
     """
     widths = tuple(int(w) for w in widths)
-    return build(lambda: NormMLP(widths, in_dim, num_classes, norm), seed)
+    return build(lambda: MLP(in_dim, widths, num_classes, norm), seed)
