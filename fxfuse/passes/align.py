@@ -44,7 +44,7 @@ from ..errors import InputError, PipelineError
 from ..permute import apply_perms
 from ..spec import PermutationSpec, axis_index, tree_groups
 from ..trace import symbolic_trace
-from .base import FusionState, Pass, eval_mode, on_device, progress
+from .base import FusionState, Pass, batch_inputs, eval_mode, limited, on_device, progress
 
 
 @dataclass(frozen=True)
@@ -340,27 +340,6 @@ class _Capture(fx.Interpreter):
         if n.name in self.wanted and isinstance(out, torch.Tensor) and out.is_floating_point():
             self.seen[n.name] = out
         return out
-
-
-def batch_inputs(batch: Any, device: torch.device) -> tuple[Any, ...]:
-    """The model inputs of one data batch: ``x`` or the first element of ``(x, y)``."""
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"a data batch must be a tensor x or a tuple (x, y), got "
-                         f"{type(batch).__name__}")
-    return (x.to(device),)
-
-
-def limited(data: Iterable[Any], max_batches: int | None) -> list[Any]:
-    out = []
-    for i, b in enumerate(data):
-        if max_batches is not None and i >= max_batches:
-            break
-        out.append(b)
-    if not out:
-        raise InputError("the data given for this pass is empty: pass an iterable of batches "
-                         "(a DataLoader, or a list of x or (x, y) tensors)")
-    return out
 
 
 class AlignActivations(Pass):

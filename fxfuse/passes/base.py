@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..errors import FxFuseError, PipelineError
+from ..errors import FxFuseError, InputError, PipelineError
 from ..spec import PermutationSpec
 
 T = TypeVar("T")
@@ -170,3 +170,24 @@ def progress(items: Iterable[T], label: str, enabled: bool, total: int | None = 
         if i:
             sys.stderr.write("\n" if tty else line(i) + "\n")
             sys.stderr.flush()
+
+
+def batch_inputs(batch: Any, device: torch.device) -> tuple[Any, ...]:
+    """The model inputs of one data batch: ``x`` or the first element of ``(x, y)``."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"a data batch must be a tensor x or a tuple (x, y), got "
+                         f"{type(batch).__name__}")
+    return (x.to(device),)
+
+
+def limited(data: Iterable[Any], max_batches: int | None) -> list[Any]:
+    out = []
+    for i, b in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            break
+        out.append(b)
+    if not out:
+        raise InputError("the data given for this pass is empty: pass an iterable of batches "
+                         "(a DataLoader, or a list of x or (x, y) tensors)")
+    return out

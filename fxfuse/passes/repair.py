@@ -31,8 +31,7 @@ from torch import nn
 
 from ..errors import PipelineError, TraceError
 from ..trace import symbolic_trace
-from .align import batch_inputs, limited
-from .base import FusionState, Pass, eval_mode, progress
+from .base import FusionState, Pass, batch_inputs, eval_mode, limited, progress
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
