@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import itertools
 import logging
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import ExportError, InputError
+from .passes.base import eval_mode, model_device
 from .permute import rel_diff
+from .trace import as_input_tuple
 
 __all__ = ["SUPPORTED_SUFFIXES", "ExportReport", "export"]
 
@@ -130,7 +131,7 @@ def export(
     if fmt == "onnx":
         for name in ("onnx", "onnxscript", *(("onnxruntime",) if check else ())):
             _require(name)
-        inputs = _input_tuple(example_inputs, _device(model))
+        inputs = _input_tuple(example_inputs, model_device(model))
         exporter, max_rel = _export_onnx(model, inputs, target, check, tolerance, opset)
     elif fmt == "pt":
         exporter, max_rel = "torch.save", _export_pt(model, target, check, tolerance)
@@ -160,23 +161,9 @@ def _require(module: str) -> Any:
         ) from exc
 
 
-def _device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a stateless model)."""
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 def _input_tuple(example_inputs: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
     """A tensor or a non-empty tuple/list of tensors -> a tuple of tensors on ``device``."""
-    if isinstance(example_inputs, torch.Tensor):
-        items: Sequence[Any] = (example_inputs,)
-    elif isinstance(example_inputs, (tuple, list)) and example_inputs:
-        items = example_inputs
-    else:
-        raise InputError(
-            "example_inputs must be a tensor or a non-empty tuple of tensors, got "
-            f"{type(example_inputs).__name__}"
-        )
+    items = as_input_tuple(example_inputs)
     for i, item in enumerate(items):
         if not isinstance(item, torch.Tensor):
             raise InputError(
@@ -184,18 +171,6 @@ def _input_tuple(example_inputs: Any, device: torch.device) -> tuple[torch.Tenso
                 "a tensor"
             )
     return tuple(t.detach().to(device) for t in items)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode, then restore every submodule's own training flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 @contextlib.contextmanager
@@ -287,7 +262,7 @@ def _export_onnx(
 ) -> tuple[str, float | None]:
     """Export (dynamo, else legacy) into a staged file, check it, publish it."""
     input_names = [f"input_{i}" for i in range(len(inputs))]
-    with _eval_mode(model), _staged(target) as staged, _quiet_exporter():
+    with eval_mode(model, no_grad=False), _staged(target) as staged, _quiet_exporter():
         exporter = _run_onnx_exporters(model, inputs, staged, opset, input_names)
         max_rel: float | None = None
         if check:

@@ -14,6 +14,8 @@ pass name prepended).  Users add their own pass by subclassing :class:`Pass` and
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -112,9 +114,9 @@ class Pipeline:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    for t in [*model.parameters(), *model.buffers()]:
-        return t.device
-    return torch.device("cpu")
+    """The device of the model's first parameter or buffer (CPU for a stateless model)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:
@@ -128,13 +130,14 @@ def on_device(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 @contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for the duration; every module's training flag is restored."""
+def eval_mode(*models: nn.Module, no_grad: bool = True) -> Iterator[None]:
+    """Eval mode (and no grad unless ``no_grad=False``) for the duration; every module's
+    training flag is restored."""
     modes = [(m, m.training) for model in models for m in model.modules()]
     for model in models:
         model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
             yield
     finally:
         for m, mode in modes:
