@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import InputError, VerificationError
 from .spec import PermutationSpec, axis_index, check_perms
-from .trace import as_input_tuple
+from .trace import as_input_tuple, eval_mode
 
 
 def apply_perms(
@@ -65,14 +65,8 @@ class VerifyResult:
 
 
 def _run(model: nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(*inputs)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model):
+        out = model(*inputs)
     leaves, _ = tree_flatten(out)
     return [x for x in leaves if isinstance(x, torch.Tensor)]
 

@@ -9,9 +9,10 @@ classes) are kept as leaves; everything else is traced through, so a weight-tied
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,19 +76,28 @@ def symbolic_trace(model: nn.Module, stack_traces: bool = True) -> fx.GraphModul
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module, no_grad: bool = True) -> Iterator[None]:
+    """Eval mode (and no grad unless ``no_grad=False``) for the duration; every module's
+    training flag is restored."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def export_trace(model: nn.Module, inputs: Sequence[Any]) -> tuple[fx.GraphModule, dict[str, str]]:
     """``torch.export`` (ATen-level graph, shapes from its fake tensors) for models symbolic
     tracing can not handle.  Returns the graph module and, for every placeholder that is a
     parameter/buffer/constant, the name it has in the model (``state_dict`` key)."""
     try:
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            with torch.no_grad():
-                ep = torch.export.export(model, tuple(inputs), strict=False)
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        with eval_mode(model):
+            ep = torch.export.export(model, tuple(inputs), strict=False)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise TraceError(
@@ -191,10 +201,8 @@ def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     of ``SHAPE_PRESERVING`` modules, which pass their input on: discovery needs shapes, not
     values.
     """
-    modes = [(m, m.training) for m in gm.modules()]
-    gm.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(gm):
             _Recorder(gm).run(*inputs)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
@@ -202,9 +210,6 @@ def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
             f"running the traced model on the example inputs failed: {type(exc).__name__}: "
             f"{first}. Check the number, shapes and dtypes of example_inputs."
         ) from exc
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def source_line(node: fx.Node) -> str | None:

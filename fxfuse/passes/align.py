@@ -43,8 +43,8 @@ from ..coords import as_rows, group_rows
 from ..errors import InputError, PipelineError
 from ..permute import apply_perms
 from ..spec import PermutationSpec, axis_index, tree_groups
-from ..trace import symbolic_trace
-from .base import FusionState, Pass, batch_inputs, eval_mode, limited, on_device, progress
+from ..trace import eval_mode, symbolic_trace
+from .base import FusionState, Pass, batch_inputs, limited, on_device, progress
 
 
 @dataclass(frozen=True)

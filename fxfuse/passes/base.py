@@ -14,12 +14,10 @@ pass name prepended).  Users add their own pass by subclassing :class:`Pass` and
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -127,21 +125,6 @@ def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     import copy
 
     return copy.deepcopy(model).to(device)
-
-
-@contextmanager
-def eval_mode(*models: nn.Module, no_grad: bool = True) -> Iterator[None]:
-    """Eval mode (and no grad unless ``no_grad=False``) for the duration; every module's
-    training flag is restored."""
-    modes = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        with torch.no_grad() if no_grad else contextlib.nullcontext():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def progress(items: Iterable[T], label: str, enabled: bool, total: int | None = None) -> Iterator[T]:

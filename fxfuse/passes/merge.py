@@ -15,7 +15,8 @@ import torch
 
 from ..errors import PipelineError, VerificationError
 from ..permute import rel_diff
-from .base import FusionState, Pass, eval_mode
+from ..trace import eval_mode
+from .base import FusionState, Pass
 
 
 class MergeWeights(Pass):

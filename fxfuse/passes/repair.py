@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ..errors import PipelineError, TraceError
-from ..trace import symbolic_trace
-from .base import FusionState, Pass, batch_inputs, eval_mode, limited, progress
+from ..trace import eval_mode, symbolic_trace
+from .base import FusionState, Pass, batch_inputs, limited, progress
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
