@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -111,17 +110,14 @@ def load_weights(model: nn.Module, path: str) -> None:
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: no partial files."""
+    """Write through a temporary folder next to ``path``, then rename: no partial files (the
+    exporter's staging, :func:`fxfuse.exporter.staged_file`)."""
+    from .exporter import publish, staged_file
+
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with staged_file(target) as staged:
+        write(str(staged))
+        publish(staged, target)
 
 
 def write_graph(graph: Any, path: str) -> None:

@@ -185,11 +185,11 @@ def _mha_fastpath_disabled() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _staged(target: Path) -> Iterator[Path]:
+def staged_file(target: Path) -> Iterator[Path]:
     """Yield a path named like ``target`` inside a fresh temporary folder next to it.
 
     The temporary folder (and whatever is still in it) is removed on exit, whatever happens;
-    :func:`_publish` moves the finished file into place first.
+    :func:`publish` moves the finished file into place first.
     """
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -198,7 +198,7 @@ def _staged(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _publish(staged: Path, target: Path) -> None:
+def publish(staged: Path, target: Path) -> None:
     """Move ``staged`` to ``target`` with :func:`os.replace`.
 
     Companion files the exporter wrote next to it (ONNX external data, only for models over the
@@ -262,14 +262,14 @@ def _export_onnx(
 ) -> tuple[str, float | None]:
     """Export (dynamo, else legacy) into a staged file, check it, publish it."""
     input_names = [f"input_{i}" for i in range(len(inputs))]
-    with eval_mode(model, no_grad=False), _staged(target) as staged, _quiet_exporter():
+    with eval_mode(model, no_grad=False), staged_file(target) as staged, _quiet_exporter():
         exporter = _run_onnx_exporters(model, inputs, staged, opset, input_names)
         max_rel: float | None = None
         if check:
             with torch.no_grad():
                 reference = _tensor_leaves(model(*inputs))
             max_rel = _check_onnx(staged, inputs, input_names, reference, tolerance, exporter)
-        _publish(staged, target)
+        publish(staged, target)
     return exporter, max_rel
 
 
@@ -424,7 +424,7 @@ def _compare_state(
 def _export_pt(model: nn.Module, target: Path, check: bool, tolerance: float) -> float | None:
     """``torch.save(model.state_dict())`` into a staged file, reload-check, publish."""
     state = model.state_dict()
-    with _staged(target) as staged:
+    with staged_file(target) as staged:
         try:
             torch.save(state, staged)
         except Exception as exc:
@@ -434,7 +434,7 @@ def _export_pt(model: nn.Module, target: Path, check: bool, tolerance: float) ->
             # The file was written just now by this process, so a full unpickle is safe.
             loaded = torch.load(staged, map_location="cpu", weights_only=False)
             max_rel = _compare_state(state, loaded, "pt", tolerance)
-        _publish(staged, target)
+        publish(staged, target)
     return max_rel
 
 
@@ -483,7 +483,7 @@ def _export_safetensors(
     """``safetensors.torch.save_file`` into a staged file, reload-check, publish."""
     st = _require("safetensors.torch")
     tensors = _safetensors_state(model)
-    with _staged(target) as staged:
+    with staged_file(target) as staged:
         try:
             st.save_file(tensors, str(staged), metadata={"format": "pt"})
         except Exception as exc:
@@ -492,5 +492,5 @@ def _export_safetensors(
         if check:
             loaded = st.load_file(str(staged), device="cpu")
             max_rel = _compare_state(tensors, loaded, "safetensors", tolerance)
-        _publish(staged, target)
+        publish(staged, target)
     return max_rel
