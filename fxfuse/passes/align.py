@@ -34,11 +34,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.fx as fx
-from scipy.optimize import linear_sum_assignment
 
+from ..assignment import WarmAssignment, max_assignment
 from ..coords import as_rows, group_rows
 from ..errors import InputError, PipelineError
 from ..permute import apply_perms
@@ -81,17 +80,6 @@ class ActivationMatching:
 
     data: Iterable[Any] = field(repr=False, default=())
     max_batches: int | None = None
-
-
-def _lap(cost: torch.Tensor) -> torch.Tensor:
-    """Maximum-weight assignment.  The cost is double-centred first (row and column means
-    subtracted, the grand mean added back): every assignment's total shifts by the same
-    constant, so the optimum is unchanged, and the near rank-1 costs of wide layers stop slowing
-    the solver down (2048 x 2048: 8.4 s -> 1.4 s measured)."""
-    c = cost.detach().double()
-    c = c - c.mean(1, keepdim=True) - c.mean(0, keepdim=True) + c.mean()
-    _, cols = linear_sum_assignment(c.cpu().numpy(), maximize=True)
-    return torch.as_tensor(np.asarray(cols), dtype=torch.long)
 
 
 def _identity(spec: PermutationSpec, device: torch.device) -> dict[str, torch.Tensor]:
@@ -230,6 +218,7 @@ class _WeightMatcher:
         # are computed.  A group waits for every in-flight neighbour first, so the groups in flight
         # never share a tensor: their steps commute, and the result is the sequential sweep's.
         in_flight: dict[str, tuple[Future[torch.Tensor], torch.Tensor]] = {}
+        assign = WarmAssignment()  # each group's solve starts from the duals of its last one
         distance2 = self._distance2(ref, other, perms) if tol > 0 else 0.0
         with ThreadPoolExecutor(max_workers=_LAP_WORKERS) as pool:
             for _ in progress(range(max_iter), "weight matching sweeps", show):
@@ -245,7 +234,7 @@ class _WeightMatcher:
                     cost = group_cost(name)
                     if len(in_flight) >= _LAP_WORKERS:
                         finish(next(iter(in_flight)))
-                    in_flight[name] = (pool.submit(_lap, cost), cost)
+                    in_flight[name] = (pool.submit(assign.solve, name, cost), cost)
                 for busy in list(in_flight):
                     finish(busy)
                 if not gains or 2 * sum(gains) <= tol * distance2:
@@ -411,5 +400,5 @@ class AlignActivations(Pass):
             c = (sab / m - mean_a[:, None] * mean_b[None, :]) / (std_a[:, None] * std_b[None, :])
             corr[g] = corr[g] + c if g in corr else c
         for g, c in corr.items():
-            out[g] = _lap(c).to(device)
+            out[g] = max_assignment(c).to(device)
         return out
