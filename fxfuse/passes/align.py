@@ -16,7 +16,8 @@ Each step is a linear assignment (``scipy.optimize.linear_sum_assignment``); swe
 random order until no group changes, or (``WeightMatching.tol``) until a sweep shortens the
 squared distance ``sum_t ||A_t - P(B_t)||^2`` by less than ``tol`` of its value.  The cost is
 computed with torch on the models' device; only the ``|g| x |g|`` matrix goes to the host for the
-solver, which runs in worker threads (scipy releases the GIL) while the next costs are computed.
+solver, which runs in worker threads (scipy releases the GIL) while the next costs are computed,
+each solve of a group warm-started from the duals of its last one (:mod:`fxfuse.assignment`).
 
 **N models**: every model is first matched to model 0, then MergeMany rounds re-match each model to
 the mean of the others (all in the common basis) until no permutation changes.
