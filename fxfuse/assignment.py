@@ -14,7 +14,10 @@ built from near-optimal duals each row finds its column after a few steps instea
 
 * Cold start: the cost is double-centred (row and column means removed, which makes the near rank-1
   costs of wide layers easy), then row- and column-reduced (``u_i = min_j c_ij``, ``v_j = min_i
-  (c_ij - u_i)``: the first step of Jonker-Volgenant).
+  (c_ij - u_i)``: the first step of Jonker-Volgenant); from :data:`AUCTION_MIN_SIZE` on, the column
+  duals are instead the prices of 50 rounds of a vectorised auction (Bertsekas) with ``eps`` = 0.1
+  of the cost's spread (ResNet-50's first 2048 x 2048 solve: 1.5 s -> 0.2 s auction + 0.5 s scipy;
+  at 256 the auction's rounds cost more than they save).
 * Warm start: ``v`` = the previous solve's column duals, ``u_i = min_j (c_ij - v_j)``.
 * The duals of a solved problem (``c``, optimal ``s``) are found when the next solve needs them:
   ``v`` is a fixed point of ``v_j <- min(v_j, min_i v_s(i) + c_ij - c_i,s(i))`` (shortest paths over
@@ -34,6 +37,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 WARM_MIN_SIZE = 256
+AUCTION_MIN_SIZE = 1024
 
 
 def max_assignment(cost: torch.Tensor) -> torch.Tensor:
@@ -65,6 +69,9 @@ class WarmAssignment:
         last = self._last.get(key)
         if last is not None and last[0].shape == c.shape:
             v = improve_duals(*last, rounds=self.rounds)
+            u = (c - v[None, :]).min(1).values
+        elif c.shape[0] >= AUCTION_MIN_SIZE:
+            v = -auction_prices(-c, 0.1 * float(c.std()), 50)
             u = (c - v[None, :]).min(1).values
         else:
             u = c.min(1).values
@@ -98,6 +105,36 @@ def improve_duals(c: torch.Tensor, cols: torch.Tensor, v: torch.Tensor, slack: t
         v = torch.where(drop, cand, v)
         active = owner[drop]
     return v
+
+
+def auction_prices(benefit: torch.Tensor, eps: float, rounds: int) -> torch.Tensor:
+    """Object prices after ``rounds`` of a Jacobi auction (Bertsekas) for ``max sum benefit``:
+    every unassigned person bids for its best object ``j`` (value ``benefit_ij - p_j``) the price
+    that makes it indifferent to its second best, plus ``eps``; each object goes to its highest
+    bidder, whose bid becomes its price.  ``-prices`` are column duals of the minimisation form."""
+    n = benefit.shape[0]
+    prices = torch.zeros(n, dtype=benefit.dtype)
+    owner = torch.full((n,), -1, dtype=torch.long)  # object -> person
+    holds = torch.full((n,), -1, dtype=torch.long)  # person -> object
+    for _ in range(rounds):
+        free = (holds < 0).nonzero().squeeze(1)
+        if not len(free) or n < 2:
+            break
+        top = (benefit[free] - prices[None, :]).topk(2, dim=1)
+        want = top.indices[:, 0]
+        bid = prices[want] + top.values[:, 0] - top.values[:, 1] + eps
+        best = torch.full((n,), -torch.inf, dtype=benefit.dtype).scatter_reduce(
+            0, want, bid, "amax")
+        won = bid >= best[want]
+        winner = torch.full((n,), -1, dtype=torch.long).scatter_reduce(
+            0, want[won], free[won], "amax")  # ties: the highest-numbered bidder
+        sold = (winner >= 0).nonzero().squeeze(1)
+        before = owner[sold]
+        holds[before[before >= 0]] = -1
+        owner[sold] = winner[sold]
+        holds[winner[sold]] = sold
+        prices[sold] = best[sold]
+    return prices
 
 
 def _min_form(cost: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,13 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from fxfuse import assignment
-from fxfuse.assignment import WarmAssignment, _min_form, improve_duals, max_assignment
+from fxfuse.assignment import (
+    WarmAssignment,
+    _min_form,
+    auction_prices,
+    improve_duals,
+    max_assignment,
+)
 
 
 def _optimum(cost: torch.Tensor) -> float:
@@ -40,14 +46,20 @@ def test_max_assignment_is_optimal(n: int) -> None:
         assert _score(cost, max_assignment(cost)) == pytest.approx(_optimum(cost), rel=1e-12)
 
 
-@pytest.mark.parametrize(("n", "warm_from"), [(300, None), (20, 1)])
+@pytest.mark.parametrize(("n", "warm_from", "auction_from"),
+                         [(300, None, None), (20, 1, None), (40, 1, 1)],
+                         ids=["default", "small", "auction"])
 def test_warm_solves_reach_the_cold_optimum(n: int, warm_from: int | None,
+                                            auction_from: int | None,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Any duals leave the optimum unchanged: each warm solve of a drifting sequence (one step an
     unrelated cost, one a different size under the same key) scores what scipy's cold solve does,
-    and the warm path is really taken."""
+    and the warm path is really taken; cold starts from row/column reduction or from an auction's
+    prices alike."""
     if warm_from is not None:
         monkeypatch.setattr(assignment, "WARM_MIN_SIZE", warm_from)
+    if auction_from is not None:
+        monkeypatch.setattr(assignment, "AUCTION_MIN_SIZE", auction_from)
     calls = []
     original = assignment.improve_duals
     monkeypatch.setattr(assignment, "improve_duals",
@@ -80,3 +92,20 @@ def test_improve_duals_converges_to_lp_duals() -> None:
     assert torch.allclose(warm_u, u, atol=1e-9)  # the row duals a warm start derives
     few = improve_duals(c, cols, v0, slack, rounds=1)
     assert float((c - (c[rows, cols] - few[cols])[:, None] - few[None, :]).min()) < -1e-9
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.3])
+def test_auction_prices_are_eps_optimal_duals(eps: float) -> None:
+    """Run to the end, the auction's prices are duals within ``n * eps`` of the optimum:
+    ``sum_i max_j (b_ij - p_j) + sum_j p_j`` bounds every assignment's benefit from above (weak
+    duality) and exceeds the optimum by at most ``n * eps`` (Bertsekas); cut short, they are
+    still an upper bound."""
+    b = _costs(60, 1, seed=7)[0]
+    best = _optimum(b)
+
+    def dual(p: torch.Tensor) -> float:
+        return float((b - p[None, :]).max(1).values.sum() + p.sum())
+
+    gap = dual(auction_prices(b, eps, rounds=100_000)) - best
+    assert -1e-9 <= gap <= 60 * eps
+    assert dual(auction_prices(b, eps, rounds=3)) >= best - 1e-9

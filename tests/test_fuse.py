@@ -316,13 +316,14 @@ def test_weight_matching_reaches_a_fixed_point(name: str, warm: bool,
     """tol=0: at the end, no single group's assignment improves the matching (Git Re-Basin's
     stopping rule), checked with a cost computed from scratch, so the matcher's skipping of
     unchanged groups, block caches, threaded and warm-started solves cannot hide an unfinished
-    descent.  ``warm``: every group is warm-started (these models' groups are below the size
-    where the matcher starts doing so)."""
+    descent.  ``warm``: every group is warm-started, from an auction's prices at first (these
+    models' groups are below the sizes where the matcher starts doing so)."""
     from scipy.optimize import linear_sum_assignment
 
     from fxfuse import assignment
 
     monkeypatch.setattr(assignment, "WARM_MIN_SIZE", 1 if warm else 10**9)
+    monkeypatch.setattr(assignment, "AUCTION_MIN_SIZE", 1 if warm else 10**9)
     entry = models.get(name)
     a, b = _unrelated(entry.factory, 3), _unrelated(entry.factory, 4)
     spec, perms = _aligned_perms([a, b], entry.example_inputs(), WeightMatching(tol=0.0))
