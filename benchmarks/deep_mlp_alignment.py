@@ -29,23 +29,12 @@ import torch  # noqa: E402
 import fxfuse  # noqa: E402
 from benchmarks._report import RESULTS_PATH, write_section  # noqa: E402
 from fxfuse.data import batches, load_mnist  # noqa: E402
-from fxfuse.fuse import default_passes  # noqa: E402
-from fxfuse.passes import FusionState, Pass  # noqa: E402
 from fxfuse.passes.align import _WeightMatcher  # noqa: E402
 from fxfuse.permute import apply_perms  # noqa: E402
 from models.train import evaluate, train_classifier  # noqa: E402
 from models.zoo import mlp_classifier  # noqa: E402
 
 BEGIN, END = "<!-- deep-mlp:begin -->", "<!-- deep-mlp:end -->"
-
-
-class CapturePerms(Pass):
-    """Appended to fuse's default pipeline: keeps the spec and the permutations."""
-
-    name = "capture-perms"
-
-    def call(self, state: FusionState) -> None:
-        self.spec, self.perms = state.spec, state.perms
 
 
 def distance_table(endpoints: list[torch.nn.Module], x: torch.Tensor, data: list[torch.Tensor],
@@ -57,11 +46,11 @@ def distance_table(endpoints: list[torch.nn.Module], x: torch.Tensor, data: list
     found = {}
     for name, align in [("weight matching", fxfuse.WeightMatching()),
                         ("activation matching", fxfuse.ActivationMatching(data=data))]:
-        capture = CapturePerms()
-        fxfuse.fuse(endpoints, x[:2], progress=False,
-                    passes=[*default_passes(align, None), capture])
-        found[name] = capture.perms[1]
-    spec = capture.spec
+        report = fxfuse.FusionReport()
+        fxfuse.fuse(endpoints, x[:2], align=align, progress=False, report=report)
+        assert report.spec is not None and report.perms is not None
+        found[name] = report.perms[1]
+    spec = report.spec
     params = {k for k, _ in a.named_parameters()}
     matcher = _WeightMatcher(spec, torch.device("cpu"), params)
     found["weight matching started from activation matching's permutations"] = matcher.match(

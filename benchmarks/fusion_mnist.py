@@ -13,8 +13,8 @@ figure is measured on the 10k test split.  Sub-experiments (all of them by defau
 * ``--merge-many``: five MLP 3x512 (seeds 0..4) merged at once with weight matching (MergeMany)
   vs every model aligned to model 0 and then averaged, vs every endpoint.
 
-The alignment of a pair is computed once (``fxfuse.fuse`` with a pass appended to its default
-pipeline that keeps the permutations), B is permuted once with ``fxfuse.permute``, and every
+The alignment of a pair is computed once (``fxfuse.fuse``; the permutations are read from its
+``FusionReport``), B is permuted once with ``fxfuse.permute``, and every
 interpolation point is ``fxfuse.fuse([A, aligned_B], x, align=None, repair=...,
 weights=[1 - alpha, alpha])``.  Alignment / repair data: 10 batches of 500 train images.
 
@@ -66,8 +66,7 @@ from benchmarks._report import (  # noqa: E402
     write_section,
 )
 from fxfuse.data import batches, load_mnist  # noqa: E402
-from fxfuse.fuse import Align, RepairConfig, default_passes  # noqa: E402
-from fxfuse.passes import FusionState, Pass  # noqa: E402
+from fxfuse.fuse import Align, RepairConfig  # noqa: E402
 from models.train import evaluate, train_classifier  # noqa: E402
 from models.zoo import mlp_classifier  # noqa: E402
 
@@ -187,32 +186,17 @@ def he_init(model: nn.Module, seed: int) -> None:
 
 
 # -- fusion helpers ------------------------------------------------------------------------------
-class CapturePerms(Pass):
-    """A pass appended to fuse's default pipeline: keeps the spec and the permutations."""
-
-    name = "capture-perms"
-
-    def __init__(self) -> None:
-        self.spec: fxfuse.PermutationSpec | None = None
-        self.perms: list[dict[str, torch.Tensor]] | None = None
-
-    def call(self, state: FusionState) -> None:
-        self.spec, self.perms = state.spec, state.perms
-
-
 def aligned_to_first(models: Sequence[nn.Module], example: torch.Tensor, align: Align
                      ) -> tuple[list[nn.Module], float]:
     """``models`` brought into model 0's basis by ``align`` (run once through ``fxfuse.fuse``);
     returns the permuted models and the align pass's time."""
     if align is None:
         return list(models), 0.0
-    capture = CapturePerms()
     report = fxfuse.FusionReport()
-    fxfuse.fuse(list(models), example, progress=False, report=report,
-                passes=[*default_passes(align, None), capture])
-    assert capture.spec is not None and capture.perms is not None
+    fxfuse.fuse(list(models), example, align=align, progress=False, report=report)
+    assert report.spec is not None and report.perms is not None
     seconds = sum(s for n, s in report.timings if n.startswith("align"))
-    return [fxfuse.permute(m, capture.spec, p) for m, p in zip(models, capture.perms)], seconds
+    return [fxfuse.permute(m, report.spec, p) for m, p in zip(models, report.perms)], seconds
 
 
 def interpolate(ctx: Context, a: nn.Module, b_aligned: nn.Module, alpha: float,

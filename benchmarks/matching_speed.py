@@ -63,9 +63,8 @@ from benchmarks._report import (  # noqa: E402
     version_of,
     write_section,
 )
-from fxfuse.fuse import default_passes  # noqa: E402
-from fxfuse.passes import FusionReport, FusionState, Pass  # noqa: E402
 from fxfuse.assignment import WarmAssignment  # noqa: E402
+from fxfuse.passes import FusionReport  # noqa: E402
 from models.zoo import resnet50  # noqa: E402
 
 BEGIN = "<!-- matching-speed:begin -->"
@@ -111,19 +110,6 @@ def fmt_seconds(seconds: float | None) -> str:
 
 
 # -- fxfuse -------------------------------------------------------------------------------------
-class CapturePerms(Pass):
-    """A pass appended to fuse's default pipeline: keeps the spec and the permutations."""
-
-    name = "capture-perms"
-
-    def __init__(self) -> None:
-        self.spec: fxfuse.PermutationSpec | None = None
-        self.perms: list[dict[str, torch.Tensor]] | None = None
-
-    def call(self, state: FusionState) -> None:
-        self.spec, self.perms = state.spec, state.perms
-
-
 @dataclass
 class FxRun:
     fuse_s: float
@@ -208,15 +194,14 @@ def lap_diagnosis() -> LapDiagnosis | None:
 def run_fxfuse(a: nn.Module, b: nn.Module, x: torch.Tensor,
                config: fxfuse.WeightMatching | None = None) -> FxRun:
     report = FusionReport()
-    capture = CapturePerms()
-    passes = [*default_passes(config or fxfuse.WeightMatching(), None), capture]
     gc.collect()
     with count_laps() as laps:
         start = time.perf_counter()
-        fxfuse.fuse([a, b], x, progress=False, report=report, passes=passes)
+        fxfuse.fuse([a, b], x, align=config or fxfuse.WeightMatching(), progress=False,
+                    report=report)
         elapsed = time.perf_counter() - start
-    assert capture.spec is not None and capture.perms is not None
-    aligned_b = fxfuse.permute(b, capture.spec, capture.perms[1])
+    assert report.spec is not None and report.perms is not None
+    aligned_b = fxfuse.permute(b, report.spec, report.perms[1])
     return FxRun(elapsed, list(report.timings),
                  state_distance(a.state_dict(), aligned_b.state_dict(), param_keys(a)),
                  dict(laps))
@@ -374,8 +359,7 @@ def render_section(fx_runs: list[FxRun], exact: FxRun | None, rb: RebasinRun,
         "- Method: two random-init ResNet-50s (`models.zoo.resnet50(seed=0)` and `seed=1`, "
         "1000 classes, BatchNorm statistics randomised by the zoo), example input "
         "`randn(1, 3, 224, 224)`. fxfuse: `fxfuse.fuse([a, b], x, align=WeightMatching(), "
-        "progress=False, report=report)` with a pass appended to the default pipeline that keeps "
-        "the permutations; *weight matching* is the `align-weights` entry of `report.timings`, "
+        "progress=False, report=report)`, the permutations read from `report.perms`; *weight matching* is the `align-weights` entry of `report.timings`, "
         "*set-up* the `discover` entry (tracing + group discovery), *whole call* includes merge "
         f"and verify; {runs}. rebasin: in a child process with the same thread settings, "
         "*set-up* = `PermutationCoordinateDescent(a, b, input_data_b=x)`, *weight matching* = "

@@ -59,6 +59,22 @@ def test_self_recovery_three_copies(name: str) -> None:
     assert rel_diff(outputs(a, inputs), outputs(fused, inputs)) < 1e-5
 
 
+def test_report_holds_the_spec_and_each_models_permutations() -> None:
+    """``report.perms[k]`` takes model k into model 0's basis: applied to a permuted copy it gives
+    back model 0's weights exactly; model 0's is the identity; no alignment, no permutations."""
+    a, inputs, copies = permuted_copies("resnet20", 3)
+    report = FusionReport()
+    fuse([a, *copies], inputs, progress=False, report=report)
+    assert report.spec is not None and report.perms is not None and len(report.perms) == 3
+    assert all(torch.equal(p, torch.arange(p.numel())) for p in report.perms[0].values())
+    for model, perms in zip(copies, report.perms[1:]):
+        back = fxfuse.permute(model, report.spec, perms).state_dict()
+        assert all(torch.equal(v, back[k]) for k, v in a.state_dict().items())
+    naive = FusionReport()
+    fuse([a, *copies], inputs, align=None, progress=False, report=naive)
+    assert naive.spec is not None and naive.perms is None
+
+
 def test_activation_matching_recovers_a_permuted_copy() -> None:
     a, inputs, (b,) = permuted_copies("vgg_bn", 2)
     data = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]

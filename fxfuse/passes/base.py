@@ -32,10 +32,16 @@ T = TypeVar("T")
 
 @dataclass
 class FusionReport:
-    """Per-pass wall time (seconds) and notes, in run order."""
+    """Per-pass wall time (seconds) and notes, in run order; after the run, the discovered
+    ``spec`` and the alignment's ``perms``: ``perms[k]`` maps each group name to the permutation
+    that takes model ``k`` into the common basis (model 0's own; the identity for model 0), so
+    ``fxfuse.permute(models[k], report.spec, report.perms[k])`` is model ``k`` as it was merged.
+    ``perms`` is None when nothing aligned (``align=None``)."""
 
     timings: list[tuple[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    spec: PermutationSpec | None = None
+    perms: list[dict[str, torch.Tensor]] | None = None
 
     def __str__(self) -> str:
         lines = ["pass                      seconds"]
@@ -105,6 +111,7 @@ class Pipeline:
             except Exception as exc:
                 raise PipelineError(f"[{p.name}] failed: {type(exc).__name__}: {exc}") from exc
             state.report.timings.append((p.name, time.perf_counter() - start))
+        state.report.spec, state.report.perms = state.spec, state.perms
         return state.report
 
     def __repr__(self) -> str:
