@@ -648,8 +648,8 @@ def render_section(ctx: Context, body: list[str], times: dict[str, float], total
         f"ResetBatchNorm use {DATA_BATCHES} batches of {DATA_BATCH_SIZE} train images (shuffled "
         f"with seed {DATA_SEED}).",
         "- Method: models trained in memory with `models.train.train_classifier` (no checkpoint "
-        "cache); a pair is aligned once (`fxfuse.fuse` with its default pipeline plus a pass "
-        "keeping the permutations, then `fxfuse.permute(B)`), and every interpolation point is "
+        "cache); a pair is aligned once (`fxfuse.fuse`, the permutations read from its "
+        "`FusionReport`, then `fxfuse.permute(B)`), and every interpolation point is "
         "`fxfuse.fuse([A, aligned_B], x, align=None, repair=..., weights=[1 - alpha, alpha])`. "
         "Loss = mean test cross-entropy (nats); loss barrier at 0.5 = loss(0.5) - "
         "(loss(0) + loss(1)) / 2. Two seeds (0, 1) per pair; five (0..4) for the merge. The papers "
