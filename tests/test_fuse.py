@@ -70,9 +70,14 @@ def test_report_holds_the_spec_and_each_models_permutations() -> None:
     for model, perms in zip(copies, report.perms[1:]):
         back = fxfuse.permute(model, report.spec, perms).state_dict()
         assert all(torch.equal(v, back[k]) for k, v in a.state_dict().items())
+    moved = sum(int((p != torch.arange(p.numel())).sum()) for p in report.perms[2].values())
+    n = len(report.spec.groups)
+    assert (f"alignment: model 2: {n} of {n} groups permuted, {moved} of "
+            f"{sum(g.size for g in report.spec.groups)} units moved") in str(report)
     naive = FusionReport()
     fuse([a, *copies], inputs, align=None, progress=False, report=naive)
     assert naive.spec is not None and naive.perms is None
+    assert "alignment:" not in str(naive)
 
 
 def test_activation_matching_recovers_a_permuted_copy() -> None:

@@ -36,7 +36,8 @@ class FusionReport:
     ``spec`` and the alignment's ``perms``: ``perms[k]`` maps each group name to the permutation
     that takes model ``k`` into the common basis (model 0's own; the identity for model 0), so
     ``fxfuse.permute(models[k], report.spec, report.perms[k])`` is model ``k`` as it was merged.
-    ``perms`` is None when nothing aligned (``align=None``)."""
+    ``perms`` is None when nothing aligned (``align=None``).  Printed, it gives the timings and,
+    per aligned model, how many groups and units the alignment moved."""
 
     timings: list[tuple[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -46,6 +47,12 @@ class FusionReport:
     def __str__(self) -> str:
         lines = ["pass                      seconds"]
         lines += [f"{name:<24} {sec:8.3f}" for name, sec in self.timings]
+        for k, perms in list(enumerate(self.perms or []))[1:]:
+            moved = [int((p != torch.arange(p.numel(), device=p.device)).sum())
+                     for p in perms.values()]
+            total = sum(p.numel() for p in perms.values())
+            lines.append(f"alignment: model {k}: {sum(m > 0 for m in moved)} of {len(moved)} "
+                         f"groups permuted, {sum(moved)} of {total} units moved")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
