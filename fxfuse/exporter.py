@@ -51,9 +51,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import ExportError, InputError
-from .passes.base import model_device
 from .permute import rel_diff
-from .trace import as_input_tuple, eval_mode
+from .trace import as_input_tuple, eval_mode, model_device
 
 __all__ = ["SUPPORTED_SUFFIXES", "ExportReport", "export"]
 

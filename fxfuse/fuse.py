@@ -18,10 +18,10 @@ from torch import nn
 from .errors import ArchitectureMismatchError, InputError
 from .groups import find_groups
 from .passes.align import ActivationMatching, AlignActivations, AlignWeights, WeightMatching
-from .passes.base import FusionReport, FusionState, Pass, Pipeline, model_device
+from .passes.base import FusionReport, FusionState, Pass, Pipeline
 from .passes.merge import MergeWeights, VerifyFused
 from .passes.repair import Repair, RepairStatistics, ResetBatchNorm, ResetBatchNormStats
-from .trace import as_input_tuple
+from .trace import as_input_tuple, model_device
 
 Align = WeightMatching | ActivationMatching | None
 RepairConfig = ResetBatchNorm | Repair | None

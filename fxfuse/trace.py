@@ -10,6 +10,7 @@ classes) are kept as leaves; everything else is traced through, so a weight-tied
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -74,6 +75,12 @@ def symbolic_trace(model: nn.Module, stack_traces: bool = True) -> fx.GraphModul
             f"control flow on tensor values."
         ) from exc
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a stateless model)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 @contextlib.contextmanager

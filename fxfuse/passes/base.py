@@ -14,7 +14,6 @@ pass name prepended).  Users add their own pass by subclassing :class:`Pass` and
 
 from __future__ import annotations
 
-import itertools
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +25,7 @@ from torch import nn
 
 from ..errors import FxFuseError, InputError, PipelineError
 from ..spec import PermutationSpec
+from ..trace import model_device
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ class FusionReport:
     def __str__(self) -> str:
         lines = ["pass                      seconds"]
         lines += [f"{name:<24} {sec:8.3f}" for name, sec in self.timings]
-        for k, perms in list(enumerate(self.perms or []))[1:]:
+        for k, perms in enumerate((self.perms or [])[1:], start=1):
             moved = [int((p != torch.arange(p.numel(), device=p.device)).sum())
                      for p in perms.values()]
             total = sum(p.numel() for p in perms.values())
@@ -123,12 +123,6 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline([{', '.join(p.name for p in self.passes)}])"
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a stateless model)."""
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:
