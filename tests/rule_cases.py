@@ -2,7 +2,9 @@
 
 ``CASES[target]`` is a list of ``(callable_or_module, inputs)``; the validator permutes what the
 rule claims and checks the output is permuted as claimed.  A new rule without a case here fails
-``test_every_rule_has_a_case``.
+``test_every_rule_has_a_case``.  Module cases may be built with default constants: the test gives
+every constant tensor (norm affines, running statistics, PReLU slopes, attention biases)
+channel-distinct random values before checking, and fails if one stays constant.
 """
 
 from __future__ import annotations

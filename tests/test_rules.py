@@ -10,6 +10,7 @@ from torch import nn
 
 import fxfuse
 from fxfuse.rules import Same, rule_table, target_name
+from fxfuse.testing import randomize_constants
 from fxfuse.validate import check_equivariance
 
 from .rule_cases import CASES, EXPORT_CASES
@@ -25,11 +26,28 @@ def test_every_rule_has_a_case() -> None:
     assert not missing, f"rules without a numerical check in tests/rule_cases.py: {missing}"
 
 
+def _constant_tensors(module: nn.Module) -> list[str]:
+    """Floating parameters/buffers (2+ entries) whose entries are all equal."""
+    return [k for k, t in module.state_dict().items()
+            if t.is_floating_point() and t.numel() > 1 and bool(torch.all(t == t.reshape(-1)[0]))]
+
+
+def _randomized(fn: Any, seed: int) -> Any:
+    """Module cases get channel-distinct constants (norm affines, running statistics, PReLU
+    slopes, attention biases): at their defaults a wrong permutation of them changes nothing."""
+    if isinstance(fn, nn.Module):
+        randomize_constants(fn, seed=seed)
+        constant = _constant_tensors(fn)
+        assert not constant, f"case still has constant tensors, a wrong rule would pass: {constant}"
+        fn.eval()
+    return fn
+
+
 @pytest.mark.parametrize("target,i", PARAMS)
 def test_rule_is_equivariant(target: Any, i: int) -> None:
     fn, inputs = CASES[target][i]
     if isinstance(fn, nn.Module):
-        fn.eval()
+        _randomized(fn, seed=i)
         if isinstance(target, type):
             assert any(isinstance(m, target) for m in fn.modules()), "case lacks the module"
     check = check_equivariance(fn, inputs)
@@ -47,8 +65,7 @@ def test_aten_rule_is_equivariant(target: Any, i: int) -> None:
     from fxfuse.discover import discover
 
     fn, inputs = EXPORT_CASES[target][i]
-    if isinstance(fn, nn.Module):
-        fn.eval()
+    _randomized(fn, seed=i)
     check = check_equivariance(fn, inputs, tracer="export")
     from fxfuse.validate import _WRAPPERS
 
