@@ -32,7 +32,6 @@ from collections.abc import Hashable
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 WARM_MIN_SIZE = 256
 AUCTION_MIN_SIZE = 1024
@@ -144,6 +143,8 @@ def _min_form(cost: torch.Tensor) -> torch.Tensor:
 def _solve(c: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """scipy on ``r = c - u - v`` with ``u_i = min_j (c_ij - v_j)``: the optimal columns and each
     row's reduced cost on its column (the slack :func:`improve_duals` starts from)."""
+    from scipy.optimize import linear_sum_assignment  # lazy: `import fxfuse` stays light
+
     u = (c - v[None, :]).min(1).values
     r = c - u[:, None] - v[None, :]
     _, cols = linear_sum_assignment(r.numpy())

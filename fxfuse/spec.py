@@ -18,14 +18,16 @@ import json
 import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import torch
 
 from .discover import AXES, Discovery, TensorAxes
 from .errors import PermutationError, SpecError
 from .layout import Atom, Fixed, Layout, Prod, Reason
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 Tree = tuple[Any, ...]
 FORMAT_VERSION = 1
@@ -239,6 +241,8 @@ class PermutationSpec:
     # -- graph ----------------------------------------------------------------------------------
     def to_graph(self) -> nx.Graph:
         """Bipartite graph: group nodes and layer (module) nodes; an edge per axis a group acts on."""
+        import networkx as nx  # only here: `import fxfuse` stays light
+
         graph = nx.Graph()
         for g in self.groups:
             graph.add_node(f"group:{g.name}", kind="group", label=g.name, size=g.size)
