@@ -136,34 +136,26 @@ def on_device(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def progress(items: Iterable[T], label: str, enabled: bool, total: int | None = None) -> Iterator[T]:
-    """A minimal progress bar on stderr (no dependency); silent when ``enabled`` is False.
+    """A tqdm progress bar on stderr (``tqdm.auto``: a widget in notebooks); silent when
+    ``enabled`` is False.
 
-    On a terminal the line is redrawn in place; elsewhere (logs, CI) one line is written when the
-    loop ends.  Either way the line is closed with a newline also when the caller stops early
-    (``break``: weight matching usually ends before ``max_iter`` sweeps)."""
+    On a terminal the bar is redrawn in place as usual; elsewhere (logs, CI) it is plain ASCII,
+    80 columns, and written at most every 30 s plus once when the loop ends, so a log gets a few
+    readable lines instead of thousands of carriage returns.  The bar is closed also when the
+    caller stops early (``break``: weight matching usually ends before ``max_iter`` sweeps)."""
     if not enabled:
         yield from items
         return
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
+    from tqdm.auto import tqdm  # imported when a bar is shown: `import fxfuse` stays light
+
     tty = sys.stderr.isatty()
-    start = time.perf_counter()
-    i = 0
-
-    def line(n: int) -> str:
-        done = f"{n}/{total}" if total else str(n)
-        return f"{label}: {done} ({time.perf_counter() - start:.1f}s)"
-
+    bar = tqdm(items, desc=label, total=total, file=sys.stderr, leave=True, dynamic_ncols=tty,
+               ncols=None if tty else 80, ascii=None if tty else True,
+               mininterval=0.1 if tty else 30.0, maxinterval=30.0 if tty else 60.0)
     try:
-        for i, item in enumerate(items, start=1):
-            yield item
-            if tty:
-                sys.stderr.write("\r" + line(i))
-                sys.stderr.flush()
+        yield from bar
     finally:
-        if i:
-            sys.stderr.write("\n" if tty else line(i) + "\n")
-            sys.stderr.flush()
+        bar.close()
 
 
 def batch_inputs(batch: Any, device: torch.device) -> tuple[Any, ...]:
