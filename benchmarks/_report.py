@@ -1,14 +1,27 @@
-"""What every benchmark script shares: where its section of RESULTS.md goes, and the run's facts
-(commit, machine, versions, load) that the section records."""
+"""What every benchmark script shares: where its section of RESULTS.md goes, the run's facts
+(commit, machine, versions, load) that the section records, and timing in child processes.
+
+Wall time on the shared 2-core machine depends on what else runs; every section therefore records
+the 1-minute load average at the start and end of its run and, where it times something, the CPU
+time of the timed process beside the wall time (``cpu / wall`` near the thread count means the
+process had the cores; well below it, it waited for them)."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "RESULTS.md"
@@ -31,19 +44,27 @@ def write_section(section: str, begin: str, end: str, path: Path = RESULTS_PATH)
     path.write_text(text)
 
 
+# What a benchmark's figures depend on: the library, the zoo, and the benchmark scripts.
+CODE_PATHS = ("fxfuse", "models", "benchmarks/*.py")
+
+
 def fxfuse_revision() -> str:
-    """The repository commit the run used, marked when fxfuse/ or models/ had local changes."""
+    """The repository commit the run used, marked when the library, the zoo or the benchmark
+    scripts had local changes (then the commit alone does not reproduce the figures)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxfuse", "models"],
-                               cwd=REPO_ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                *CODE_PATHS], cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if not rev:
         return "unknown"
-    return f"{rev} (with uncommitted changes in fxfuse/ or models/)" if dirty else rev
+    changed = sorted({line[3:].split("/")[0] + "/" for line in dirty.splitlines() if line.strip()})
+    if changed:
+        return f"{rev} (with uncommitted changes in {', '.join(changed)})"
+    return rev
 
 
 def revision_note(start: str) -> str:
@@ -74,3 +95,75 @@ def version_of(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def machine_line(threads: int, *extras: str) -> str:
+    """The section's machine line: cores, CPU, thread settings, torch and Python versions."""
+    import torch
+
+    parts = [f"{os.cpu_count()}-core CPU ({cpu_name()})", f"`torch.set_num_threads({threads})`",
+             f"`OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}`",
+             f"torch {torch.__version__}", f"Python {platform.python_version()}", *extras]
+    return "- Machine: " + ", ".join(parts)
+
+
+def load_line(load_start: str, total_s: float) -> str:
+    """Run time and load average at start / end, and the warning that goes with them."""
+    return (f"- Run time of the command: {total_s:.0f} s; 1-minute load average at start / end: "
+            f"{load_start} / {load_average()}. The 2 cores are shared with other engineers' jobs "
+            "(test runs): wall times are only comparable within one run, and CPU time is shown "
+            "beside them.")
+
+
+# -- timing -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Lap:
+    """One timed call: wall seconds and the process's CPU seconds (all its threads)."""
+
+    wall_s: float
+    cpu_s: float
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, Lap]:
+    """``fn()`` and its wall / CPU time."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    out = fn()
+    return out, Lap(time.perf_counter() - wall0, time.process_time() - cpu0)
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
+    return f"{seconds * 1e3:.1f} ms"
+
+
+@dataclass
+class ChildResult:
+    """What a child process printed as its last JSON line, or why there is none."""
+
+    data: dict[str, Any] | None
+    status: str
+    wall_s: float
+
+
+def run_child(args: Sequence[str], timeout: float) -> ChildResult:
+    """Run ``python args...`` from the repository root in a fresh process (so the call it times is
+    the first in that process: cold) and read the last line of its stdout that is a JSON object.
+    A child past ``timeout`` seconds is killed and reported as such."""
+    cmd = [sys.executable, *args]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              cwd=REPO_ROOT, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return ChildResult(None, f"timeout (> {timeout:g} s, killed)",
+                           time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return ChildResult(None, f"error: {tail[:100]}", wall)
+    return ChildResult(json.loads(lines[-1]), "", wall)
