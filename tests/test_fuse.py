@@ -24,6 +24,8 @@ from fxfuse.passes.repair import reset_batchnorm
 from fxfuse.permute import apply_perms, rel_diff
 from fxfuse.testing import randomize_constants
 
+from .conftest import NEEDS_GPU
+
 
 def outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
     with torch.no_grad():
@@ -344,7 +346,7 @@ def test_reset_batchnorm_matches_fresh_statistics(name: str) -> None:
     assert all(torch.allclose(before[k].float(), v.float()) for k, v in fused.state_dict().items())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_GPU)
 def test_fuse_on_cuda() -> None:
     a, inputs, (b,) = permuted_copies("resnet20", 2)
     fused = fuse([a, b], inputs, device="cuda", progress=False)

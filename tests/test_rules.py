@@ -13,6 +13,7 @@ from fxfuse.rules import Same, rule_table, target_name
 from fxfuse.testing import randomize_constants
 from fxfuse.validate import check_equivariance
 
+from .conftest import NEEDS_GPU
 from .rule_cases import CASES, EXPORT_CASES
 
 TABLE = rule_table()
@@ -75,7 +76,7 @@ def test_aten_rule_is_equivariant(target: Any, i: int) -> None:
     assert check.n_free > 0 and check.ok, f"{target_name(target)}: {check.rel_diff:.3g}"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_GPU)
 def test_cuda_method_rule() -> None:
     assert check_equivariance(lambda x: x.cuda().cpu(), torch.randn(2, 3)).ok
 
