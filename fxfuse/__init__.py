@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .combine import Router, RouteReport, adaptive_selection
 from .errors import (
     ArchitectureMismatchError,
     ExportError,
@@ -50,12 +51,15 @@ __all__ = [
     "PipelineError",
     "Repair",
     "ResetBatchNorm",
+    "RouteReport",
+    "Router",
     "SpecError",
     "TraceError",
     "UnsupportedOpError",
     "VerificationError",
     "VerifyResult",
     "WeightMatching",
+    "adaptive_selection",
     "axis_rule",
     "export",
     "find_groups",

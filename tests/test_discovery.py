@@ -400,6 +400,7 @@ def test_public_api_is_pinned() -> None:
         "PermutationSpec", "Pipeline", "PipelineError", "Repair", "ResetBatchNorm", "SpecError",
         "TraceError", "UnsupportedOpError", "VerificationError", "VerifyResult", "WeightMatching",
         "axis_rule", "export", "find_groups", "fuse", "permute", "verify",
+        "RouteReport", "Router", "adaptive_selection",
     ])
 
 
