@@ -88,7 +88,8 @@ class Budget:
         opt = (f"SGD(lr={self.lr:g}, momentum={self.momentum:g}" if self.optimizer == "sgd"
                else f"Adam(lr={self.lr:g}")
         wd = f", weight_decay={self.weight_decay:g}" if self.weight_decay else ""
-        return f"{self.epochs} epochs, batch {self.batch_size}, {opt}{wd}), constant lr"
+        epochs = f"{self.epochs} epoch{'' if self.epochs == 1 else 's'}"
+        return f"{epochs}, batch {self.batch_size}, {opt}{wd}), constant lr"
 
 
 def _resolve(name: str) -> Callable[..., nn.Module]:
