@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import InputError, TraceError, UnsupportedOpError
 from .layout import Atom, AtomTable, Layout, Prod, Reason, Sum
+from .roles import IN, OUT, Origins, related_axes, role_table
 from .rules import (
     AxisRef,
     Cut,
@@ -64,6 +65,8 @@ class Discovery:
     cuts: list[Reason] = field(default_factory=list)
     tracer: str = "torch.fx.symbolic_trace"
     lifted: dict[str, str] = field(default_factory=dict)  # export: placeholder -> param name
+    # (state_dict key, axis) -> the roles its uses gave it (fxfuse.roles)
+    roles: dict[tuple[str, int], set[str | None]] = field(default_factory=dict)
 
     def input_nodes(self) -> list[fx.Node]:
         """The placeholders that are model inputs (not lifted parameters/buffers)."""
@@ -92,6 +95,10 @@ class _Driver:
             if first == key:
                 self.param_axes[key] = tuple(self.table.new(s) for s in t.shape)
         self.used: set[str] = set()
+        # for member roles (fxfuse.roles): the parameters each node's value is made of only
+        # (a parameter, or a view of parameters), and every op application that reads them
+        self.lineage: dict[str, Any] = {}
+        self.roles: dict[tuple[str, int], set[str | None]] = {}
 
     # -- helpers ------------------------------------------------------------------------------
     def _fresh(self, value: Any) -> Any:
@@ -151,8 +158,9 @@ class _Driver:
         name = self.lifted[node.name]
         t = self.state.get(name)
         lays = self._param_layouts(t) if t is not None else None
-        if lays is not None:
+        if lays is not None and t is not None:
             node.meta[AXES] = TensorAxes(lays)
+            self.lineage[node.name] = _param_origins(self.key_of[id(t)], t.ndim)
             return
         node.meta[AXES] = self._fresh(node.meta.get(VALUE))
         why = Reason("constant", node.name, "placeholder", f"tensor {name!r} is not in the "
@@ -167,6 +175,7 @@ class _Driver:
         lays = self._param_layouts(obj) if isinstance(obj, torch.Tensor) else None
         if lays is not None:
             node.meta[AXES] = TensorAxes(lays)
+            self.lineage[node.name] = _param_origins(self.key_of[id(obj)], obj.ndim)
             return
         node.meta[AXES] = self._fresh(value)
         why = Reason("constant", node.name, "get_attr", f"tensor attribute {node.target!r} is not "
@@ -181,22 +190,26 @@ class _Driver:
         node.meta[AXES] = self._fresh(value)
         handles: list[tuple[Layout, ...]] = []
         shapes: list[tuple[int, ...]] = []
+        sources: list[Origins | None] = []  # per axis: the parameter axes it is a view of
 
-        def handle(lays: tuple[Layout, ...], meta: TensorMeta) -> TensorHandle:
+        def handle(lays: tuple[Layout, ...], meta: TensorMeta,
+                   src: Origins | None = None) -> TensorHandle:
             handles.append(lays)
             shapes.append(meta.shape)
+            sources.append(src)
             return TensorHandle(len(handles) - 1, meta.shape, meta.dtype)
 
-        def wrap(axes: Any, val: Any) -> Any:
+        def wrap(axes: Any, val: Any, src: Any = None) -> Any:
             if isinstance(axes, TensorAxes):
-                return handle(axes.layouts, val)
+                return handle(axes.layouts, val, src)
             if isinstance(axes, tuple) and isinstance(val, (list, tuple)):
-                return type(val)(wrap(a, v) for a, v in zip(axes, val))
+                subs = src if isinstance(src, tuple) and len(src) == len(axes) else (None,) * len(axes)
+                return type(val)(wrap(a, v, u) for a, v, u in zip(axes, val, subs))
             return val
 
         def arg(v: Any) -> Any:
             if isinstance(v, fx.Node):
-                return wrap(v.meta.get(AXES), v.meta.get(VALUE))
+                return wrap(v.meta.get(AXES), v.meta.get(VALUE), self.lineage.get(v.name))
             if isinstance(v, (list, tuple)):
                 return type(v)(arg(u) for u in v)
             if isinstance(v, dict):
@@ -221,7 +234,9 @@ class _Driver:
                                  f"buffer {name!r} is not in the state_dict")
                     for lay in lays:
                         self.table.fix(lay, why)
-                params[name] = handle(lays, TensorMeta(tuple(t.shape), t.dtype))
+                key = self.key_of.get(id(t))
+                params[name] = handle(lays, TensorMeta(tuple(t.shape), t.dtype),
+                                      _param_origins(key, t.ndim) if key is not None else None)
         if not handles:
             return  # no tensor in or out: shape arithmetic, nothing to relate
         src = source_line(node)
@@ -243,6 +258,7 @@ class _Driver:
         try:
             relations = rule(op)
             self._apply(relations, handles, shapes, base)
+            self._record_use(node, relations, sources, out_value, module, params)
         except Exception as exc:  # a rule that can not handle this call: never guess
             if self.strict:
                 raise UnsupportedOpError(
@@ -250,6 +266,44 @@ class _Driver:
             why = Reason("no-rule", node.name, opname, f"axis rule failed ({exc}); fixed", src)
             self.cuts.append(why)
             self._fix_handles(handles, why)
+
+    def _record_use(self, node: fx.Node, relations: list[Any], sources: list[Origins | None],
+                    out_value: Any, module: nn.Module | None,
+                    params: dict[str, TensorHandle]) -> None:
+        """Member roles (:mod:`fxfuse.roles`) from one applied rule.  An op all of whose inputs
+        are parameters is a view of them: its output axes inherit the parameter axes they are
+        related to.  Otherwise a parameter axis related to an output axis is output-side, one
+        related only to an activation input is input-side."""
+        outs = {h.index for h in _handles_in(out_value)}
+        inputs = [i for i in range(len(sources)) if i not in outs]
+        near = related_axes(relations)
+        if inputs and all(sources[i] is not None for i in inputs):
+            def origins(v: Any) -> Any:
+                if isinstance(v, TensorHandle):
+                    return tuple(frozenset().union(*[
+                        sources[t][a] for t, a in near.get((v.index, d), ())  # type: ignore[index]
+                        if t in inputs and a < len(sources[t] or ())]) for d in range(len(v.shape)))
+                if isinstance(v, (list, tuple)):
+                    return tuple(origins(u) for u in v)
+                return None
+            self.lineage[node.name] = origins(out_value)
+            return
+        table = role_table(module)
+        names = {h.index: name for name, h in params.items()}
+        for t in inputs:
+            src = sources[t]
+            if src is None:
+                continue
+            for a, keys in enumerate(src):
+                role = None
+                others = near.get((t, a), ())
+                if any(u in outs for u, _ in others):
+                    role = OUT
+                elif any(u in inputs and sources[u] is None for u, _ in others):
+                    role = IN
+                role = table.get((names.get(t, ""), a), role)
+                for key, axis in keys:
+                    self.roles.setdefault((key, axis), set()).add(role)
 
     def _fix_handles(self, handles: list[tuple[Layout, ...]], why: Reason) -> None:
         for lays in handles:
@@ -290,6 +344,10 @@ class _Driver:
                     why = Reason("rule", base.node, base.op,
                                  f"the rule does not relate axis {d} of tensor #{i}", base.source)
                     self.table.fix(lo, why)
+
+
+def _param_origins(key: str, ndim: int) -> Origins:
+    return tuple(frozenset({(key, d)}) for d in range(ndim))
 
 
 def _module_path(node: fx.Node) -> str:
@@ -351,7 +409,7 @@ def discover(
                 sources = {n.name: source_line(n) for n in symbolic_trace(model).graph.nodes}
                 cuts = [replace(c, source=sources.get(c.node)) for c in cuts]
             return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes,
-                             driver.aliases, cuts)
+                             driver.aliases, cuts, roles=driver.roles)
     try:
         gm, lifted = export_trace(model, inputs)
     except TraceError as exc:
@@ -361,4 +419,4 @@ def discover(
     driver = _Driver(model, gm, strict, fix_io, lifted)
     driver.run()
     return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes, driver.aliases,
-                     driver.cuts, tracer="torch.export", lifted=lifted)
+                     driver.cuts, tracer="torch.export", lifted=lifted, roles=driver.roles)

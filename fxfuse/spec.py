@@ -25,6 +25,7 @@ import torch
 from .discover import AXES, Discovery, TensorAxes
 from .errors import PermutationError, SpecError
 from .layout import Atom, Fixed, Layout, Prod, Reason
+from .roles import finish_roles
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -97,6 +98,9 @@ class PermutationSpec:
     # traced node name -> layout tree of each axis of its (single tensor) output, for nodes a
     # group acts on: where activation-based passes read a group's features
     activations: dict[str, tuple[Tree, ...]] = field(default_factory=dict)
+    # (state_dict key, axis) -> how an alignment map acts on it ("out", "in", "second:<mean>",
+    # "conflict"; fxfuse.roles); permutations do not need it
+    roles: dict[tuple[str, int], str] = field(default_factory=dict)
 
     # -- queries --------------------------------------------------------------------------------
     def group(self, name: str) -> Group:
@@ -202,6 +206,7 @@ class PermutationSpec:
                      for c in self.cuts],
             "activations": {n: [_tree_to_json(t) for t in trees]
                             for n, trees in self.activations.items()},
+            "roles": [[k, a, r] for (k, a), r in self.roles.items()],
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -225,11 +230,13 @@ class PermutationSpec:
             cuts = [CutRecord(c["node"], c["op"], c["reason"], c.get("source")) for c in d["cuts"]]
             activations = {n: tuple(_tree_from_json(t) for t in trees)
                            for n, trees in d.get("activations", {}).items()}
+            roles = {(str(k), int(a)): str(r) for k, a, r in d.get("roles", [])}
         except SpecError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise SpecError(f"malformed PermutationSpec JSON: {type(exc).__name__}: {exc}") from exc
-        spec = cls(groups, axes, cuts, d.get("model", ""), d.get("tracer", ""), activations)
+        spec = cls(groups, axes, cuts, d.get("model", ""), d.get("tracer", ""), activations,
+                   roles)
         spec.lint()
         return spec
 
@@ -420,7 +427,8 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
             if any(a in names for lay_ in node_lays for a in table.atoms_in(lay_)):
                 activations[node.name] = tuple(
                     to_tree(lay_, names.get, table.atom_size) for lay_ in node_lays)
-    return PermutationSpec(groups, axes, cuts, model_name, disc.tracer, activations)
+    roles = {ka: r for ka, r in finish_roles(disc.roles, disc.aliases).items() if ka in axes}
+    return PermutationSpec(groups, axes, cuts, model_name, disc.tracer, activations, roles)
 
 
 def _unique(reasons: list[Reason]) -> list[Reason]:

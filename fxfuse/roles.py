@@ -1,0 +1,146 @@
+"""Member roles: how an alignment map acts on each parameter axis a group touches.
+
+A group's map ``(M, U)`` (:mod:`fxfuse.maps`) acts on an axis by its role:
+
+* ``out``: the axis carries the group's units as the op *produces* them (a Linear/Conv weight's
+  output rows, its bias, a norm's affine, BatchNorm's running mean, a layer scale): ``M @ rows``;
+* ``in``: the axis is *contracted* with the group's units of an input activation (a Linear/Conv
+  weight's input columns): ``U^T @ rows``;
+* ``second:<mean key>``: a second-moment statistic of the units (BatchNorm's running variance),
+  merged as a mixture with its mean (see :mod:`fxfuse.maps`);
+* ``conflict``: uses disagree (a weight tied between an embedding and an output head): only a
+  permutation can act on it.
+
+Roles are derived from the axis rules, not from layer classes: at every op that reads a parameter
+next to an activation, a parameter axis the rule relates (directly, or through one of the rule's
+own new atoms) to an axis of the op's output is output-side; one related only to an activation
+input is input-side.  An op whose inputs are all parameters (``t``, ``view``, ``chunk`` of a
+weight in an exported graph) is a view: its axes inherit the parameter axes they relate to, and
+the role is decided where the view meets an activation.  The small :data:`ROLE_TABLE` covers ops
+whose rules relate parameters only to internal atoms (packed attention), and
+:data:`SECOND_MOMENTS` the statistics that are variances.  Permutations need no roles (``M`` and
+``U^T`` are the same index map), so an axis without a role only stops dense maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+
+OUT, IN, SECOND, CONFLICT = "out", "in", "second", "conflict"
+
+# per axis of a tensor handle: the (state_dict key, axis) pairs it is a view of
+Origins = tuple[frozenset[tuple[str, int]], ...]
+
+# module class -> {(parameter name, axis): role}: ops whose rule relates these axes only to atoms
+# of its own (the heads of a packed attention)
+ROLE_TABLE: dict[type[nn.Module], dict[tuple[str, int], str]] = {
+    nn.MultiheadAttention: {
+        ("in_proj_weight", 0): OUT, ("in_proj_weight", 1): IN, ("in_proj_bias", 0): OUT,
+        ("q_proj_weight", 0): OUT, ("q_proj_weight", 1): IN,
+        ("k_proj_weight", 0): OUT, ("k_proj_weight", 1): IN,
+        ("v_proj_weight", 0): OUT, ("v_proj_weight", 1): IN,
+        ("bias_k", 2): OUT, ("bias_v", 2): OUT,
+        ("out_proj.weight", 0): OUT, ("out_proj.weight", 1): IN, ("out_proj.bias", 0): OUT,
+    },
+}
+
+# statistics that are second moments of the units, and the first moment beside them (torch's
+# _BatchNorm / _InstanceNorm buffers)
+SECOND_MOMENTS = {"running_var": "running_mean"}
+
+
+def role_table(module: nn.Module | None) -> dict[tuple[str, int], str]:
+    if module is None:
+        return {}
+    for cls, table in ROLE_TABLE.items():
+        if isinstance(module, cls):
+            return table
+    return {}
+
+
+def _refs(e: Any) -> Iterable[tuple[Any, Any]]:
+    """The (tensor, axis) pairs and ("new", key) atoms an axis expression mentions."""
+    from .rules import AxisRef, NewAxis
+
+    if isinstance(e, AxisRef):
+        yield (e.tensor, e.axis)
+    elif isinstance(e, NewAxis):
+        yield ("new", e.key)
+    else:
+        for p in getattr(e, "parts", ()):
+            yield from _refs(p)
+
+
+def related_axes(relations: Iterable[Any]) -> dict[tuple[Any, Any], set[tuple[Any, Any]]]:
+    """(tensor, axis) -> the tensor axes one rule application relates it to as a whole.
+
+    ``Same(x, y)`` between two single axes (or rule-local atoms) is an identity edge; a ``Same``
+    whose side is a product or sum relates each part to the other side as a *factor* edge.  An
+    axis reaches its identity class, plus one factor step from it (and that side's identity
+    class), never a second factor step sideways: a grouped conv's ``Prod(groups, w[1]) = x[1]``
+    and ``Prod(groups, w[0] / groups) = out[1]`` relate ``w[1]`` to ``x[1]``, not to the output.
+    """
+    from .rules import Same
+
+    ident: dict[tuple[Any, Any], set[tuple[Any, Any]]] = {}
+    factor: dict[tuple[Any, Any], set[tuple[Any, Any]]] = {}
+    equal_to: dict[Any, set[tuple[Any, Any]]] = {}  # axes set equal to one whole expression
+
+    def link(edges: dict[tuple[Any, Any], set[tuple[Any, Any]]], a: list[Any], b: list[Any]
+             ) -> None:
+        for x in a:
+            edges.setdefault(x, set()).update(b)
+        for y in b:
+            edges.setdefault(y, set()).update(a)
+
+    for r in relations:
+        if not isinstance(r, Same):
+            continue
+        a, b = list(_refs(r.a)), list(_refs(r.b))
+        single_a, single_b = not hasattr(r.a, "parts"), not hasattr(r.b, "parts")
+        link(ident if single_a and single_b else factor, a, b)
+        for expr, single, refs in ((r.a, single_b, b), (r.b, single_a, a)):
+            if hasattr(expr, "parts") and single:
+                equal_to.setdefault(expr, set()).update(refs)
+    for equal in equal_to.values():  # same(Prod(g, n), y[1], w[0], b[0]): y[1] = w[0] = b[0]
+        link(ident, list(equal), list(equal))
+
+    def closure(start: Iterable[tuple[Any, Any]]) -> set[tuple[Any, Any]]:
+        seen = set(start)
+        todo = list(seen)
+        while todo:
+            for u in ident.get(todo.pop(), ()):
+                if u not in seen:
+                    seen.add(u)
+                    todo.append(u)
+        return seen
+
+    out: dict[tuple[Any, Any], set[tuple[Any, Any]]] = {}
+    for ref in {*ident, *factor}:
+        if ref[0] == "new":
+            continue
+        cls = closure([ref])
+        reach = cls | closure({u for x in cls for u in factor.get(x, ())})
+        out[ref] = {u for u in reach if u[0] != "new" and u != ref}
+        out[ref].discard(ref)
+    return out
+
+
+def finish_roles(seen: Mapping[tuple[str, int], set[str | None]],
+                 aliases: Mapping[str, list[str]]) -> dict[tuple[str, int], str]:
+    """One role per (state_dict key, axis), for every alias of a tied tensor."""
+    out: dict[tuple[str, int], str] = {}
+    for (key, axis), roles in seen.items():
+        known = {r for r in roles if r is not None}
+        if not known:
+            continue
+        role = known.pop() if len(known) == 1 else CONFLICT
+        leaf = key.rsplit(".", 1)[-1]
+        if role == OUT and leaf in SECOND_MOMENTS:
+            role = f"{SECOND}:{key[: len(key) - len(leaf)]}{SECOND_MOMENTS[leaf]}"
+        for alias in aliases.get(key, [key]):
+            out[(alias, axis)] = role
+    return out
