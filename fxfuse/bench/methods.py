@@ -21,7 +21,10 @@ registration::
 * ``activation matching`` / ``+ REPAIR`` -- units matched by the correlation of their
   activations on the fusion set;
 * ``logit ensemble`` -- the uniform mean of the K clients' logits: K forward passes, not one
-  network (the usual upper reference).
+  network (the usual upper reference);
+* ``AMS: <selector>`` -- :func:`fxfuse.adaptive_selection`: each test input answered by one
+  client, chosen by the selector fitted on the fusion set tagged with each sample's client
+  (``ctx.extras["fusion_index"]``); the note gives compute per input (PyTorch / ONNX).
 
 Every fused model of the built-ins uses the same weights (FedAvg shares); the fuse methods need
 clients of one architecture (else ``n/a``).
@@ -175,3 +178,47 @@ def activation_matching_repair(ctx: Context) -> nn.Module:
 @method("logit ensemble")
 def logit_ensemble(ctx: Context) -> tuple[nn.Module, str]:
     return Ensemble(ctx.models), f"{len(ctx.clients)} forward passes"
+
+
+# -- adaptive model selection (fxfuse.adaptive_selection): one client answers each input --------
+def _fusion_sources(ctx: Context) -> torch.Tensor:
+    """For each fusion-set sample, the client whose training data holds it."""
+    import numpy as np
+
+    index = ctx.extras.get("fusion_index")
+    if index is None:
+        raise NotApplicable("the context has no extras['fusion_index'] (which client holds each "
+                            "fusion sample)")
+    owner = np.full(ctx.split.n_samples, -1, dtype=np.int64)
+    for k, ix in enumerate(ctx.split.indices):
+        owner[ix] = k
+    return torch.from_numpy(owner[np.asarray(index)])
+
+
+def _selection_row(name: str, selector: Any) -> None:
+    @method(f"AMS: {name}")
+    def row(ctx: Context) -> tuple[nn.Module, str]:
+        import fxfuse
+
+        data = (ctx.fusion_x, ctx.fusion_y, _fusion_sources(ctx))
+        router = fxfuse.adaptive_selection(ctx.models, ctx.example, data, selector).eval()
+        rep = router.report
+        assert rep is not None
+        return router, (f"kMAC/input {rep.macs_pytorch / 1e3:.0f} PyTorch, "
+                        f"{rep.macs_onnx / 1e3:.0f} ONNX")
+
+
+def _register_selection_rows() -> None:
+    from ..combine import Confidence, Density, Entropy, Gate
+
+    for name, sel in (("confidence", Confidence(calibrate=False)),
+                      ("confidence, calibrated", Confidence()),
+                      ("entropy, calibrated", Entropy()),
+                      ("gate (client)", Gate(target="client")),
+                      ("gate (correct)", Gate(target="correct")),
+                      ("density (input)", Density(space="input")),
+                      ("density (features)", Density(space="features"))):
+        _selection_row(name, sel)
+
+
+_register_selection_rows()

@@ -210,7 +210,8 @@ def run_setting(
         bc = client_rows[k_best].cells[init]
         best.cells[init] = Cell(bc.acc, bc.loss, bc.seconds, f"client {k_best}")
         ctx = Context(clients=list(clients), split=s, init=init,
-                      example=fusion_x[:2], fusion_x=fusion_x, fusion_y=fusion_y)
+                      example=fusion_x[:2], fusion_x=fusion_x, fusion_y=fusion_y,
+                      extras={"fusion_index": fidx})
         for (name, fn), row in zip(chosen.items(), method_rows):
             row.cells[init] = _run_method(fn, ctx, data)
             if progress:
