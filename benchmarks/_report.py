@@ -24,7 +24,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_PATH = REPO_ROOT / "benchmarks" / "RESULTS.md"
+# Where ``--write`` puts a section.  Other people may edit the checkout while a long benchmark runs;
+# to measure one commit, run the script from a clean worktree of it and point this variable at the
+# checkout's RESULTS.md (``command_line`` then says so in the section).
+RESULTS_ENV = "FXFUSE_BENCH_RESULTS"
+RESULTS_PATH = Path(os.environ.get(RESULTS_ENV) or REPO_ROOT / "benchmarks" / "RESULTS.md")
 RESULTS_HEADER = (
     "# fxfuse benchmark results\n\n"
     "Every figure in this file is produced by the command named in its section; "
@@ -65,6 +69,15 @@ def fxfuse_revision() -> str:
     if changed:
         return f"{rev} (with uncommitted changes in {', '.join(changed)})"
     return rev
+
+
+def command_line(command: str) -> str:
+    """The section's command line; notes a run from a separate (clean) worktree."""
+    line = f"Command: `{command}`"
+    if os.environ.get(RESULTS_ENV):
+        line += (f" (run in a clean `git worktree` of the commit below, with `{RESULTS_ENV}` "
+                 "pointing at this file so the section lands here)")
+    return line
 
 
 def revision_note(start: str) -> str:

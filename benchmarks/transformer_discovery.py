@@ -6,7 +6,7 @@
   vocabulary 1000), which symbolic tracing can not handle: timed with ``tracer="export"`` (what
   ``tracer="auto"`` falls back to; the failed symbolic attempt is timed separately).
 
-Median of 3 runs after a warm-up, 2 threads.  ``--write`` replaces the section between
+Median of 3 runs after a warm-up (wall and CPU time), 2 threads, in this one process.  ``--write`` replaces the section between
 ``<!-- transformer-discovery:begin -->`` and ``<!-- transformer-discovery:end -->`` in
 ``benchmarks/RESULTS.md``.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,21 +31,33 @@ import torch  # noqa: E402
 
 import fxfuse  # noqa: E402
 import models  # noqa: E402
-from benchmarks._report import RESULTS_PATH, write_section  # noqa: E402
+from benchmarks._report import (  # noqa: E402
+    RESULTS_PATH,
+    Lap,
+    command_line,
+    fxfuse_revision,
+    load_average,
+    load_line,
+    machine_line,
+    revision_note,
+    timed,
+    write_section,
+)
 from models.transformer import LlamaLM  # noqa: E402
 
 BEGIN, END = "<!-- transformer-discovery:begin -->", "<!-- transformer-discovery:end -->"
 COMMAND = "python benchmarks/transformer_discovery.py --write"
 
 
-def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+def median_time(fn: Callable[[], Any], repeats: int) -> tuple[Lap, Any]:
+    """Median wall and CPU time of ``repeats`` calls after one warm-up call."""
     out = fn()
-    times = []
+    laps = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        out, lap = timed(fn)
+        laps.append(lap)
+    return Lap(statistics.median(lap.wall_s for lap in laps),
+               statistics.median(lap.cpu_s for lap in laps)), out
 
 
 def main() -> None:
@@ -55,6 +66,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    started, load_start, revision = time.perf_counter(), load_average(), fxfuse_revision()
     vit = models.get("vit_b")
     vit_model, vit_x = vit.factory(), vit.example_inputs()
     with torch.random.fork_rng():
@@ -70,8 +82,8 @@ def main() -> None:
                                 args.repeats)
         heads = sum(1 for g in spec.groups if any(
             ("attn" in m.key or "q_proj" in m.key) and m.layout[0] == "prod" for m in g.members))
-        rows.append(f"| {name} | {tracer} | {1000 * sec:.0f} ms | {len(spec.groups)} | {heads} "
-                    f"| {len(spec.cuts)} |")
+        rows.append(f"| {name} | {tracer} | {1000 * sec.wall_s:.0f} ms | "
+                    f"{1000 * sec.cpu_s:.0f} ms | {len(spec.groups)} | {heads} | {len(spec.cuts)} |")
         print(rows[-1], flush=True)
     start = time.perf_counter()
     try:
@@ -85,16 +97,19 @@ def main() -> None:
     print(note)
     section = "\n".join([
         BEGIN, "## Discovery time on transformers (symbolic vs torch.export path)", "",
-        f"Command: `{COMMAND}`", "",
-        f"- Date: {datetime.date.today()}; machine: {platform.processor() or 'CPU'}, 2 threads, "
-        f"torch {torch.__version__}; median of {args.repeats} runs after a warm-up; "
-        "batch 1 (ViT 224x224 image, LLaMA 32 tokens).",
+        command_line(COMMAND), "",
+        f"- Date: {datetime.date.today()}; commit {revision_note(revision)}",
+        machine_line(2),
+        f"- Method: `fxfuse.find_groups(model, inputs, tracer=...)`, median of {args.repeats} "
+        "runs after a warm-up, in one process (wall and the process's CPU time); batch 1 (ViT "
+        "224x224 image, LLaMA 32 tokens).",
+        load_line(load_start, time.perf_counter() - started),
         "- head groups: groups acting as a factor of an attention projection's axis (heads, "
         "head_dim, query heads per kv head). On the export path nn.MultiheadAttention is lowered "
         "to linear + unflatten(3, E) + select, so q/k/v share one head_dim group there (a "
         "subgroup of what the module-level rule finds).",
-        "", "| model | tracer | find_groups | groups | head groups | cuts |",
-        "|---|---|---:|---:|---:|---:|", *rows, "", note, END])
+        "", "| model | tracer | find_groups (median) | CPU | groups | head groups | cuts |",
+        "|---|---|---:|---:|---:|---:|---:|", *rows, "", note, END])
     if args.write:
         write_section(section, BEGIN, END)
         print(f"wrote {RESULTS_PATH}")
