@@ -170,8 +170,18 @@ def repo_files(root: Path = ROOT) -> list[str]:
     return sorted({p for p in out.stdout.decode().split("\0") if p and (root / p).is_file()})
 
 
+_IGNORED = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".*_cache", "build", "dist",
+                                  ".venv", ".benchmarks")
+
+
 def copy_repo(dst: Path, root: Path = ROOT) -> None:
-    for rel in repo_files(root):
+    """Copy the repository's files (git's view; without git, the tree less caches) to ``dst``."""
+    try:
+        files = repo_files(root)
+    except (OSError, subprocess.CalledProcessError):
+        shutil.copytree(root, dst, ignore=_IGNORED)
+        return
+    for rel in files:
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, target)
