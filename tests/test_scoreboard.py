@@ -98,13 +98,16 @@ def test_a_registered_row_runs_and_its_failures_show(digits: datasets.Dataset) -
     def breaks(ctx: Context) -> nn.Module:
         raise InputError("bad config\nsecond line")
 
+    def crashes(ctx: Context) -> nn.Module:
+        return ctx.models[5]
+
     def vandal(ctx: Context) -> nn.Module:
         with torch.no_grad():
             next(ctx.models[0].parameters()).zero_()
         return ctx.models[0]
 
     methods = {"first client": first_client, "not here": not_here, "breaks": breaks,
-               "vandal": vandal, "first client again": first_client}
+               "crashes": crashes, "vandal": vandal, "first client again": first_client}
     setting = Setting("digits", 2, budget=Budget(epochs=1), inits=("different",))
     table = run_setting(setting, digits, methods, cache=False)
     cell = lambda name: table.row(name).cells["different"]  # noqa: E731
@@ -112,6 +115,7 @@ def test_a_registered_row_runs_and_its_failures_show(digits: datasets.Dataset) -
     assert cell("first client").acc == c0.acc
     assert cell("not here").note == "n/a: needs three clients"
     assert cell("breaks").note == "failed: InputError: bad config"
+    assert cell("crashes").note == "failed: IndexError: list index out of range"
     assert cell("vandal").note.startswith("failed: the method modified the client models")
     assert cell("first client again").acc == c0.acc                  # restored after the vandal
 
