@@ -83,6 +83,5 @@ def run_demo(out: str = "fused.onnx", epochs: int = 2, width: int = 512,
         acc, loss = evaluate(model, xt, yt)
         print(f"{name:<28} {100 * acc:8.2f}% {loss:10.4f}")
     result = export(candidates["weight matching + REPAIR"], example, out)
-    print(f"\nwrote {out}: ONNX ({result.exporter} exporter), checked in onnxruntime, max relative "
-          f"difference {result.max_rel_diff:.2g}; total {time.perf_counter() - start:.0f}s")
+    print(f"\nwrote {out}: {result.summary()}; total {time.perf_counter() - start:.0f}s")
     return 0

@@ -41,3 +41,26 @@ class ArchitectureMismatchError(FxFuseError, ValueError):
 
 class PipelineError(FxFuseError):
     """A fusion pass failed or its preconditions were not met (message names the pass)."""
+
+
+def quote_error(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` for quoting another library's error inside ours: the message's lines
+    joined into one, shortened to about ``limit`` characters at a word boundary (never mid-word)
+    with ``...`` marking the cut."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if len(text) > limit:
+        cut = text.rfind(" ", 0, limit + 1)
+        if cut < limit // 2:  # one very long word (a path, say): keep it whole
+            cut = text.find(" ", limit) if text.find(" ", limit) != -1 else len(text)
+        if cut < len(text):
+            text = text[:cut].rstrip(" ,;:") + " ..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def listing(items: list[str] | tuple[str, ...], limit: int = 10) -> str:
+    """``'a', 'b', ... and 12 more`` for an error message: at most ``limit`` items, and how many
+    more there are; ``none`` when empty."""
+    if not items:
+        return "none"
+    shown = ", ".join(repr(k) for k in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

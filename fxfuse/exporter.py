@@ -8,13 +8,34 @@ written atomically.
 
 The format follows the suffix of the path:
 
-* ``.onnx``: :func:`torch.onnx.export` with the default (dynamo, ``torch.export``-based) exporter;
-  only if that raises, the legacy TorchScript exporter (``dynamo=False``) is tried, with the
-  fused ``nn.MultiheadAttention`` fastpath switched off around it (the legacy exporter cannot
-  export ``aten::_native_multi_head_attention``).  The report names the exporter that was used.
-  With ``check=True`` the file must pass ``onnx.checker.check_model`` and, run in ONNX Runtime
-  (``CPUExecutionProvider``) on the example inputs, reproduce every output of the PyTorch model
-  (eval mode, no grad) within ``tolerance``, measured as ``max|diff| / max|ref|`` per output.
+* ``.onnx``: the model is traced with :func:`torch.export.export` and converted by
+  :func:`torch.onnx.export` (the dynamo exporter); only if that raises, the legacy TorchScript
+  exporter (``dynamo=False``) is tried, with the fused ``nn.MultiheadAttention`` fastpath switched
+  off around it (the legacy exporter cannot export ``aten::_native_multi_head_attention``).  The
+  report names the exporter that was used.
+
+  *Shapes.*  By default (``dynamic_batch=True``) dimension 0 of every input whose dimension 0 is
+  the first input's (the batch) is a dynamic axis named ``batch``; the other dimensions are the
+  example's.  ``torch.export`` specialises dimensions of size 1, so the model is traced on a batch
+  of at least 2 (the example's rows repeated) whatever the example's batch is.  A model whose code
+  fixes the batch size (``x.view(2, -1)``) cannot have a dynamic batch: it is then exported with
+  the example's static shapes and the report's ``notes`` say why (also ``dynamic_batch=False``,
+  and the legacy exporter, give static shapes).
+
+  *Names.*  Inputs are named after the parameters of ``model.forward`` (``input_ids``, ``x``),
+  outputs after the keys of the output (``logits``, ``last_hidden_state``; ``output`` for a single
+  tensor, ``output_0``, ``output_1``, ... for a tuple).  A Hugging Face model whose ``forward``
+  takes an ``attention_mask`` the example does not give gets one as a second input (all ones in
+  the example), so the file serves padded batches.  A Hugging Face causal LM with
+  ``config.use_cache=True`` is exported as a copy with ``use_cache=False``
+  (:func:`fxfuse.trace.without_kv_cache`; a key/value cache output stops ``torch.export``): the
+  file has no cache outputs, and the model given keeps its setting.
+
+  *Check.*  With ``check=True`` the file must pass ``onnx.checker.check_model`` and, run in ONNX
+  Runtime (``CPUExecutionProvider``), reproduce every output of the PyTorch model (eval mode, no
+  grad) within ``tolerance``, measured as ``max|diff| / max|ref|`` per output: on the example
+  inputs and, with a dynamic batch, also at a larger batch size (new rows; the attention mask
+  there pads the last row's last token).
 * ``.pt``: ``torch.save(model.state_dict())`` (tensors keep their device and tied parameters
   stay shared, as with a plain ``torch.save``).
 * ``.safetensors``: :func:`safetensors.torch.save_file` of the state_dict as contiguous CPU
@@ -35,12 +56,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +67,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
-from .errors import ExportError, InputError
+from .errors import ExportError, InputError, listing, quote_error
 from .permute import rel_diff
-from .trace import as_input_tuple, eval_mode, model_device
+from .trace import as_input_tuple, model_device
 
 __all__ = ["SUPPORTED_SUFFIXES", "ExportReport", "export"]
 
@@ -76,7 +94,10 @@ class ExportReport:
     ``exporter``: ``"dynamo"`` or ``"legacy"`` for ONNX, ``"torch.save"`` or
     ``"safetensors"`` otherwise; ``max_rel_diff``: the worst ``max|diff| / max|ref|`` the check
     measured over all outputs (ONNX) or state_dict entries (``.pt`` / ``.safetensors``), ``None``
-    with ``check=False``; ``seconds``: wall-clock time of the whole call.
+    with ``check=False``; ``seconds``: wall-clock time of the whole call.  ONNX only:
+    ``input_names`` / ``output_names`` of the graph, ``dynamic_batch`` (whether dimension 0 of the
+    batched inputs is the dynamic axis ``batch``), ``checked_batches`` (the batch sizes run in
+    ONNX Runtime) and ``notes`` (what was done differently from the default, and why).
     """
 
     path: Path
@@ -84,6 +105,28 @@ class ExportReport:
     exporter: str
     max_rel_diff: float | None
     seconds: float
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    dynamic_batch: bool = False
+    checked_batches: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """One line for a user: the format and what was checked (no ONNX Runtime for a
+        state_dict), then the notes."""
+        if self.format == "onnx":
+            shapes = "dynamic batch axis" if self.dynamic_batch else "static shapes"
+            text = (f"ONNX ({self.exporter} exporter, {shapes}; inputs {', '.join(self.input_names)}"
+                    f"; outputs {', '.join(self.output_names)})")
+            if self.max_rel_diff is not None:
+                sizes = " and ".join(map(str, self.checked_batches))
+                text += (f", checked in onnxruntime at batch size{'s' if len(self.checked_batches) > 1 else ''} "
+                         f"{sizes}: max relative difference {self.max_rel_diff:.2g}")
+        else:
+            what = "PyTorch state_dict" if self.format == "pt" else "safetensors state_dict"
+            text = what + (", reloaded and compared entry by entry" if self.max_rel_diff is not None
+                           else "")
+        return "; ".join([text, *self.notes])
 
 
 def export(
@@ -94,12 +137,15 @@ def export(
     check: bool = True,
     tolerance: float = 1e-4,
     opset: int | None = None,
+    dynamic_batch: bool = True,
 ) -> ExportReport:
     """Write ``model`` to ``path`` in the format its suffix names, check it, and report.
 
     ``example_inputs`` (a tensor or a tuple of tensors, moved to the model's device) drive the
     ONNX export and check; ``.pt`` / ``.safetensors`` exports do not use them.  ``opset`` is the
-    ONNX opset (``None``: the exporter's default); it is ignored for other formats.  With
+    ONNX opset (``None``: the exporter's default) and ``dynamic_batch=False`` fixes every input
+    shape to the example's (default: a dynamic batch axis, see the module docstring); both are
+    ignored for other formats.  With
     ``check=True`` the written file must reproduce the model within ``tolerance`` (relative, see
     the module docstring), otherwise :class:`~fxfuse.errors.ExportError` names the worst output
     and its difference and no file is written.
@@ -130,9 +176,16 @@ def export(
     if fmt == "onnx":
         for name in ("onnx", "onnxscript", *(("onnxruntime",) if check else ())):
             _require(name)
+        from .export_onnx import export_onnx  # lazy: onnx is an optional dependency
+
         inputs = _input_tuple(example_inputs, model_device(model))
-        exporter, max_rel = _export_onnx(model, inputs, target, check, tolerance, opset)
-    elif fmt == "pt":
+        onnx = export_onnx(model, inputs, target, check, tolerance, opset, dynamic_batch)
+        return ExportReport(
+            path=target, format=fmt, exporter=onnx.exporter, max_rel_diff=onnx.max_rel_diff,
+            seconds=time.perf_counter() - start, input_names=onnx.input_names,
+            output_names=onnx.output_names, dynamic_batch=onnx.dynamic_batch,
+            checked_batches=onnx.checked_batches, notes=onnx.notes)
+    if fmt == "pt":
         exporter, max_rel = "torch.save", _export_pt(model, target, check, tolerance)
     else:
         _require("safetensors")
@@ -173,17 +226,6 @@ def _input_tuple(example_inputs: Any, device: torch.device) -> tuple[torch.Tenso
 
 
 @contextlib.contextmanager
-def _mha_fastpath_disabled() -> Iterator[None]:
-    """Switch off the fused ``nn.MultiheadAttention`` fastpath (restored afterwards)."""
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
-
-
-@contextlib.contextmanager
 def staged_file(target: Path) -> Iterator[Path]:
     """Yield a path named like ``target`` inside a fresh temporary folder next to it.
 
@@ -204,185 +246,27 @@ def publish(staged: Path, target: Path) -> None:
     2 GB protobuf limit) are moved into the target folder first, under the same names, so the
     references inside the model file stay valid; the model file itself is moved last.
     """
+    mode = _new_file_mode(staged.parent)
     for extra in sorted(staged.parent.iterdir()):
         if extra != staged:
+            os.chmod(extra, mode)
             os.replace(extra, target.parent / extra.name)
+    os.chmod(staged, mode)
     os.replace(staged, target)
 
 
-def _clear(folder: Path) -> None:
-    """Remove everything inside ``folder`` (partial output of a failed exporter)."""
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-
-
-def _short(exc: BaseException, limit: int = 400) -> str:
-    """``Type: first line of the message`` (exporter errors can be pages long)."""
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    if len(first) > limit:
-        first = first[:limit] + "..."
-    return f"{type(exc).__name__}: {first}"
-
-
-def _tensor_leaves(out: Any) -> list[torch.Tensor]:
-    """The tensors of a (possibly nested) model output, flattened in order, as CPU copies."""
-    return [t.detach().cpu() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-# --- ONNX ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's chatter (torchvision op registration notices, deprecations)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _new_file_mode(folder: Path) -> int:
+    """The mode a new file gets here (0o666 less the umask), measured on a probe file in
+    ``folder`` (reading the umask with :func:`os.umask` would change it for every thread).
+    Writers differ (safetensors creates 0o600 files, torch.save follows the umask): every
+    published file gets this one."""
+    probe = folder / ".mode-probe"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
+        return os.fstat(fd).st_mode & 0o777
     finally:
-        logger.setLevel(level)
-
-
-def _export_onnx(
-    model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    target: Path,
-    check: bool,
-    tolerance: float,
-    opset: int | None,
-) -> tuple[str, float | None]:
-    """Export (dynamo, else legacy) into a staged file, check it, publish it."""
-    input_names = [f"input_{i}" for i in range(len(inputs))]
-    with eval_mode(model, no_grad=False), staged_file(target) as staged, _quiet_exporter():
-        exporter = _run_onnx_exporters(model, inputs, staged, opset, input_names)
-        max_rel: float | None = None
-        if check:
-            with torch.no_grad():
-                reference = _tensor_leaves(model(*inputs))
-            max_rel = _check_onnx(staged, inputs, input_names, reference, tolerance, exporter)
-        publish(staged, target)
-    return exporter, max_rel
-
-
-def _run_onnx_exporters(
-    model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    staged: Path,
-    opset: int | None,
-    input_names: list[str],
-) -> str:
-    """Write ``staged`` with the dynamo exporter, or the legacy one if dynamo raises."""
-    try:
-        torch.onnx.export(
-            model,
-            inputs,
-            staged,
-            dynamo=True,
-            external_data=False,  # one file; weights over 2 GB still go to external data
-            opset_version=opset,
-            input_names=input_names,
-            verbose=False,
-        )
-        return "dynamo"
-    except Exception as exc:
-        dynamo_error = exc
-    _clear(staged.parent)
-    try:
-        with _mha_fastpath_disabled(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.onnx.export(
-                model,
-                inputs,
-                staged,
-                dynamo=False,
-                opset_version=opset,
-                input_names=input_names,
-            )
-    except Exception as exc:
-        raise ExportError(
-            f"ONNX export of {type(model).__name__} failed with both exporters: dynamo exporter "
-            f"({_short(dynamo_error)}); legacy exporter ({_short(exc)})"
-        ) from exc
-    warnings.warn(
-        f"ONNX export of {type(model).__name__}: the dynamo exporter failed "
-        f"({_short(dynamo_error)}); the legacy TorchScript exporter was used instead",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-    return "legacy"
-
-
-def _check_onnx(
-    staged: Path,
-    inputs: tuple[torch.Tensor, ...],
-    input_names: list[str],
-    reference: list[torch.Tensor],
-    tolerance: float,
-    exporter: str,
-) -> float:
-    """``onnx.checker`` + ONNX Runtime (CPU) parity with ``reference``; the worst relative diff."""
-    onnx = _require("onnx")
-    ort = _require("onnxruntime")
-    try:
-        onnx.checker.check_model(str(staged))  # a path: works with external data too
-    except Exception as exc:
-        raise ExportError(
-            f"onnx.checker rejected the model written by the {exporter} exporter: {_short(exc)}"
-        ) from exc
-    try:
-        session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
-        given = dict(zip(input_names, inputs))
-        feeds = {}
-        for arg in session.get_inputs():
-            if arg.name not in given:
-                raise ExportError(
-                    f"the exported graph ({exporter} exporter) has an input {arg.name!r} that is "
-                    f"not one of the example inputs {input_names}"
-                )
-            feeds[arg.name] = given[arg.name].detach().cpu().numpy()
-        output_names = [o.name for o in session.get_outputs()]
-        results = session.run(None, feeds)
-        del session
-    except ExportError:
-        raise
-    except Exception as exc:
-        raise ExportError(
-            f"ONNX Runtime could not run the model written by the {exporter} exporter: "
-            f"{_short(exc)}"
-        ) from exc
-    if len(results) != len(reference):
-        raise ExportError(
-            f"the exported model ({exporter} exporter) has {len(results)} outputs, the PyTorch "
-            f"model {len(reference)} tensor outputs"
-        )
-    worst = 0.0
-    failures = []
-    for i, (name, ref, got) in enumerate(zip(output_names, reference, results)):
-        got_t = torch.as_tensor(got)
-        if tuple(got_t.shape) != tuple(ref.shape):
-            raise ExportError(
-                f"output {i} ({name!r}) of the exported model ({exporter} exporter) has shape "
-                f"{tuple(got_t.shape)}, PyTorch's has {tuple(ref.shape)}"
-            )
-        diff = rel_diff([ref], [got_t])
-        worst = max(worst, diff)
-        if not diff <= tolerance:
-            failures.append(f"output {i} ({name!r}): max|diff|/max|ref| = {diff:.3g}")
-    if failures:
-        raise ExportError(
-            f"the exported model ({exporter} exporter) does not match PyTorch in ONNX Runtime "
-            f"within relative tolerance {tolerance:g}: " + "; ".join(failures)
-        )
-    return worst
+        os.close(fd)
+        probe.unlink()
 
 
 # --- state_dict formats -----------------------------------------------------------------
@@ -396,8 +280,8 @@ def _compare_state(
     extra = sorted(set(loaded) - set(expected))
     if missing or extra:
         raise ExportError(
-            f"the written {fmt} file does not reload the state_dict: missing keys {missing[:5]}, "
-            f"unexpected keys {extra[:5]}"
+            f"the written {fmt} file does not reload the state_dict: missing keys "
+            f"{listing(missing)}; unexpected keys {listing(extra)}"
         )
     worst = 0.0
     for key, want in expected.items():
@@ -427,7 +311,7 @@ def _export_pt(model: nn.Module, target: Path, check: bool, tolerance: float) ->
         try:
             torch.save(state, staged)
         except Exception as exc:
-            raise ExportError(f"torch.save of the state_dict failed: {_short(exc)}") from exc
+            raise ExportError(f"torch.save of the state_dict failed: {quote_error(exc)}") from exc
         max_rel: float | None = None
         if check:
             # The file was written just now by this process, so a full unpickle is safe.
@@ -486,7 +370,7 @@ def _export_safetensors(
         try:
             st.save_file(tensors, str(staged), metadata={"format": "pt"})
         except Exception as exc:
-            raise ExportError(f"safetensors could not save the state_dict: {_short(exc)}") from exc
+            raise ExportError(f"safetensors could not save the state_dict: {quote_error(exc)}") from exc
         max_rel: float | None = None
         if check:
             loaded = st.load_file(str(staged), device="cpu")

@@ -21,7 +21,7 @@ from .passes.align import ActivationMatching, AlignActivations, AlignWeights, We
 from .passes.base import FusionReport, FusionState, Pass, Pipeline
 from .passes.merge import MergeWeights, VerifyFused
 from .passes.repair import Repair, RepairStatistics, ResetBatchNorm, ResetBatchNormStats
-from .trace import as_input_tuple, model_device
+from .trace import as_input_tuple, kv_cache_note, model_device
 
 Align = WeightMatching | ActivationMatching | None
 RepairConfig = ResetBatchNorm | Repair | None
@@ -36,6 +36,9 @@ class DiscoverGroups(Pass):
         state.spec = find_groups(state.models[0], state.example_inputs)
         state.report.notes.append(f"discover: {len(state.spec.groups)} groups, "
                                   f"{len(state.spec.cuts)} cuts")
+        if state.spec.tracer == "torch.export" and (
+                cache_note := kv_cache_note(state.models[0], state.example_inputs)):
+            state.report.notes.append(cache_note)
 
 
 def check_models(models: Sequence[nn.Module]) -> None:

@@ -10,6 +10,7 @@ classes) are kept as leaves; everything else is traced through, so a weight-tied
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import operator
 import os
@@ -22,7 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError, TraceError
+from .errors import InputError, TraceError, quote_error
 from .rules import lookup
 
 VALUE = "fxfuse.value"
@@ -69,7 +70,7 @@ def symbolic_trace(model: nn.Module, stack_traces: bool = True) -> fx.GraphModul
     except Exception as exc:
         raise TraceError(
             f"torch.fx.symbolic_trace could not trace {type(model).__name__}: "
-            f"{type(exc).__name__}: {exc}. Data-dependent control flow, iteration over tensors "
+            f"{quote_error(exc)}. Data-dependent control flow, iteration over tensors "
             f"or item assignment stop symbolic tracing; make that code a leaf module with a "
             f"registered rule (@fxfuse.axis_rule(MyModule)), or rewrite it without Python "
             f"control flow on tensor values."
@@ -98,20 +99,69 @@ def eval_mode(*models: nn.Module, no_grad: bool = True) -> Iterator[None]:
             m.training = mode
 
 
-def export_trace(model: nn.Module, inputs: Sequence[Any]) -> tuple[fx.GraphModule, dict[str, str]]:
-    """``torch.export`` (ATen-level graph, shapes from its fake tensors) for models symbolic
-    tracing can not handle.  Returns the graph module and, for every placeholder that is a
-    parameter/buffer/constant, the name it has in the model (``state_dict`` key)."""
+def _cache_configs(model: nn.Module) -> list[Any]:
+    """The configs (Hugging Face ``module.config``) of ``model`` that have ``use_cache=True``."""
+    found: dict[int, Any] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and getattr(cfg, "use_cache", None) is True:
+            found[id(cfg)] = cfg
+    return list(found.values())
+
+
+def _returns_cache(model: nn.Module, inputs: Sequence[Any]) -> bool:
+    """Whether ``model(*inputs)`` returns a key/value cache object (``DynamicCache``, under the
+    key ``past_key_values`` or, in transformers 5, ``cache``)."""
+    from collections.abc import Mapping
+
     try:
         with eval_mode(model):
-            ep = torch.export.export(model, tuple(inputs), strict=False)
+            out = model(*inputs)
+    except Exception:  # tracing will say what is wrong
+        return False
+    return isinstance(out, Mapping) and any("Cache" in type(v).__name__ for v in out.values())
+
+
+def without_kv_cache(model: nn.Module, inputs: Sequence[Any]) -> nn.Module:
+    """``model`` itself, or for a Hugging Face model that returns a key/value cache on
+    ``inputs`` (``config.use_cache=True``: causal LMs) a copy of it with ``use_cache=False``: the
+    cache (a ``DynamicCache``) stops ``torch.export``.  The copy shares every parameter and
+    buffer with ``model`` (only modules and configs are copied, so it costs no memory for the
+    weights); ``model`` and its config are not touched."""
+    if not _cache_configs(model) or not _returns_cache(model, inputs):
+        return model
+    shared: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(),
+                                                                 model.buffers())}
+    clone = copy.deepcopy(model, shared)
+    for cfg in _cache_configs(clone):
+        cfg.use_cache = False
+    return clone
+
+
+def kv_cache_note(model: nn.Module, inputs: Sequence[Any]) -> str | None:
+    """What :func:`export_trace` did about the key/value cache of ``model``, for a report."""
+    if not _cache_configs(model) or not _returns_cache(model, inputs):
+        return None
+    return (f"trace: {type(model).__name__} has config.use_cache=True; it was traced as a copy "
+            "with use_cache=False (a key/value cache output stops torch.export); the models "
+            "given and the fused model keep use_cache=True")
+
+
+def export_trace(model: nn.Module, inputs: Sequence[Any]) -> tuple[fx.GraphModule, dict[str, str]]:
+    """``torch.export`` (ATen-level graph, shapes from its fake tensors) for models symbolic
+    tracing can not handle (Hugging Face causal LMs are traced as :func:`without_kv_cache`
+    copies).  Returns the graph module and, for every placeholder that is a
+    parameter/buffer/constant, the name it has in the model (``state_dict`` key)."""
+    traced = without_kv_cache(model, inputs)
+    try:
+        with eval_mode(traced):
+            ep = torch.export.export(traced, tuple(inputs), strict=False)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise TraceError(
-            f"torch.export could not trace {type(model).__name__} either: {type(exc).__name__}: "
-            f"{first}. For Hugging Face causal LMs set config.use_cache = False; make the forward "
-            f"free of data-dependent Python control flow, or register a rule for the module "
-            f"that is not traceable (@fxfuse.axis_rule(MyModule)) so it stays a leaf."
+            f"torch.export could not trace {type(model).__name__} either: {quote_error(exc)}. "
+            f"Make the forward free of data-dependent Python control flow, or register a rule "
+            f"for the module that is not traceable (@fxfuse.axis_rule(MyModule)) so it stays a "
+            f"leaf."
         ) from exc
     sig = ep.graph_signature
     names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
@@ -212,10 +262,9 @@ def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
         with eval_mode(gm):
             _Recorder(gm).run(*inputs)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
         raise InputError(
-            f"running the traced model on the example inputs failed: {type(exc).__name__}: "
-            f"{first}. Check the number, shapes and dtypes of example_inputs."
+            f"running the traced model on the example inputs failed: {quote_error(exc)}. "
+            f"Check the number, shapes and dtypes of example_inputs."
         ) from exc
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 import fxfuse
 import models
+from fxfuse import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +67,7 @@ def test_weights_are_loaded(tmp_path: Path, suffix: str) -> None:
     (["groups", "models.zoo:nope", "--input-shape", "1,3"], "has no attribute"),
     (["groups", "models.zoo:mlp"], "--input-shape"),
     (["groups", "models.zoo:mlp", "--input-shape", "2,x"], "comma-separated integers"),
-    (["groups", "models.zoo:mlp", "--input-shape", "2,3,7,7"], "example inputs"),
+    (["groups", "models.zoo:mlp", "--input-shape", "2,3,7,7"], "does not run on --input-shape"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(args: list[str], message: str) -> None:
     out = run(*args)
@@ -84,3 +86,49 @@ def test_corrupt_or_mismatched_weights_exit_2(tmp_path: Path) -> None:
               "--json", str(tmp_path / "x.json"))
     assert out.returncode == 2 and "missing keys" in out.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+# --- help texts -------------------------------------------------------------------------------------
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return {name: sp for act in parser._actions if isinstance(act, argparse._SubParsersAction)
+            for name, sp in act.choices.items()}
+
+
+def test_every_option_of_every_command_has_help_with_its_default() -> None:
+    parser = cli.make_parser()
+    commands = _subparsers(parser)
+    assert commands
+    for name, sp in commands.items():
+        assert sp.description, name
+        for action in sp._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            label = action.option_strings[0] if action.option_strings else action.metavar
+            assert action.help and len(action.help) > 20, (name, label)
+            if action.option_strings:  # positionals are required by nature
+                assert "(default: " in action.help or "(required)" in action.help, (name, label)
+            if action.option_strings and action.default not in (None, False, [], "none"):
+                assert str(action.default) in action.help, (name, label, action.default)
+        text = sp.format_help()
+        assert "``" not in text and ":func:" not in text, name  # no reStructuredText
+
+
+def test_top_level_help_lists_every_command() -> None:
+    out = run("--help")
+    assert out.returncode == 0 and "``" not in out.stdout
+    for name, sp in _subparsers(cli.make_parser()).items():
+        help_line = next(a.help for a in cli.make_parser()._actions[1]._choices_actions
+                         if a.dest == name)
+        assert name in out.stdout and help_line.split(",")[0] in " ".join(out.stdout.split()), name
+        sub = run(name, "--help")
+        assert sub.returncode == 0 and "(default: " in sub.stdout and "``" not in sub.stdout
+
+
+def test_help_is_fast_and_light() -> None:
+    # the parser imports no torch-heavy code: --help and option errors answer at once
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "fxfuse", "fuse", "--help"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "networkx" not in out.stderr and "scipy" not in out.stderr

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import fxfuse.exporter as fx_export
+import fxfuse.export_onnx as fx_onnx
 import models
 from fxfuse.errors import ExportError, InputError
 from fxfuse.exporter import ExportReport, export
@@ -247,7 +247,7 @@ def test_failed_check_leaves_existing_file(suffix: str, tmp_path: Path) -> None:
 
 def test_onnx_mismatch_names_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, x = _small()
-    monkeypatch.setattr(fx_export, "rel_diff", lambda ref, got: 0.5)
+    monkeypatch.setattr(fx_onnx, "rel_diff", lambda ref, got: 0.5)
     with pytest.raises(ExportError, match=r"output 0 .*0\.5"):
         export(model, x, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
@@ -265,7 +265,7 @@ def test_keyboard_interrupt_leaves_nothing(
     if stage == "export":
         monkeypatch.setattr(torch.onnx, "export", interrupt)
     else:
-        monkeypatch.setattr(fx_export, "_check_onnx", interrupt)
+        monkeypatch.setattr(fx_onnx, "_check_onnx", interrupt)
     model, x = _small()
     target = tmp_path / "m.onnx"
     target.write_bytes(b"previous contents")

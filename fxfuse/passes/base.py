@@ -140,8 +140,9 @@ def progress(items: Iterable[T], label: str, enabled: bool, total: int | None = 
     ``enabled`` is False.
 
     On a terminal the bar is redrawn in place as usual; elsewhere (logs, CI) it is plain ASCII,
-    80 columns, and written at most every 30 s plus once when the loop ends, so a log gets a few
-    readable lines instead of thousands of carriage returns.  The bar is closed also when the
+    80 columns, shown only for loops that take over 15 s and then written at most every 15 s and
+    once when the loop ends, so a log gets a few readable lines instead of thousands of carriage
+    returns.  The bar is closed also when the
     caller stops early (``break``: weight matching usually ends before ``max_iter`` sweeps)."""
     if not enabled:
         yield from items
@@ -151,7 +152,8 @@ def progress(items: Iterable[T], label: str, enabled: bool, total: int | None = 
     tty = sys.stderr.isatty()
     bar = tqdm(items, desc=label, total=total, file=sys.stderr, leave=True, dynamic_ncols=tty,
                ncols=None if tty else 80, ascii=None if tty else True,
-               mininterval=0.1 if tty else 30.0, maxinterval=30.0 if tty else 60.0)
+               mininterval=0.1 if tty else 15.0, maxinterval=30.0 if tty else 60.0,
+               delay=0.0 if tty else 5.0)
     try:
         yield from bar
     finally:
