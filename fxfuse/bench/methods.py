@@ -213,6 +213,7 @@ def _register_selection_rows() -> None:
 
     for name, sel in (("confidence", Confidence(calibrate=False)),
                       ("confidence, calibrated", Confidence()),
+                      ("confidence, own-calibrated", Confidence(calibrate_on="own")),
                       ("entropy, calibrated", Entropy()),
                       ("gate (client)", Gate(target="client")),
                       ("gate (correct)", Gate(target="correct")),

@@ -388,7 +388,8 @@ def adaptive_selection(
                          f"{tuple(ref[0].shape)}: use Gate(target='client') or Density")
     taps = None
     if isinstance(sel, Density) and sel.space == "features":
-        taps = [_feature_tap(m, i) for i, m in enumerate(models)]
+        with eval_mode(*models):  # traced in eval mode: functional dropout etc. baked as eval
+            taps = [_feature_tap(m, i) for i, m in enumerate(models)]
     with eval_mode(*models):
         if samples is None:
             outs: list[torch.Tensor] = []

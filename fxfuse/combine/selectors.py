@@ -87,8 +87,8 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor, steps: int = 100) -> 
 
 
 class SoftmaxScorer(Scorer):
-    """``max_c p_kc`` (``kind="confidence"``) or ``sum_c p_kc log p_kc`` (``"entropy"``), with
-    ``p_k = softmax(z_k / T_k)``."""
+    """``max_c log p_kc`` (``kind="confidence"``) or ``sum_c p_kc log p_kc`` (``"entropy"``),
+    with ``p_k = softmax(z_k / T_k)``."""
 
     reads: Reads = "outputs"
     inv_t: torch.Tensor
@@ -103,7 +103,9 @@ class SoftmaxScorer(Scorer):
         for k, z in enumerate(xs):
             logp = F.log_softmax(z.float() * self.inv_t[k], dim=-1)
             if self.kind == "confidence":
-                cols.append(logp.max(dim=-1).values.exp())
+                # log max_c p_c: the same order as max_c p_c, but it does not round to 0 = log 1
+                # for several sharp models at once (float32 confidences saturate at 1.0).
+                cols.append(logp.max(dim=-1).values)
             else:
                 cols.append((logp.exp() * logp).sum(dim=-1))
         return torch.stack(cols, dim=1)
