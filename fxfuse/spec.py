@@ -15,7 +15,6 @@ permutation of an axis is :func:`axis_index`; permuting a tensor is
 from __future__ import annotations
 
 import json
-import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,21 @@ if TYPE_CHECKING:
     import networkx as nx
 
 Tree = tuple[Any, ...]
+
+
+def pack_items(items: list[str], width: int) -> list[str]:
+    """``items`` joined by ", " into lines of at most ``width`` characters, never breaking an
+    item (a parameter name, an axis layout): one longer than ``width`` gets a line of its own."""
+    lines: list[str] = []
+    line = ""
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        if line and len(line) + 1 + len(piece) > width:
+            lines.append(line)
+            line = piece
+        else:
+            line = f"{line} {piece}" if line else piece
+    return [*lines, line] if line or not lines else lines
 FORMAT_VERSION = 1
 
 
@@ -169,8 +183,7 @@ class PermutationSpec:
         lines.append(f"  {'group':<{width}}  {'size':>5}  members")
         indent = " " * (width + 11)
         for g in self.groups:
-            body = ", ".join(str(m) for m in g.members)
-            wrapped = textwrap.wrap(body, 100 - len(indent), break_on_hyphens=False) or [""]
+            wrapped = pack_items([str(m) for m in g.members], 100 - len(indent))
             lines.append(f"  {g.name:<{width}}  {g.size:>5}  {wrapped[0]}")
             lines += [indent + w for w in wrapped[1:]]
         by_reason: dict[str, list[str]] = {}
@@ -181,7 +194,7 @@ class PermutationSpec:
             lines.append("fixed axes (never permuted), by reason:")
             for why, axes in by_reason.items():
                 lines.append(f"  {why}")
-                lines += ["      " + w for w in textwrap.wrap(", ".join(axes), 94)]
+                lines += ["      " + w for w in pack_items(axes, 94)]
         if self.cuts:
             lines.append("cuts (ops with no axis rule; the groups through them stay fixed):")
             for c in self.cuts:
