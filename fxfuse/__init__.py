@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .combine import Router, RouteReport, adaptive_selection
+from .core import align_states, apply_fusion, load_fusion, merge_states, save_fusion
 from .errors import (
     ArchitectureMismatchError,
     ExportError,
@@ -18,6 +19,8 @@ from .errors import (
 from .exporter import ExportReport, export
 from .fuse import fuse
 from .groups import find_groups
+from .maps import GroupMap, apply_maps
+from .methods import recipe_from_json, recipe_to_json, register_method
 from .passes import (
     ActivationMatching,
     FusionReport,
@@ -34,6 +37,16 @@ from .spec import AxisSpec, Group, Member, PermutationSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "GroupMap",
+    "align_states",
+    "apply_fusion",
+    "apply_maps",
+    "load_fusion",
+    "merge_states",
+    "recipe_from_json",
+    "recipe_to_json",
+    "register_method",
+    "save_fusion",
     "ActivationMatching",
     "ArchitectureMismatchError",
     "AxisSpec",

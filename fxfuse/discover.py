@@ -67,6 +67,7 @@ class Discovery:
     lifted: dict[str, str] = field(default_factory=dict)  # export: placeholder -> param name
     # (state_dict key, axis) -> the roles its uses gave it (fxfuse.roles)
     roles: dict[tuple[str, int], set[str | None]] = field(default_factory=dict)
+    buffers: frozenset[str] = frozenset()  # state_dict keys that are buffers, not parameters
 
     def input_nodes(self) -> list[fx.Node]:
         """The placeholders that are model inputs (not lifted parameters/buffers)."""
@@ -88,6 +89,7 @@ class _Driver:
         self.param_axes: dict[str, tuple[Layout, ...]] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
         self.state = model.state_dict(keep_vars=True)
+        self.buffers = frozenset(k for k, t in self.state.items() if not isinstance(t, nn.Parameter))
         for key, t in self.state.items():
             first = self.key_of.setdefault(id(t), key)
             self.aliases.setdefault(first, []).append(key)
@@ -409,7 +411,8 @@ def discover(
                 sources = {n.name: source_line(n) for n in symbolic_trace(model).graph.nodes}
                 cuts = [replace(c, source=sources.get(c.node)) for c in cuts]
             return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes,
-                             driver.aliases, cuts, roles=driver.roles)
+                             driver.aliases, cuts, roles=driver.roles,
+                             buffers=driver.buffers)
     try:
         gm, lifted = export_trace(model, inputs)
     except TraceError as exc:
@@ -419,4 +422,5 @@ def discover(
     driver = _Driver(model, gm, strict, fix_io, lifted)
     driver.run()
     return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes, driver.aliases,
-                     driver.cuts, tracer="torch.export", lifted=lifted, roles=driver.roles)
+                     driver.cuts, tracer="torch.export", lifted=lifted, roles=driver.roles,
+                     buffers=driver.buffers)

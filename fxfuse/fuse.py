@@ -17,14 +17,14 @@ from torch import nn
 
 from .errors import ArchitectureMismatchError, InputError
 from .groups import find_groups
-from .passes.align import ActivationMatching, AlignActivations, AlignWeights, WeightMatching
+from .methods import passes_for, with_data
+from .passes.align import WeightMatching
 from .passes.base import FusionReport, FusionState, Pass, Pipeline
 from .passes.merge import MergeWeights, VerifyFused
-from .passes.repair import Repair, RepairStatistics, ResetBatchNorm, ResetBatchNormStats
 from .trace import as_input_tuple, kv_cache_note, model_device
 
-Align = WeightMatching | ActivationMatching | None
-RepairConfig = ResetBatchNorm | Repair | None
+Align = Any  # a registered align config (WeightMatching(), ActivationMatching(), ...) or None
+RepairConfig = Any  # a registered repair config (ResetBatchNorm(), Repair(), ...) or None
 
 
 class DiscoverGroups(Pass):
@@ -85,23 +85,16 @@ def interpolation_weights(weights: Sequence[float] | None, n: int) -> list[float
     return [x / total for x in w]
 
 
-def default_passes(align: Align, repair: RepairConfig) -> list[Pass]:
+def default_passes(align: Align, repair: RepairConfig, data: Any = None) -> list[Pass]:
+    """discover -> the align method's passes -> merge -> the repair method's passes -> verify,
+    each method's passes from the registry (:mod:`fxfuse.methods`); ``data`` fills the configs'
+    data fields where they are empty."""
     passes: list[Pass] = [DiscoverGroups()]
-    if isinstance(align, WeightMatching):
-        passes.append(AlignWeights(align))
-    elif isinstance(align, ActivationMatching):
-        passes.append(AlignActivations(align))
-    elif align is not None:
-        raise InputError(f"align must be WeightMatching(), ActivationMatching(data=...) or None, "
-                         f"got {align!r}")
+    if align is not None:
+        passes += passes_for(with_data(align, data), "align")
     passes.append(MergeWeights())
-    if isinstance(repair, ResetBatchNorm):
-        passes.append(ResetBatchNormStats(repair))
-    elif isinstance(repair, Repair):
-        passes.append(RepairStatistics(repair))
-    elif repair is not None:
-        raise InputError(f"repair must be ResetBatchNorm(data=...), Repair(data=...) or None, "
-                         f"got {repair!r}")
+    if repair is not None:
+        passes += passes_for(with_data(repair, data), "repair")
     passes.append(VerifyFused())
     return passes
 
@@ -117,6 +110,7 @@ def fuse(
     progress: bool = True,
     report: FusionReport | None = None,
     passes: Sequence[Pass] | None = None,
+    data: Any = None,
 ) -> nn.Module:
     """Fuse ``models`` (one architecture) into one model of the same class.
 
@@ -125,7 +119,10 @@ def fuse(
     interpolation weights (default uniform).  ``device``: where to compute (default: where model 0
     is).  ``progress=False`` silences progress bars.  Pass a :class:`FusionReport` as ``report`` to
     get per-pass timings and notes; pass ``passes`` to run your own pipeline instead of the
-    default one (see :func:`default_passes`).
+    default one (see :func:`default_passes`).  ``data``: batches (``x`` or ``(x, y)``) for the
+    methods that need data, given beside their configs (``ActivationMatching()``, ``Repair()``;
+    a config's own ``data=`` wins).  Methods are dispatched through :mod:`fxfuse.methods`, so a
+    config registered with :func:`fxfuse.register_method` is accepted too.
     """
     check_models(models)
     inputs = as_input_tuple(example_inputs)
@@ -139,6 +136,6 @@ def fuse(
     )
     state.states = [{k: v.detach().to(dev).clone() for k, v in m.state_dict().items()}
                     for m in models]
-    Pipeline(passes if passes is not None else default_passes(align, repair)).run(state)
+    Pipeline(passes if passes is not None else default_passes(align, repair, data)).run(state)
     assert state.fused is not None
     return state.fused

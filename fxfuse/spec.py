@@ -115,6 +115,7 @@ class PermutationSpec:
     # (state_dict key, axis) -> how an alignment map acts on it ("out", "in", "second:<mean>",
     # "conflict"; fxfuse.roles); permutations do not need it
     roles: dict[tuple[str, int], str] = field(default_factory=dict)
+    buffers: frozenset[str] = frozenset()  # state_dict keys that are buffers (not parameters)
 
     # -- queries --------------------------------------------------------------------------------
     def group(self, name: str) -> Group:
@@ -220,6 +221,7 @@ class PermutationSpec:
             "activations": {n: [_tree_to_json(t) for t in trees]
                             for n, trees in self.activations.items()},
             "roles": [[k, a, r] for (k, a), r in self.roles.items()],
+            "buffers": sorted(self.buffers),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -244,12 +246,13 @@ class PermutationSpec:
             activations = {n: tuple(_tree_from_json(t) for t in trees)
                            for n, trees in d.get("activations", {}).items()}
             roles = {(str(k), int(a)): str(r) for k, a, r in d.get("roles", [])}
+            buffers = frozenset(str(k) for k in d.get("buffers", []))
         except SpecError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise SpecError(f"malformed PermutationSpec JSON: {type(exc).__name__}: {exc}") from exc
         spec = cls(groups, axes, cuts, d.get("model", ""), d.get("tracer", ""), activations,
-                   roles)
+                   roles, buffers)
         spec.lint()
         return spec
 
@@ -441,7 +444,8 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
                 activations[node.name] = tuple(
                     to_tree(lay_, names.get, table.atom_size) for lay_ in node_lays)
     roles = {ka: r for ka, r in finish_roles(disc.roles, disc.aliases).items() if ka in axes}
-    return PermutationSpec(groups, axes, cuts, model_name, disc.tracer, activations, roles)
+    return PermutationSpec(groups, axes, cuts, model_name, disc.tracer, activations, roles,
+                           disc.buffers)
 
 
 def _unique(reasons: list[Reason]) -> list[Reason]:

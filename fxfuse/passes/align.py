@@ -79,7 +79,7 @@ class WeightMatching:
 class ActivationMatching:
     """Config: activation matching on ``data`` (batches ``x`` or ``(x, y)``)."""
 
-    data: Iterable[Any] = field(repr=False, default=())
+    data: Iterable[Any] = field(repr=False, default=(), metadata={"data": True})
     max_batches: int | None = None
 
 
@@ -279,7 +279,9 @@ class AlignWeights(Pass):
     def call(self, state: FusionState) -> None:
         assert state.spec is not None
         cfg = self.config
-        params = {k for k, _ in state.models[0].named_parameters(remove_duplicate=False)}
+        params = ({k for k in state.states[0] if k not in state.spec.buffers}
+                  if state.spec.buffers or not state.models else
+                  {k for k, _ in state.models[0].named_parameters(remove_duplicate=False)})
         matcher = _WeightMatcher(state.spec, state.device, params)
         ident = _identity(state.spec, state.device)
         perms = [ident] + [matcher.match(state.states[0], s, ident, cfg.max_iter, cfg.seed + k,

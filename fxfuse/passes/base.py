@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import FxFuseError, InputError, PipelineError
+from ..maps import GroupMap, apply_maps, perm_maps
 from ..spec import PermutationSpec
 from ..trace import model_device
 
@@ -43,6 +44,9 @@ class FusionReport:
     notes: list[str] = field(default_factory=list)
     spec: PermutationSpec | None = None
     perms: list[dict[str, torch.Tensor]] | None = None
+    # maps[k][group]: the GroupMap taking model k into the fused basis (fxfuse.maps); for a
+    # permutation alignment, perms[k] as maps.  Save with fxfuse.save_fusion(path, spec, maps).
+    maps: list[dict[str, GroupMap]] | None = None
 
     def __str__(self) -> str:
         lines = ["pass                      seconds"]
@@ -71,16 +75,23 @@ class FusionState:
     spec: PermutationSpec | None = None
     states: list[dict[str, torch.Tensor]] = field(default_factory=list)
     perms: list[dict[str, torch.Tensor]] | None = None
+    maps: list[dict[str, GroupMap]] | None = None  # set by methods whose maps are not permutations
     fused: nn.Module | None = None
     report: FusionReport = field(default_factory=FusionReport)
 
-    def aligned_states(self) -> list[dict[str, torch.Tensor]]:
-        """Every model's state in the common basis (its perms applied)."""
-        from ..permute import apply_perms
+    def alignment(self) -> list[dict[str, GroupMap]] | None:
+        """Every model's maps into the common basis (``maps``, else ``perms`` as maps), or None
+        when nothing aligned."""
+        if self.maps is not None:
+            return self.maps
+        return None if self.perms is None else [perm_maps(p) for p in self.perms]
 
-        if self.spec is None or self.perms is None:
+    def aligned_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every model's state in the common basis (its maps applied)."""
+        maps = self.alignment()
+        if self.spec is None or maps is None:
             return self.states
-        return [apply_perms(s, self.spec, p) for s, p in zip(self.states, self.perms)]
+        return [apply_maps(s, self.spec, m) for s, m in zip(self.states, maps)]
 
 
 class Pass:
@@ -119,6 +130,7 @@ class Pipeline:
                 raise PipelineError(f"[{p.name}] failed: {type(exc).__name__}: {exc}") from exc
             state.report.timings.append((p.name, time.perf_counter() - start))
         state.report.spec, state.report.perms = state.spec, state.perms
+        state.report.maps = state.alignment()
         return state.report
 
     def __repr__(self) -> str:

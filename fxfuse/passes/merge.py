@@ -1,6 +1,7 @@
 """Merge aligned weights, and check the fused model.
 
-Merge: ``theta = sum_k w_k * P_k(theta_k)`` for every floating tensor (parameters and float buffers
+Merge (:func:`fxfuse.core.merge_states`): ``theta = sum_k w_k * A_k(theta_k)``, ``A_k`` model
+``k``'s alignment maps, for every floating tensor (parameters and float buffers
 such as BatchNorm running statistics, averaged like the weights they describe), with ``w`` the
 interpolation weights (non-negative, summing to 1).  Integer buffers (``num_batches_tracked``)
 are not averaged: model 0's value is kept.  The fused model is a copy of model 0 (the user's
@@ -13,6 +14,7 @@ import copy
 
 import torch
 
+from ..core import merge_states
 from ..errors import PipelineError, VerificationError
 from ..permute import rel_diff
 from ..trace import eval_mode
@@ -27,13 +29,7 @@ class MergeWeights(Pass):
             raise PipelineError("merge needs the models' states")
 
     def call(self, state: FusionState) -> None:
-        aligned = state.aligned_states()
-        merged: dict[str, torch.Tensor] = {}
-        for key, ref in aligned[0].items():
-            if ref.is_floating_point() or ref.is_complex():
-                merged[key] = torch.stack([w * s[key] for w, s in zip(state.weights, aligned)]).sum(0)
-            else:
-                merged[key] = ref.clone()
+        merged = merge_states(state.spec, state.states, state.alignment(), state.weights)
         fused = copy.deepcopy(state.models[0]).to(state.device)
         fused.load_state_dict(merged)
         state.fused = fused

@@ -41,7 +41,7 @@ LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ResetBatchNorm:
     """Config: recompute BatchNorm statistics on ``data``."""
 
-    data: Iterable[Any] = field(repr=False, default=())
+    data: Iterable[Any] = field(repr=False, default=(), metadata={"data": True})
     max_batches: int | None = None
 
 
@@ -49,7 +49,7 @@ class ResetBatchNorm:
 class Repair:
     """Config: REPAIR on ``data`` (see module doc)."""
 
-    data: Iterable[Any] = field(repr=False, default=())
+    data: Iterable[Any] = field(repr=False, default=(), metadata={"data": True})
     max_batches: int | None = None
     eps: float = 1e-5
 

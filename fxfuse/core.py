@@ -1,0 +1,157 @@
+"""The functional core: align, merge and re-apply fusions on state dicts.
+
+A caller that holds only state dicts and a model factory (a federated server) uses these
+directly; :func:`fxfuse.fuse` runs the same steps as passes.
+
+* :func:`align_states`: ``(spec, states, config) -> maps``, with ``maps[k][group]`` the
+  :class:`~fxfuse.maps.GroupMap` taking model ``k`` into the fused basis (identity for model 0);
+* :func:`merge_states`: ``theta = sum_k w_k * A_k(theta_k)`` for every floating tensor, ``A_k``
+  model ``k``'s maps applied by member role (:func:`fxfuse.maps.apply_maps`); integer buffers
+  (``num_batches_tracked``) keep model 0's value;
+* :func:`save_fusion` / :func:`load_fusion`: a spec and its maps as one JSON file (permutations as
+  index lists, dense maps as matrices), so a fusion can be re-applied to the same models with
+  :func:`apply_fusion`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError, SpecError
+from .maps import GroupMap, apply_maps, perm_maps
+from .spec import PermutationSpec
+
+State = dict[str, torch.Tensor]
+Maps = dict[str, GroupMap]
+FORMAT = "fxfuse.Fusion"
+VERSION = 1
+
+
+def align_states(
+    spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], config: Any, *,
+    data: Any = None, factory: Callable[[], nn.Module] | None = None,
+    example_inputs: Any = None, device: str | torch.device = "cpu", progress: bool = False,
+) -> list[Maps]:
+    """Each state's maps into the basis of ``states[0]``, by the registered align ``config``.
+    Methods that run the model (activation matching) need ``factory`` (a model of the
+    architecture; the states are loaded into fresh instances) and ``data``."""
+    from .methods import passes_for, with_data
+    from .passes.base import FusionState
+    from .trace import as_input_tuple
+
+    dev = torch.device(device)
+    if factory is not None:
+        models = []
+        for s in states:
+            m = factory()
+            m.load_state_dict(dict(s))
+            models.append(m)
+    else:
+        models = []
+    state = FusionState(models=models, example_inputs=as_input_tuple(example_inputs)
+                        if example_inputs is not None else (), weights=[1.0 / len(states)] *
+                        len(states), device=dev, progress=progress, spec=spec,
+                        states=[{k: v.detach().to(dev) for k, v in s.items()} for s in states])
+    for p in passes_for(with_data(config, data), "align"):
+        if not models and getattr(p, "needs_models", False):
+            raise InputError(f"{type(config).__name__} runs the models: pass factory=")
+        p.requires(state)
+        p.call(state)
+        p.ensures(state)
+    if state.maps is not None:
+        return state.maps
+    if state.perms is None:
+        raise InputError(f"{type(config).__name__} produced no alignment")
+    return [perm_maps(p) for p in state.perms]
+
+
+def merge_states(spec: PermutationSpec | None, states: Sequence[Mapping[str, torch.Tensor]],
+                 maps: Sequence[Mapping[str, GroupMap]] | None, weights: Sequence[float]
+                 ) -> State:
+    """The weighted average of the states, each taken into the fused basis by its maps first
+    (module doc); ``maps=None`` averages the states as they are."""
+    if maps is not None and spec is None:
+        raise InputError("merge_states: maps need the spec they were found on")
+    aligned = [dict(s) for s in states] if maps is None or spec is None else [
+        apply_maps(s, spec, m) for s, m in zip(states, maps)]
+    merged: State = {}
+    for key, ref in aligned[0].items():
+        if ref.is_floating_point() or ref.is_complex():
+            merged[key] = torch.stack([w * s[key] for w, s in zip(weights, aligned)]).sum(0)
+        else:
+            merged[key] = ref.clone()
+    return merged
+
+
+@dataclass(frozen=True)
+class FusionRecord:
+    """What :func:`load_fusion` reads back: the spec and every model's maps (None: unaligned)."""
+
+    spec: PermutationSpec
+    maps: list[Maps] | None
+
+
+def fusion_to_dict(spec: PermutationSpec, maps: Sequence[Mapping[str, GroupMap]] | None
+                   ) -> dict[str, Any]:
+    return {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(),
+            "maps": None if maps is None else [{g: m.to_dict() for g, m in mk.items()}
+                                               for mk in maps]}
+
+
+def save_fusion(path: str | Path, spec: PermutationSpec,
+                maps: Sequence[Mapping[str, GroupMap]] | None) -> Path:
+    """Write ``spec`` and ``maps`` (e.g. ``report.spec, report.maps``) to ``path`` (.json),
+    atomically (a half-written file never replaces an old one)."""
+    from .exporter import publish, staged_file
+
+    target = Path(path)
+    if target.suffix != ".json":
+        raise InputError(f"a fusion record is a .json file, got {target.name!r}")
+    if not target.parent.is_dir():
+        raise InputError(f"folder {str(target.parent)!r} does not exist; create it first")
+    with staged_file(target) as staged:
+        staged.write_text(json.dumps(fusion_to_dict(spec, maps)))
+        publish(staged, target)
+    return target
+
+
+def load_fusion(path: str | Path) -> FusionRecord:
+    """Read a file written by :func:`save_fusion` (SpecError if it is not one)."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SpecError(f"can not read fusion record {str(path)!r}: {exc}") from exc
+    if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
+        raise SpecError(f"{str(path)!r} is not an fxfuse fusion record of version {VERSION}")
+    spec = PermutationSpec.from_json(json.dumps(d["spec"]))
+    try:
+        maps = None if d["maps"] is None else [
+            {g: GroupMap.from_dict(m) for g, m in mk.items()} for mk in d["maps"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpecError(f"malformed maps in {str(path)!r}: {exc}") from exc
+    return FusionRecord(spec, maps)
+
+
+def apply_fusion(models: Sequence[nn.Module], record: FusionRecord,
+                 weights: Sequence[float] | None = None) -> nn.Module:
+    """Re-apply a recorded fusion to the same models (no search): a new model of model 0's class
+    with the merged state (the inputs are untouched; no repair is re-run)."""
+    from .fuse import check_models, interpolation_weights
+
+    check_models(models)
+    if record.maps is not None and len(record.maps) != len(models):
+        raise InputError(f"the record holds maps for {len(record.maps)} models, got "
+                         f"{len(models)}")
+    w = interpolation_weights(weights, len(models))
+    merged = merge_states(record.spec, [m.state_dict() for m in models], record.maps, w)
+    fused = copy.deepcopy(models[0])
+    fused.load_state_dict(merged)
+    return fused

@@ -1,0 +1,160 @@
+"""Method registry: a config type -> the passes that run it, and recipes (configs as JSON).
+
+Every alignment or repair method is a frozen config dataclass registered once with
+:func:`register_method`; :func:`fxfuse.fuse`, the command line and JSON recipes dispatch through
+this table, never through an ``isinstance`` chain, so a user's own method registered here is
+reachable from all three::
+
+    @dataclass(frozen=True)
+    class MyAlign:
+        strength: float = 1.0
+
+    fxfuse.register_method("my-align", "align", MyAlign, lambda cfg: [MyAlignPass(cfg)])
+    fxfuse.fuse(models, x, align=MyAlign(0.5))
+    fxfuse.fuse(models, x, **fxfuse.recipe_from_json('{"align": {"method": "my-align"}}'))
+
+Configs carry parameters; data is passed beside them (``fuse(..., data=batches)``): fields marked
+``field(metadata={"data": True})`` are filled from it and never written to a recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InputError
+
+STAGES = ("align", "repair")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method: its recipe ``name``, pipeline ``stage``, config type, and
+    ``passes(config) -> list[Pass]``."""
+
+    name: str
+    stage: str
+    config: type
+    passes: Callable[[Any], list[Any]]
+    needs_data: bool = False
+
+
+_BY_TYPE: dict[type, Method] = {}
+_BY_NAME: dict[str, Method] = {}
+
+
+def register_method(name: str, stage: str, config: type, passes: Callable[[Any], list[Any]]
+                    ) -> Method:
+    """Register ``config`` (a dataclass type) as method ``name`` of ``stage`` ("align" or
+    "repair"); ``passes(config)`` builds the passes that run it.  Registering the same name
+    again replaces it (so a module can be reloaded)."""
+    if stage not in STAGES:
+        raise InputError(f"register_method: stage must be one of {STAGES}, got {stage!r}")
+    if not dataclasses.is_dataclass(config) or not isinstance(config, type):
+        raise InputError(f"register_method: {config!r} must be a dataclass type (a config)")
+    old = _BY_NAME.get(name)
+    if old is not None and old.config is not config:
+        _BY_TYPE.pop(old.config, None)
+    needs = any(f.metadata.get("data") for f in dataclasses.fields(config))
+    method = Method(name, stage, config, passes, needs)
+    _BY_TYPE[config] = method
+    _BY_NAME[name] = method
+    return method
+
+
+def methods(stage: str | None = None) -> list[Method]:
+    """The registered methods (of ``stage``), in registration order."""
+    return [m for m in _BY_NAME.values() if stage is None or m.stage == stage]
+
+
+def method_of(config: Any, stage: str) -> Method:
+    """The registered method of ``config`` for ``stage``; InputError naming the choices."""
+    m = _BY_TYPE.get(type(config))
+    if m is None or m.stage != stage:
+        names = ", ".join(f"{x.config.__name__}()" for x in methods(stage))
+        raise InputError(f"{stage} must be one of {names} or None, got {config!r} (register your "
+                         f"own with fxfuse.register_method)")
+    return m
+
+
+def passes_for(config: Any, stage: str) -> list[Any]:
+    return list(method_of(config, stage).passes(config))
+
+
+def data_fields(config: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(config) if f.metadata.get("data")]
+
+
+def with_data(config: Any, data: Any) -> Any:
+    """``config`` with its data fields filled from ``data`` where they are empty; InputError if
+    the method needs data and neither gives any."""
+    stage = method_of(config, _BY_TYPE[type(config)].stage if type(config) in _BY_TYPE
+                      else "align").stage
+    names = data_fields(config)
+    empty = [n for n in names if _empty(getattr(config, n))]
+    if empty and data is not None:
+        return dataclasses.replace(config, **{n: data for n in empty})
+    if empty:
+        name = method_of(config, stage).name
+        raise InputError(f"{type(config).__name__} ({name}) needs data and none was given (or it "
+                         f"is empty): pass "
+                         f"fuse(..., data=batches) or {type(config).__name__}({empty[0]}=batches) "
+                         f"(an iterable of x or (x, y) batches)")
+    return config
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (tuple, list)) and len(value) == 0)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """``{"method": name, parameter: value, ...}`` (data fields left out)."""
+    m = _BY_TYPE.get(type(config))
+    if m is None:
+        raise InputError(f"{type(config).__name__} is not a registered method")
+    out: dict[str, Any] = {"method": m.name}
+    for f in dataclasses.fields(config):
+        if not f.metadata.get("data"):
+            out[f.name] = getattr(config, f.name)
+    return out
+
+
+def config_from_dict(d: dict[str, Any]) -> Any:
+    if not isinstance(d, dict) or "method" not in d:
+        raise InputError(f"a recipe entry must be an object with a 'method' key, got {d!r}")
+    name = d["method"]
+    m = _BY_NAME.get(name)
+    if m is None:
+        raise InputError(f"unknown method {name!r} in recipe; registered: "
+                         f"{', '.join(_BY_NAME)}")
+    params = {k: v for k, v in d.items() if k != "method"}
+    allowed = {f.name for f in dataclasses.fields(m.config) if not f.metadata.get("data")}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise InputError(f"method {name!r} has no parameter {unknown[0]!r}; its parameters: "
+                         f"{', '.join(sorted(allowed)) or 'none'}")
+    return m.config(**params)
+
+
+def recipe_to_json(**stages: Any) -> str:
+    """A JSON recipe of stage configs, e.g. ``recipe_to_json(align=WeightMatching(),
+    repair=Repair())``; a None stage is written as null."""
+    bad = sorted(set(stages) - set(STAGES))
+    if bad:
+        raise InputError(f"recipe stages are {STAGES}, got {bad[0]!r}")
+    return json.dumps({k: None if v is None else config_to_dict(v) for k, v in stages.items()},
+                      indent=1)
+
+
+def recipe_from_json(text: str) -> dict[str, Any]:
+    """The stage configs of a JSON recipe, as keyword arguments for :func:`fxfuse.fuse`."""
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"a recipe must be JSON: {exc}") from exc
+    if not isinstance(d, dict) or set(d) - set(STAGES):
+        raise InputError(f"a recipe is an object with keys among {STAGES}, got {text[:80]!r}")
+    return {k: None if v is None else config_from_dict(v) for k, v in d.items()}
