@@ -48,7 +48,7 @@ from .coords import group_rows
 from .errors import PermutationError
 from .spec import PermutationSpec, tree_groups, tree_size
 
-OUT, IN, SECOND = "out", "in", "second"
+OUT, IN, SECOND = "out", "in", "second"  # the roles of fxfuse.roles
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,7 +209,7 @@ def apply_maps(state: Mapping[str, torch.Tensor], spec: PermutationSpec, maps: M
             continue
         for g in touched:
             merge, unmerge = dense[g].dense()
-            mat = merge if role == OUT else unmerge.T
+            mat = unmerge.T if role == IN else merge
             t = map_axis(t, axis, a.layout, g, cur, mat)
             cur[g] = mat.shape[0]
         out[key] = t

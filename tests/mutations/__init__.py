@@ -124,8 +124,21 @@ MUTATIONS: list[Mutation] = [
              "rels = same(channels, x[1], y[1], *(p[0] for p in params if p is not None))",
              "rels = same(x[1], y[1], *(p[0] for p in params if p is not None))",
              (RULES, "-k", "groupnorm or group_norm")),
-    # map core (fxfuse/maps.py, when it lands): a map applied with M instead of U^T, a second
-    # moment averaged like a first moment, a group paired with the wrong partner; one entry each.
+    # map core (fxfuse/maps.py, fxfuse/roles.py)
+    Mutation("map-input-side-with-M", "fxfuse/maps.py",
+             "mat = unmerge.T if role == IN else merge",
+             "mat = merge",
+             ("tests/test_maps.py::test_a_narrow_model_copied_into_a_wider_one_computes_the_same_function",)),
+    Mutation("second-moment-averaged-like-a-mean", "fxfuse/maps.py",
+             "if role.startswith(SECOND):",
+             "if False:",
+             ("tests/test_maps.py::test_second_moments_merge_as_a_mixture",)),
+    Mutation("role-output-side-read-as-input", "fxfuse/discover.py",
+             "                    role = OUT\n",
+             "                    role = IN\n",
+             ("tests/test_maps.py::test_a_narrow_model_copied_into_a_wider_one_computes_the_same_function",)),
+    # still to come with cross-model pairing (different widths): a group paired with the wrong
+    # partner.
 ]
 
 #: Run in CI by tests/test_mutations.py: one per kind of test that was blind before, fast ones.
