@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -93,6 +94,7 @@ def test_onnx_parity_zoo(name: str, tmp_path: Path) -> None:
     assert isinstance(report, ExportReport)
     assert report.format == "onnx" and report.exporter in ("dynamo", "legacy")
     assert report.max_rel_diff is not None and report.max_rel_diff < 1e-4, (name, report)
+    assert report.dynamic_batch and len(report.checked_batches) == 2, (name, report.notes)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
@@ -298,3 +300,118 @@ def test_model_not_mutated(suffix: str, fail: bool, tmp_path: Path) -> None:
     assert {name: m.training for name, m in model.named_modules()} == flags
     assert [p.requires_grad for p in model.parameters()] == grads_before
     assert all(p.grad is None for p in model.parameters())
+
+
+# --- deployable ONNX: dynamic batch, names, Hugging Face inputs ---------------------------------
+
+
+def _session(path: Path):  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run_at(session, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    return [torch.as_tensor(o) for o in session.run(None, {k: v.numpy() for k, v in feeds.items()})]
+
+
+@pytest.mark.parametrize("example_batch", [1, 2])
+def test_onnx_batch_axis_is_dynamic_and_inputs_are_named(example_batch: int,
+                                                          tmp_path: Path) -> None:
+    from tests.cli_models import two_inputs
+
+    model = two_inputs().eval()
+    ids, feats = torch.randint(0, 10, (example_batch, 5)), torch.randn(example_batch, 5, 4)
+    report = export(model, (ids, feats), tmp_path / "m.onnx")
+    assert report.dynamic_batch and report.input_names == ("ids", "feats"), report
+    assert report.output_names == ("output",) and report.checked_batches[0] == example_batch
+    session = _session(tmp_path / "m.onnx")
+    assert [i.name for i in session.get_inputs()] == ["ids", "feats"]
+    assert [i.shape[0] for i in session.get_inputs()] == ["batch", "batch"]
+    for batch in (3, 7):  # neither the example's nor the trace's size
+        feeds = {"ids": torch.randint(0, 10, (batch, 5)), "feats": torch.randn(batch, 5, 4)}
+        (got,) = _run_at(session, feeds)
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(*feeds.values()), rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_static_shapes_on_request(tmp_path: Path) -> None:
+    model, x = _small()
+    report = export(model, x, tmp_path / "m.onnx", dynamic_batch=False)
+    assert not report.dynamic_batch and report.checked_batches == (6,)
+    assert _session(tmp_path / "m.onnx").get_inputs()[0].shape == [6, 4]
+
+
+def test_onnx_model_that_fixes_its_batch_size_gets_static_shapes(tmp_path: Path) -> None:
+    from tests.cli_models import fixed_batch
+
+    model = fixed_batch()
+    report = export(model, torch.randn(2, 2, 4), tmp_path / "m.onnx")
+    assert not report.dynamic_batch and report.checked_batches == (2,)
+    assert any("fixes the batch size to 2" in n for n in report.notes), report.notes
+    assert "static shapes" in report.summary()
+    assert _session(tmp_path / "m.onnx").get_inputs()[0].shape == [2, 2, 4]
+
+
+def test_state_dict_export_reports_no_onnxruntime(tmp_path: Path) -> None:
+    model, x = _small()
+    for suffix in (".pt", ".safetensors"):
+        text = export(model, x, tmp_path / f"m{suffix}").summary()
+        assert "onnxruntime" not in text and "state_dict" in text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("suffix", [".onnx", ".pt", ".safetensors"])
+def test_written_files_follow_the_umask(suffix: str, umask: int, tmp_path: Path) -> None:
+    model, x = _small()
+    old = os.umask(umask)
+    try:
+        export(model, x, tmp_path / f"m{suffix}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / f"m{suffix}").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _tiny_bert():  # type: ignore[no-untyped-def]
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, max_position_embeddings=64)
+    return T.BertModel(cfg).eval()
+
+
+def test_onnx_hugging_face_encoder_takes_an_attention_mask(tmp_path: Path) -> None:
+    model = _tiny_bert()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    report = export(model, ids, tmp_path / "bert.onnx")
+    assert report.input_names == ("input_ids", "attention_mask") and report.dynamic_batch
+    assert report.output_names == ("last_hidden_state", "pooler_output")
+    session = _session(tmp_path / "bert.onnx")
+    for batch in (1, 5):
+        feeds = {"input_ids": torch.randint(0, 100, (batch, 8)),
+                 "attention_mask": torch.ones(batch, 8, dtype=torch.int64)}
+        feeds["attention_mask"][0, 5:] = 0  # a padded sequence
+        got = _run_at(session, feeds)
+        with torch.no_grad():
+            ref = model(**feeds)
+        torch.testing.assert_close(got[0], ref.last_hidden_state, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[1], ref.pooler_output, rtol=1e-4, atol=1e-5)
+    # the mask is used: padding changes the unpadded positions' outputs of a padded row
+    unpadded = _run_at(session, {"input_ids": feeds["input_ids"],
+                                 "attention_mask": torch.ones(5, 8, dtype=torch.int64)})[0]
+    assert not torch.allclose(unpadded[0, :5], got[0][0, :5], atol=1e-4)
+
+
+def test_onnx_causal_lm_exported_without_touching_its_cache_setting(tmp_path: Path) -> None:
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=64)
+    model = T.LlamaForCausalLM(cfg).eval()
+    assert model.config.use_cache
+    ids = torch.randint(0, 100, (2, 6))
+    report = export(model, ids, tmp_path / "lm.onnx")
+    assert model.config.use_cache  # untouched
+    assert report.output_names == ("logits",) and report.dynamic_batch
+    assert any("use_cache=False" in n for n in report.notes), report.notes

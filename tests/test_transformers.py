@@ -167,3 +167,25 @@ def test_swin_style_shifted_windows_and_fused_qkv() -> None:
     assert not uncovered_layers(model, spec)
     rows = spec.axes[("qkv.weight", 0)].layout  # (3 x heads x head_dim): q, k, v blocks
     assert rows[0] == "prod" and rows[1][0] == ("fixed", 3) and len(rows[1]) == 3
+
+
+def test_causal_lm_is_fused_without_touching_its_config() -> None:
+    T: Any = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = randomize_constants(T.LlamaForCausalLM(cfg).eval(), seed=1)
+    assert model.config.use_cache is True  # the default: a DynamicCache output
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = fxfuse.find_groups(model, ids)
+    assert model.config.use_cache is True and spec.tracer == "torch.export"
+    other = fxfuse.permute(model, spec, spec.random_perms(seed=2))
+    report = fxfuse.FusionReport()
+    fused = fxfuse.fuse([model, other], ids, progress=False, report=report)
+    assert model.config.use_cache is True and other.config.use_cache is True
+    assert fused.config.use_cache is True  # the fused model keeps the user's setting
+    assert any("use_cache=False" in n and "keep use_cache=True" in n for n in report.notes)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
