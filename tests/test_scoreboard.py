@@ -52,8 +52,14 @@ def test_tiny_setting_scores_every_row(digits: datasets.Dataset, tmp_path: Path)
     text = "\n".join(render_table(table))
     assert "different init: test acc %" in text and "common init: test acc %" in text
     assert "1 epoch, batch 32, Adam(lr=0.001)" in text
+    counts = table.split.counts
+    assert f"| 0 | {counts[0][0]} [" in text and f" | {counts[1].sum()} |" in text
     summary = "\n".join(render_summary([table]))
     assert summary.count("\n") == 3 and "digits, 2 clients" in summary
+    best_method = max((r for r in table.rows if r.kind == "method"),
+                      key=lambda r: r.cells["different"].acc or 0.0)
+    assert summary.rstrip().endswith(
+        f"| {best_method.name} {100 * (best_method.cells['different'].acc or 0):.2f} |")
     # the clients came from the cache the second time, with the same scores
     again = run_setting(setting, digits, cache_dir=tmp_path)
     assert all(c.cached for cs in again.clients.values() for c in cs)

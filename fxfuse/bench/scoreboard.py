@@ -32,8 +32,8 @@ from .clients import INITS, Budget, ModelSpec, TrainedClient, train_clients
 from .methods import METHODS, Context, Method, NotApplicable
 from .splits import Split, fusion_set, split
 
-__all__ = ["Cell", "Row", "Setting", "Table", "default_model", "evaluate", "render_summary",
-           "render_table", "run_setting"]
+__all__ = ["Cell", "Row", "Setting", "Table", "default_model", "evaluate", "render_counts",
+           "render_summary", "render_table", "run_setting"]
 
 MLP_FACTORY = "models.zoo:mlp_classifier"
 
@@ -262,7 +262,25 @@ def render_table(table: Table) -> list[str]:
         cells = [c for i in inits for c in _cells(row.cells.get(i))]
         name = f"**{row.name}**" if row.kind == "best" else row.name
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+    return [*lines, "", *render_counts(s), ""]
+
+
+def render_counts(s: Split) -> list[str]:
+    """The split's class counts per client (a collapsed Markdown block), with the Dirichlet
+    concentration each client drew for each class where the scheme has one."""
+    head = "| client | " + " | ".join(str(c) for c in s.classes) + " | total |"
+    lines = ["<details><summary>class counts per client"
+             + (" (concentration drawn per class in brackets)"
+                if s.scheme == "dirichlet-per-class" else "") + "</summary>", "", head,
+             "|---|" + "---:|" * (len(s.classes) + 1)]
+    for k, row in enumerate(s.counts):
+        cells = []
+        for j, n in enumerate(row):
+            conc = (f" [{s.concentrations[j, k]:.2g}]"
+                    if s.scheme == "dirichlet-per-class" and s.concentrations is not None else "")
+            cells.append(f"{int(n)}{conc}")
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {int(row.sum())} |")
+    return [*lines, "", "</details>"]
 
 
 SUMMARY_ROWS = ("best client (oracle: by test acc)", "vanilla average", "weight matching",
@@ -271,11 +289,12 @@ SUMMARY_ROWS = ("best client (oracle: by test acc)", "vanilla average", "weight 
 
 def render_summary(tables: Sequence[Table], init: str = "different",
                    rows: Sequence[str] = SUMMARY_ROWS) -> list[str]:
-    """One line per setting: test accuracy % of the chosen rows for clients of ``init``, plus
-    the common-init vanilla average (one FedAvg round) when it was run."""
+    """One line per setting: test accuracy % of the chosen rows for clients of ``init``, the
+    common-init vanilla average (one FedAvg round) when it was run, and the method row with the
+    highest accuracy (any method: fused networks, ensembles and routers alike)."""
     head = [r.replace(" (oracle: by test acc)", "") for r in rows]
-    lines = ["| setting | " + " | ".join(head) + " | vanilla average, common init |",
-             "|---|" + "---:|" * (len(rows) + 1)]
+    lines = ["| setting | " + " | ".join(head) + " | vanilla average, common init | top method "
+             "row |", "|---|" + "---:|" * (len(rows) + 1) + "---|"]
 
     def short(t: Table, name: str, which: str) -> str:
         try:
@@ -286,7 +305,16 @@ def render_summary(tables: Sequence[Table], init: str = "different",
             return "-"
         return cell.note.split(":")[0] if cell.acc is None else f"{100 * cell.acc:.2f}"
 
+    def top(t: Table) -> str:
+        scored = [(c.acc, r.name) for r in t.rows if r.kind == "method"
+                  for c in [r.cells.get(init)] if c is not None and c.acc is not None]
+        if not scored:
+            return "-"
+        acc, name = max(scored, key=lambda p: p[0])
+        return f"{name} {100 * acc:.2f}"
+
     for t in tables:
-        cells = [short(t, r, init) for r in rows] + [short(t, "vanilla average", "common")]
+        cells = [short(t, r, init) for r in rows] + [short(t, "vanilla average", "common"),
+                                                     top(t)]
         lines.append(f"| {t.setting.title()} | " + " | ".join(cells) + " |")
     return [*lines, ""]
