@@ -13,6 +13,7 @@ from fxfuse.bench import Budget, ModelSpec, datasets
 from fxfuse.bench.methods import METHODS, Context, Ensemble, NotApplicable
 from fxfuse.bench.scoreboard import (
     Setting,
+    default_model,
     evaluate,
     render_summary,
     render_table,
@@ -143,3 +144,12 @@ def test_script_writes_only_its_section(digits: datasets.Dataset, tmp_path: Path
     assert "| logit ensemble |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         scoreboard.main(["--tiny", "--write"])                       # would clobber the real one
+
+
+def test_unknown_names_are_typed_errors() -> None:
+    with pytest.raises(InputError, match="unknown dataset"):
+        datasets.load("cifar10")
+    with pytest.raises(InputError, match="no default model"):
+        default_model("cifar10")
+    with pytest.raises(InputError, match="unknown init"):
+        Setting("digits", 2, inits=("shared",))

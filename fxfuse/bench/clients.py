@@ -13,6 +13,9 @@ generator.  Two initialisations:
   server broadcasts one initial model).
 
 Data order seed is ``seed + k`` in both cases, so the two settings differ only in the start.
+"Deterministic" means bit-identical weights on one machine with one ``torch`` thread count; other
+thread counts or CPUs may round differently (the cache key does not include them: a cached
+client is the same recipe, not necessarily the same bits another machine would produce).
 A factory that takes a ``seed`` argument (every ``models.zoo`` factory) is called with the init
 seed; any other is called under a forked global RNG seeded with it.
 
