@@ -116,16 +116,41 @@ def test_hugging_face_model(name: str) -> None:
                    if "attention" in k or "attn" in k)
 
 
-def test_fusing_an_exported_model_weight_matching_and_clear_limits() -> None:
+def test_fusing_an_exported_model_by_weight_and_by_activation_matching() -> None:
     model, inputs, spec = llama()
+    assert spec.tracer == "torch.export"
     copy = fxfuse.permute(model, spec, spec.random_perms(seed=4))
     fused = fxfuse.fuse([model, copy], inputs, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(fused(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
-    data = [inputs[0]]
-    with pytest.raises(fxfuse.PipelineError, match="WeightMatching"):
-        fxfuse.fuse([model, copy], inputs, align=fxfuse.ActivationMatching(data=data),
-                    progress=False)
+    # activation matching reads the exported graph's nodes (one capture for both tracers),
+    # on batches of another size than the example's
+    gen = torch.Generator().manual_seed(5)
+    data = [torch.randint(0, 64, (3, inputs[0].shape[1]), generator=gen) for _ in range(2)]
+    perms = spec.random_perms(seed=4)
+    report = fxfuse.FusionReport()
+    fxfuse.fuse([model, copy], inputs, align=fxfuse.ActivationMatching(data=data),
+                progress=False, report=report)
+    assert report.perms is not None
+    whole = [g.name for g in spec.groups if not any(
+        len(spec.axes[(k, a)].groups) > 1 for k, a in g.members)]
+    assert whole, "the test needs groups that fill an axis alone"
+    for g in whole:  # found exactly: the copy's units are model 0's, permuted
+        assert torch.equal(report.perms[1][g], torch.argsort(perms[g])), g
+
+
+@pytest.mark.xfail(strict=True, reason="activation matching solves each group on its own, so a "
+                   "head-dim group whose contexts (the heads) are permuted too is matched against "
+                   "the wrong heads (symbolic graphs alike: sdpa_net, vit_tiny)")
+def test_activation_matching_recovers_head_factor_groups() -> None:
+    model, inputs, spec = llama()
+    copy = fxfuse.permute(model, spec, spec.random_perms(seed=4))
+    gen = torch.Generator().manual_seed(5)
+    data = [torch.randint(0, 64, (3, inputs[0].shape[1]), generator=gen) for _ in range(2)]
+    fused = fxfuse.fuse([model, copy], inputs, align=fxfuse.ActivationMatching(data=data),
+                        progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
 
 
 class SwinStyleBlock(nn.Module):

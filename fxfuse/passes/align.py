@@ -22,7 +22,8 @@ each solve of a group warm-started from the duals of its last one (:mod:`fxfuse.
 **N models**: every model is first matched to model 0, then MergeMany rounds re-match each model to
 the mean of the others (all in the common basis) until no permutation changes.
 
-**Activation matching**: run the traced graph of both models over data, and for every group
+**Activation matching**: run the traced graph of both models over data (symbolic or
+``torch.export`` graphs alike, :mod:`fxfuse.capture`), and for every group
 correlate the features of every node output ``g`` acts on (standardised, summed over those
 nodes); the permutation maximises the total correlation.
 """
@@ -36,14 +37,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx as fx
 
 from ..assignment import WarmAssignment, max_assignment
+from ..capture import ActivationCapture
 from ..coords import as_rows, group_rows
 from ..errors import InputError, PipelineError
 from ..permute import apply_perms
 from ..spec import PermutationSpec, axis_index, tree_groups
-from ..trace import eval_mode, symbolic_trace
 from .base import FusionState, Pass, batch_inputs, limited, on_device, progress
 
 
@@ -321,19 +321,6 @@ def _features(spec: PermutationSpec, device: torch.device
     return out
 
 
-class _Capture(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
-        super().__init__(gm)
-        self.wanted = wanted
-        self.seen: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.wanted and isinstance(out, torch.Tensor) and out.is_floating_point():
-            self.seen[n.name] = out
-        return out
-
-
 class AlignActivations(Pass):
     """Activation matching of every model to model 0 (correlation of group features)."""
 
@@ -353,26 +340,19 @@ class AlignActivations(Pass):
         feats = _features(spec, state.device)
         wanted = {node for rows in feats.values() for node, _, _ in rows}
         models = [on_device(m, state.device) for m in state.models]
-        if spec.tracer != "torch.fx.symbolic_trace":
-            raise PipelineError(f"activation matching reads activations by node of the "
-                                f"symbolic graph, and this model was traced with {spec.tracer}; "
-                                f"use align=fxfuse.WeightMatching() for it")
-        gms = [symbolic_trace(m, stack_traces=False) for m in models]
+        captures = [ActivationCapture(m, spec.tracer, wanted) for m in models]
         perms = [_identity(spec, state.device)]
-        for k in range(1, len(gms)):
+        for k in range(1, len(captures)):
             stats: dict[str, list[torch.Tensor]] = {}
             for batch in progress(data, f"activation statistics, model {k}", state.progress):
                 xs = batch_inputs(batch, state.device)
-                with eval_mode(gms[0], gms[k]):
-                    cap_a, cap_b = _Capture(gms[0], wanted), _Capture(gms[k], wanted)
-                    cap_a.run(*xs)
-                    cap_b.run(*xs)
+                seen_a, seen_b = captures[0](*xs), captures[k](*xs)
                 for g, rows_list in feats.items():
                     for node, axis, rows in rows_list:
-                        if node not in cap_a.seen or node not in cap_b.seen:
+                        if node not in seen_a or node not in seen_b:
                             continue
-                        a = as_rows(cap_a.seen[node], axis, rows).double()
-                        b = as_rows(cap_b.seen[node], axis, rows).double()
+                        a = as_rows(seen_a[node], axis, rows).double()
+                        b = as_rows(seen_b[node], axis, rows).double()
                         acc = stats.setdefault(f"{g}\0{node}\0{axis}", [
                             torch.zeros(()), torch.zeros(a.shape[0], dtype=torch.float64,
                                                          device=a.device),

@@ -85,7 +85,7 @@ def cases() -> list[tuple[str, str]]:
                                           models.get(name).example_inputs()).tracer
         for setting in SETTINGS:
             if "activation" in setting and tracer_is_fx != "torch.fx.symbolic_trace":
-                continue  # activation matching refuses torch.export graphs today
+                continue  # activation matching on torch.export graphs came after this record
             if "reset-bn" in setting and not has_batchnorm(models.get(name).factory()):
                 continue
             out.append((name, setting))
