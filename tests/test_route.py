@@ -71,10 +71,11 @@ def _acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 # 0.487, mean-logit ensemble 0.852; gate(client) 0.933, gate(correct) 0.936; confidence
 # 0.838 (raw) / 0.833 (calibrated); entropy 0.841 / 0.788; density input 0.950, features
 # 0.933.  The margins below are about half of the measured ones.
-@pytest.mark.parametrize("target", ["client", "correct"])
-def test_gate_beats_every_client_and_the_logit_ensemble(sharded: dict, target: str) -> None:
+@pytest.mark.parametrize("gate", [Gate(target="client"), Gate(target="correct"),
+                                  Gate(target="correct", confidence=True)])
+def test_gate_beats_every_client_and_the_logit_ensemble(sharded: dict, gate: Gate) -> None:
     models, data, (xt, yt) = sharded["models"], sharded["data"], sharded["test"]
-    router = adaptive_selection(models, xt[:2], data, Gate(target=target)).eval()
+    router = adaptive_selection(models, xt[:2], data, gate).eval()
     rep = router.evaluate((xt, yt))
     assert rep.model_accuracy is not None and rep.accuracy is not None
     assert rep.ensemble_accuracy is not None
@@ -101,12 +102,13 @@ def test_routing_is_per_sample_and_returns_the_chosen_models_rows(sharded: dict)
     models, data = sharded["models"], sharded["data"]
     (xa, _), (xb, _) = sharded["client_test"]
     x = torch.cat([xa[:20], xb[:20]])[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
-    for selector in ("gate", "confidence", "density"):
-        router = adaptive_selection(models, x[:2], data, selector).eval()
+    for selector in ("gate", "confidence", "density", Gate(target="correct", confidence=True)):
+        router = adaptive_selection(models, x[:2], data, selector).eval()  # type: ignore[arg-type]
         with torch.no_grad():
             out, choice = router.route(x)
             own = [m(x) for m in models]
         assert set(choice.tolist()) == {0, 1}, selector
+        assert router.report is not None and router.report.shares[0] > 0.2
         assert torch.equal(choice, router.choices(x))
         expected = torch.stack([own[int(c)][b] for b, c in enumerate(choice)])
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)

@@ -217,6 +217,7 @@ def _register_selection_rows() -> None:
                       ("entropy, calibrated", Entropy()),
                       ("gate (client)", Gate(target="client")),
                       ("gate (correct)", Gate(target="correct")),
+                      ("gate (correct) x confidence", Gate(target="correct", confidence=True)),
                       ("density (input)", Density(space="input")),
                       ("density (features)", Density(space="features"))):
         _selection_row(name, sel)

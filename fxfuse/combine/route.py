@@ -12,8 +12,9 @@ Cost, per input (``RouteReport`` states it in multiply-accumulates of Linear / C
 
 * PyTorch, selectors that read only the input (``gate``, ``density`` in input space): the
   selector runs first and each model runs only on the samples routed to it, so a sample costs
-  the selector plus its chosen model.  ``confidence``, ``entropy`` and feature-space
-  ``density`` must run every model on every sample (they choose from the models' outputs).
+  the selector plus its chosen model.  ``confidence``, ``entropy``, ``Gate(confidence=True)``
+  and feature-space ``density`` must run every model on every sample (they choose from the
+  models' outputs or features).
 * ONNX / ``torch.export``: a static graph cannot skip a model, so every model runs on every
   sample and the chosen rows are gathered (``GatherElements``); the cost is the sum of all models
   plus the selector, as for a logit ensemble.
@@ -132,9 +133,9 @@ class Router(nn.Module):
             outs = [p[0] for p in pairs]
             choice = self.scorer([p[1] for p in pairs]).argmax(dim=1)
             return _gather(outs, choice), choice
-        if reads == "outputs":
+        if reads in ("outputs", "input+outputs"):
             outs = [m(x) for m in self.models]
-            choice = self.scorer(outs).argmax(dim=1)
+            choice = self.scorer([x, *outs] if reads == "input+outputs" else outs).argmax(dim=1)
             return _gather(outs, choice), choice
         choice = self.scorer([x]).argmax(dim=1)
         if dense:
@@ -284,7 +285,8 @@ def _outputs(fns: Sequence[Any], x: torch.Tensor, device: torch.device) -> list[
 
 def _measure(router: Router, data: Samples) -> RouteReport:
     device = model_device(router)
-    inv_t = getattr(router.scorer, "inv_t", None)
+    soft = getattr(router.scorer, "soft", router.scorer)
+    inv_t = getattr(soft, "inv_t", None)
     temps = None if inv_t is None else tuple((1.0 / inv_t).tolist())
     k = len(router.models)
     with eval_mode(router):
@@ -325,7 +327,7 @@ def _selector(selector: str | Selector) -> Selector:
 def _describe(sel: Selector, data: Samples | None) -> str:
     if isinstance(sel, Gate):
         target = sel.resolved_target(data) if data is not None else sel.target
-        return f"gate(target={target})"
+        return f"gate(target={target}{', x confidence' if sel.confidence else ''})"
     if isinstance(sel, Density):
         return f"density(space={sel.space})"
     calibrated = sel.calibrate and data is not None and data.y is not None
@@ -381,8 +383,8 @@ def adaptive_selection(
             raise InputError(f"models[{i}] has output shape {tuple(out.shape)} but models[0] "
                              f"has {tuple(ref[0].shape)} on example_inputs; routed models must "
                              "give outputs of one shape (e.g. the same number of classes)")
-    needs_logits = isinstance(sel, Confidence) or (
-        isinstance(sel, Gate) and samples is not None and sel.resolved_target(samples) == "correct")
+    needs_logits = isinstance(sel, Confidence) or (isinstance(sel, Gate) and (sel.confidence or (
+        samples is not None and sel.resolved_target(samples) == "correct")))
     if needs_logits and ref[0].dim() != 2:
         raise InputError(f"selector {sel.kind!r} reads class logits (N, C); the models output "
                          f"{tuple(ref[0].shape)}: use Gate(target='client') or Density")

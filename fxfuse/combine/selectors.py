@@ -6,18 +6,23 @@ router sends sample ``b`` to ``argmax_k score[b, k]`` (the first maximum on ties
 one of three things, named by ``Scorer.reads``:
 
 * ``"outputs"``: every model's output ``z_k: (B, C)`` (logits).  ``Confidence`` scores
-  ``max_c softmax(z_k / T_k)_c``; ``Entropy`` scores ``-H(softmax(z_k / T_k))`` with
+  ``log max_c softmax(z_k / T_k)_c``; ``Entropy`` scores ``-H(softmax(z_k / T_k))`` with
   ``H(p) = -sum_c p_c log p_c``.  ``T_k`` is model k's temperature: 1 without labelled data,
-  else the minimiser of the NLL ``-mean_i log softmax(z_k(x_i) / T_k)_{y_i}`` over the pooled
-  data (Guo et al. 2017, per model).  Raw confidences of different models are not comparable (one
-  model may be sharper everywhere); calibration puts each on the scale of its own accuracy on the
-  data the router will face.  Data-free without labels.
+  else the minimiser of the NLL ``-mean_i log softmax(z_k(x_i) / T_k)_{y_i}`` (Guo et al. 2017,
+  per model) over the pooled data (``calibrate_on="pooled"``, the data the router will face) or
+  over model k's own samples (``"own"``, needs sources).  Raw confidences of different models
+  are not comparable (one model may be sharper everywhere); calibration rescales each.  Pooled
+  calibration also flattens a model that is wrong on much of the pooled data (e.g. on other
+  clients' classes), which can erase the in- / out-of-distribution contrast the selector needs:
+  benchmarks/RESULTS.md measures both.  Data-free without labels.
 * ``"input"``: the input alone, so a router can decide before it runs any model.  ``Gate``
   trains a small MLP ``g(x) = W2 relu(W1 std(x) + b1) + b2`` (``std``: per-feature
   standardisation with the data's mean and std) to predict either which client's data ``x`` comes
   from (``target="client"``: cross-entropy over the sample's source) or which models are right
   (``target="correct"``: a binary cross-entropy per model against ``[argmax z_k(x) == y]``).
   ``Density(space="input")`` fits a Gaussian per model on its own data in input space.
+* ``"input+outputs"``: ``Gate(confidence=True)``, the gate's probability times each model's
+  calibrated confidence (below).
 * ``"features"``: every model's penultimate features (the input of the final ``nn.Linear``).
   ``Density(space="features")`` fits the Gaussian there.
 
@@ -42,7 +47,7 @@ from torch import nn
 
 from ..errors import InputError
 
-Reads = Literal["outputs", "input", "features"]
+Reads = Literal["outputs", "input", "features", "input+outputs"]
 
 
 @dataclass
@@ -175,10 +180,15 @@ class Gate:
     """A small MLP on the input that picks the model.  ``target="client"`` learns which model's
     client an input resembles (needs sources); ``"correct"`` learns which models classify it
     right (needs labels).  ``None``: ``"client"`` when the data has sources, else ``"correct"``.
+    ``confidence=True`` multiplies the gate's probability for model k by model k's calibrated
+    confidence (a product of experts: ``log g_k(x) + log max_c softmax(z_k / T_k)_c``, with
+    ``log g = log-sigmoid`` for ``"correct"``, ``log-softmax`` for ``"client"``); every model
+    then runs on every sample.
     Trained with Adam for ``epochs`` epochs on minibatches of ``batch_size`` from a private
     generator seeded with ``seed`` (the global RNG is untouched)."""
 
     target: Literal["client", "correct"] | None = None
+    confidence: bool = False
     hidden: int = 64
     epochs: int = 30
     lr: float = 1e-3
@@ -190,7 +200,7 @@ class Gate:
     def resolved_target(self, data: Samples) -> str:
         return self.target or ("client" if data.s is not None else "correct")
 
-    def fit(self, outputs: list[torch.Tensor], data: Samples | None) -> GateScorer:
+    def fit(self, outputs: list[torch.Tensor], data: Samples | None) -> Scorer:
         if data is None:
             raise InputError("selector 'gate' trains on data: pass data=[(x, y, source), ...] "
                              "(source: which model's client each sample is from) or (x, y)")
@@ -228,7 +238,27 @@ class Gate:
                     loss.backward()
                     opt.step()
         gate.eval()
-        return gate
+        if not self.confidence:
+            return gate
+        return ProductScorer(gate, Confidence().fit(outputs, data), target)
+
+
+class ProductScorer(Scorer):
+    """``log g_k(x) + log max_c softmax(z_k / T_k)_c``: a gate times calibrated confidences;
+    reads ``[x, z_1, ..., z_K]``."""
+
+    reads: Reads = "input+outputs"
+
+    def __init__(self, gate: GateScorer, soft: SoftmaxScorer, target: str) -> None:
+        super().__init__()
+        self.gate, self.soft, self.target = gate, soft, target
+        self.macs = gate.macs
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        g = self.gate([xs[0]])
+        log_g = F.logsigmoid(g) if self.target == "correct" else F.log_softmax(g, dim=1)
+        out: torch.Tensor = log_g + self.soft(xs[1:])
+        return out
 
 
 # --- density ------------------------------------------------------------------------------------
