@@ -100,3 +100,80 @@ def test_fuse_tol_exact_and_bad_value(tmp_path: Path) -> None:
     res = run(*common, "--tol", "-1", "--out", str(tmp_path / "bad.pt"))
     assert res.returncode == 2 and "tol" in res.stderr and "[0, 1)" in res.stderr
     assert not (tmp_path / "bad.pt").exists()
+
+
+def _tiny_checkpoints(tmp_path: Path, factory: str = "tiny_mlp") -> tuple[Path, Path]:
+    from tests import cli_models
+
+    make = getattr(cli_models, factory)
+    a, b = make(), make()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    pa, pb = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(a.state_dict(), pa)
+    torch.save(b.state_dict(), pb)
+    return pa, pb
+
+
+def test_fuse_output_line_names_what_was_checked(tmp_path: Path) -> None:
+    pa, pb = _tiny_checkpoints(tmp_path)
+    common = ("fuse", "tests.cli_models:tiny_mlp", str(pa), str(pb), "--input-shape", "2,4",
+              "--quiet")
+    res = run(*common, "--out", str(tmp_path / "f.onnx"))
+    assert res.returncode == 0, res.stderr
+    line = res.stdout.splitlines()[-1]
+    assert "dynamic batch axis" in line and "checked in onnxruntime at batch sizes 2 and 3" in line
+    res = run(*common, "--out", str(tmp_path / "s.onnx"), "--static-shapes")
+    assert res.returncode == 0 and "static shapes" in res.stdout.splitlines()[-1], res.stderr
+    for suffix in (".pt", ".safetensors"):
+        res = run(*common, "--out", str(tmp_path / f"f{suffix}"))
+        assert res.returncode == 0, res.stderr
+        assert "onnxruntime" not in res.stdout and "state_dict" in res.stdout.splitlines()[-1]
+
+
+def test_fuse_a_model_that_fixes_its_batch_size_exports_static_shapes(tmp_path: Path) -> None:
+    pa, pb = _tiny_checkpoints(tmp_path, "fixed_batch")
+    res = run("fuse", "tests.cli_models:fixed_batch", str(pa), str(pb), "--input-shape", "2,2,4",
+              "--quiet", "--out", str(tmp_path / "f.onnx"))
+    assert res.returncode == 0, res.stderr
+    assert "fixes the batch size to 2" in res.stdout and "static shapes" in res.stdout
+
+
+def _run_on_a_terminal(*args: str) -> tuple[int, str]:
+    """Run fxfuse with stderr on a pseudo-terminal (as in an interactive shell)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))  # 100 columns
+    proc = subprocess.Popen([sys.executable, "-m", "fxfuse", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=600), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_show_on_a_terminal_and_quiet_silences_them(tmp_path: Path) -> None:
+    pa, pb = _checkpoints(tmp_path)
+    common = ("fuse", "models.zoo:mlp", str(pa), str(pb), "--input-shape", "2,1,28,28",
+              "--out", str(tmp_path / "f.pt"))
+    rc, err = _run_on_a_terminal(*common)
+    assert rc == 0, err
+    assert "weight matching sweeps" in err and "it/s" in err  # a tqdm bar
+    rc, err = _run_on_a_terminal(*common, "--quiet")
+    assert rc == 0 and err.strip() == "", err
+    res = run(*common)  # stderr a pipe (a log): no carriage-return spam for a short run
+    assert res.returncode == 0 and "\r" not in res.stderr, res.stderr

@@ -162,14 +162,25 @@ def progress(items: Iterable[T], label: str, enabled: bool, total: int | None = 
     from tqdm.auto import tqdm  # imported when a bar is shown: `import fxfuse` stays light
 
     tty = sys.stderr.isatty()
-    bar = tqdm(items, desc=label, total=total, file=sys.stderr, leave=True, dynamic_ncols=tty,
-               ncols=None if tty else 80, ascii=None if tty else True,
+    sized = tty and _columns(sys.stderr) > 0  # a terminal that knows its width
+    bar = tqdm(items, desc=label, total=total, file=sys.stderr, leave=True, dynamic_ncols=sized,
+               ncols=None if sized else 80, ascii=None if tty else True,
                mininterval=0.1 if tty else 15.0, maxinterval=30.0 if tty else 60.0,
                delay=0.0 if tty else 5.0)
     try:
         yield from bar
     finally:
         bar.close()
+
+
+def _columns(stream: Any) -> int:
+    """The width of the terminal ``stream`` is on (0 when unknown)."""
+    import os
+
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def batch_inputs(batch: Any, device: torch.device) -> tuple[Any, ...]:
