@@ -97,7 +97,7 @@ def summary(tables: list[Table]) -> list[str]:
         lines.append("| " + " | ".join([name, _pct(best), _pct(_acc(t, "vanilla average")),
                                          _pct(max(fusion) if fusion else None), _pct(ens),
                                          *[_pct(a) for a in scores.values()],
-                                         ", ".join(met) or "**none (miss)**"]) + " |")
+                                         "; ".join(met) or "**none (miss)**"]) + " |")
     return lines
 
 

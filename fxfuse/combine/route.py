@@ -330,8 +330,9 @@ def _describe(sel: Selector, data: Samples | None) -> str:
         return f"gate(target={target}{', x confidence' if sel.confidence else ''})"
     if isinstance(sel, Density):
         return f"density(space={sel.space})"
-    calibrated = sel.calibrate and data is not None and data.y is not None
-    return f"{sel.kind}({'calibrated' if calibrated else 'raw'})"
+    if sel.calibrate and data is not None and data.y is not None:
+        return f"{sel.kind}(calibrated on {sel.calibrate_on} data)"
+    return f"{sel.kind}(raw)"
 
 
 def adaptive_selection(
