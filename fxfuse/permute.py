@@ -95,11 +95,16 @@ def verify(
     """Permute every group at random (never the identity) and check the outputs do not change.
 
     Raises :class:`VerificationError` naming the groups that break the function (each group is
-    then tried alone) if the relative output difference exceeds ``tolerance``.
+    then tried alone) if the relative output difference exceeds ``tolerance``, and
+    :class:`InputError` naming the parameter if one is not finite.
     """
     inputs = as_input_tuple(example_inputs)
     if not spec.groups:
         return VerifyResult(0.0, 0, tolerance)
+    for key, t in model.state_dict().items():  # NaN outputs would look like a broken rule
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"parameter {key!r} of {type(model).__name__} has NaN or infinite "
+                             "values; verify compares outputs, which needs finite weights")
     try:
         ref = _run(model, inputs)
     except Exception as exc:

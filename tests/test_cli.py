@@ -132,3 +132,14 @@ def test_help_is_fast_and_light() -> None:
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     assert "networkx" not in out.stderr and "scipy" not in out.stderr
+
+
+def test_verify_names_a_non_finite_parameter() -> None:
+    model = models.get("mlp").factory()
+    x = models.get("mlp").example_inputs()
+    spec = fxfuse.find_groups(model, x)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("inf")
+    name = next(k for k, _ in model.named_parameters())
+    with pytest.raises(fxfuse.InputError, match=f"{name}.*NaN or infinite"):
+        fxfuse.verify(model, spec, x)
