@@ -82,6 +82,28 @@ def test_report_holds_the_spec_and_each_models_permutations() -> None:
     assert "alignment:" not in str(naive)
 
 
+# zoo models activation matching can not recover from a permuted copy on random inputs, and why
+ACTIVATION_GAPS = {
+    "mobilenetv2": "ReLU6 units that never leave 0 or 6 on random inputs are indistinguishable",
+    "shufflenet": "units that are constant on random inputs are indistinguishable",
+}
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_activation_matching_recovers_every_zoo_model(name: str) -> None:
+    a, inputs, (b,) = permuted_copies(name, 2)
+    x = inputs[0]
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn((4, *x.shape[1:]), generator=gen) if x.is_floating_point()
+            else torch.randint(0, 64, (3, *x.shape[1:]), generator=gen) for _ in range(2)]
+    fused = fuse([a, b], inputs, align=ActivationMatching(data=data), progress=False)
+    diff = rel_diff(outputs(a, inputs), outputs(fused, inputs))
+    if name in ACTIVATION_GAPS:
+        assert diff > 1e-5, f"{name} is recovered now: drop it from ACTIVATION_GAPS"
+        pytest.xfail(ACTIVATION_GAPS[name])
+    assert diff < 1e-5
+
+
 def test_activation_matching_recovers_a_permuted_copy() -> None:
     a, inputs, (b,) = permuted_copies("vgg_bn", 2)
     data = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]

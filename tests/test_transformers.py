@@ -139,10 +139,9 @@ def test_fusing_an_exported_model_by_weight_and_by_activation_matching() -> None
         assert torch.equal(report.perms[1][g], torch.argsort(perms[g])), g
 
 
-@pytest.mark.xfail(strict=True, reason="activation matching solves each group on its own, so a "
-                   "head-dim group whose contexts (the heads) are permuted too is matched against "
-                   "the wrong heads (symbolic graphs alike: sdpa_net, vit_tiny)")
 def test_activation_matching_recovers_head_factor_groups() -> None:
+    """Heads and the units within a head share an axis (``heads x head_dim``): each is matched
+    with the other's current permutation applied to its contexts."""
     model, inputs, spec = llama()
     copy = fxfuse.permute(model, spec, spec.random_perms(seed=4))
     gen = torch.Generator().manual_seed(5)

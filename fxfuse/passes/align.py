@@ -341,9 +341,11 @@ class AlignActivations(Pass):
         wanted = {node for rows in feats.values() for node, _, _ in rows}
         models = [on_device(m, state.device) for m in state.models]
         captures = [ActivationCapture(m, spec.tracer, wanted) for m in models]
+        shared = _shared_axes(spec, feats)
         perms = [_identity(spec, state.device)]
         for k in range(1, len(captures)):
-            stats: dict[str, list[torch.Tensor]] = {}
+            single: dict[str, list[torch.Tensor]] = {}
+            full: dict[tuple[str, int], list[torch.Tensor]] = {}
             for batch in progress(data, f"activation statistics, model {k}", state.progress):
                 xs = batch_inputs(batch, state.device)
                 seen_a, seen_b = captures[0](*xs), captures[k](*xs)
@@ -351,37 +353,149 @@ class AlignActivations(Pass):
                     for node, axis, rows in rows_list:
                         if node not in seen_a or node not in seen_b:
                             continue
-                        a = as_rows(seen_a[node], axis, rows).double()
-                        b = as_rows(seen_b[node], axis, rows).double()
-                        acc = stats.setdefault(f"{g}\0{node}\0{axis}", [
-                            torch.zeros(()), torch.zeros(a.shape[0], dtype=torch.float64,
-                                                         device=a.device),
-                            torch.zeros(a.shape[0], dtype=torch.float64, device=a.device),
-                            torch.zeros(a.shape[0], dtype=torch.float64, device=a.device),
-                            torch.zeros(a.shape[0], dtype=torch.float64, device=a.device),
-                            torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64,
-                                        device=a.device)])
-                        acc[0] = acc[0] + a.shape[1]
-                        acc[1] += a.sum(1)
-                        acc[2] += b.sum(1)
-                        acc[3] += (a * a).sum(1)
-                        acc[4] += (b * b).sum(1)
-                        acc[5] += a @ b.T
-            perms.append(self._solve(spec, stats, state.device))
+                        if (node, axis) in shared:  # whole axis: contexts move with other groups
+                            if g == shared[(node, axis)]:  # once per batch
+                                _accumulate(full, (node, axis),
+                                            *(_axis_rows(s[node], axis) for s in (seen_a, seen_b)))
+                            continue
+                        _accumulate(single, f"{g}\0{node}\0{axis}",
+                                    as_rows(seen_a[node], axis, rows).double(),
+                                    as_rows(seen_b[node], axis, rows).double())
+            found = _solve_activations(spec, single, full, state.device)
+            blind = [g for g, rows in feats.items() if not rows]
+            if blind:
+                found = _match_weights_of(blind, spec, state.states[0], state.states[k], found)
+            perms.append(found)
+        blind = [g for g, rows in feats.items() if not rows]
+        if blind:
+            state.report.notes.append(
+                f"align-activations: {len(blind)} groups have no activation in the traced graph "
+                f"(inside leaf modules, e.g. {blind[0]}); matched on weights, the rest fixed")
         state.perms = perms
 
-    @staticmethod
-    def _solve(spec: PermutationSpec, stats: dict[str, list[torch.Tensor]],
-               device: torch.device) -> dict[str, torch.Tensor]:
-        out = _identity(spec, device)
-        corr: dict[str, torch.Tensor] = {}
-        for name, (m, sa, sb, saa, sbb, sab) in stats.items():
-            g = name.split("\0")[0]
-            mean_a, mean_b = sa / m, sb / m
-            std_a = (saa / m - mean_a**2).clamp_min(0).sqrt() + 1e-8
-            std_b = (sbb / m - mean_b**2).clamp_min(0).sqrt() + 1e-8
-            c = (sab / m - mean_a[:, None] * mean_b[None, :]) / (std_a[:, None] * std_b[None, :])
-            corr[g] = corr[g] + c if g in corr else c
-        for g, c in corr.items():
-            out[g] = max_assignment(c).to(device)
+
+def _match_weights_of(groups: list[str], spec: PermutationSpec, ref: dict[str, torch.Tensor],
+                      other: dict[str, torch.Tensor], perms: dict[str, torch.Tensor],
+                      rounds: int = 20) -> dict[str, torch.Tensor]:
+    """Weight matching of ``groups`` alone, every other group held at ``perms``: coordinate
+    ascent of ``<C_g, P>`` with ``C_g = sum_t A_(g) B'_(g)^T`` over the group's parameter axes
+    (``B'``: ``other`` with every other permutation applied), as in :class:`WeightMatching`."""
+    out = dict(perms)
+    sizes = {g.name: g.size for g in spec.groups}
+    for _ in range(rounds):
+        changed = False
+        for g in groups:
+            moved = apply_perms(other, spec, {**out, g: torch.arange(sizes[g])})
+            cost = torch.zeros(sizes[g], sizes[g], dtype=torch.float64)
+            for key, axis in spec.group(g).members:
+                if key in spec.buffers:
+                    continue
+                rows = group_rows(spec.axes[(key, axis)].layout, g, sizes)
+                if rows is not None:
+                    cost += (as_rows(ref[key], axis, rows).double()
+                             @ as_rows(moved[key], axis, rows).double().T).cpu()
+            new = max_assignment(cost).to(out[g].device)
+            if not torch.equal(new, out[g]):
+                out[g], changed = new, True
+        if not changed:
+            break
+    return out
+
+
+def _shared_axes(spec: PermutationSpec, feats: dict[str, list[tuple[str, int, torch.Tensor]]]
+                 ) -> dict[tuple[str, int], str]:
+    """Node axes on which more than one group acts (head x head_dim, a concat of groups), each
+    with the first group reading it (whose turn accumulates the axis's statistics)."""
+    out: dict[tuple[str, int], str] = {}
+    for g, rows_list in feats.items():
+        for node, axis, _ in rows_list:
+            if len(set(tree_groups(spec.activations[node][axis]))) > 1:
+                out.setdefault((node, axis), g)
+    return out
+
+
+def _axis_rows(x: torch.Tensor, axis: int) -> torch.Tensor:
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1).double()
+
+
+def _accumulate(stats: dict[Any, list[torch.Tensor]], key: Any, a: torch.Tensor, b: torch.Tensor
+                ) -> None:
+    """Moments of features ``a``, ``b``: (units, samples) for one correlation matrix."""
+    acc = stats.get(key)
+    if acc is None:
+        n, dev = a.shape[0], a.device
+        acc = stats[key] = [torch.zeros(())] + [
+            torch.zeros(n, dtype=torch.float64, device=dev) for _ in range(4)] + [
+            torch.zeros(n, n, dtype=torch.float64, device=dev)]
+    acc[0] = acc[0] + a.shape[1]
+    acc[1] += a.sum(1)
+    acc[2] += b.sum(1)
+    acc[3] += (a * a).sum(1)
+    acc[4] += (b * b).sum(1)
+    acc[5] += a @ b.T
+
+
+def _correlation(m: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, saa: torch.Tensor,
+                 sbb: torch.Tensor, sab: torch.Tensor) -> torch.Tensor:
+    mean_a, mean_b = sa / m, sb / m
+    std_a = (saa / m - mean_a**2).clamp_min(0).sqrt() + 1e-8
+    std_b = (sbb / m - mean_b**2).clamp_min(0).sqrt() + 1e-8
+    return (sab / m - mean_a[:, None] * mean_b[None, :]) / (std_a[:, None] * std_b[None, :])
+
+
+def _solve_activations(spec: PermutationSpec, single: dict[str, list[torch.Tensor]],
+                       full: dict[tuple[str, int], list[torch.Tensor]], device: torch.device,
+                       rounds: int = 20) -> dict[str, torch.Tensor]:
+    """Permutations maximising the total correlation.  A group alone on its axes is one
+    assignment.  On an axis several groups share, position ``(i, r)`` of model 0 (unit ``i`` of
+    ``g``, context ``r``) meets the other model's unit ``j`` in context ``r`` *moved by the other
+    groups' permutations*: ``S_g[i, j] = sum_r C[rows[i, r], idx[rows[j, r]]]`` with ``idx`` the
+    axis index of every other group's current permutation; coordinate ascent over those groups
+    until none changes (``rounds`` at most)."""
+    out = _identity(spec, device)
+    corr: dict[str, torch.Tensor] = {}
+    for name, acc in single.items():
+        g = name.split("\0")[0]
+        c = _correlation(*acc)
+        corr[g] = corr[g] + c if g in corr else c
+    for g, c in corr.items():
+        out[g] = max_assignment(c).to(device)
+    if not full:
         return out
+    sizes = {g.name: g.size for g in spec.groups}
+    by_tree: dict[Any, torch.Tensor] = {}  # the same layout: correlations add up
+    for (node, axis), acc in full.items():
+        tree = spec.activations[node][axis]
+        c = _correlation(*acc)
+        by_tree[tree] = by_tree[tree] + c if tree in by_tree else c
+    shared = list(dict.fromkeys(g for t in by_tree for g in tree_groups(t)))
+    for g in shared:  # start: each unit pair scored at its best-matching contexts (invariant
+        # to the other groups' permutations), so the ascent does not start from noise
+        score = corr[g].clone() if g in corr else torch.zeros(
+            sizes[g], sizes[g], dtype=torch.float64, device=device)
+        for tree, c in by_tree.items():
+            rows = group_rows(tree, g, sizes)
+            if rows is not None:
+                rows = rows.to(c.device)
+                block = c[rows[:, None, :, None], rows[None, :, None, :]]  # (n, n, R, R)
+                score += block.amax(-1).sum(-1).to(score.device)
+        out[g] = max_assignment(score).to(device)
+    for _ in range(rounds):
+        changed = False
+        for g in shared:
+            score = corr[g].clone() if g in corr else torch.zeros(
+                sizes[g], sizes[g], dtype=torch.float64, device=device)
+            for tree, c in by_tree.items():
+                rows = group_rows(tree, g, sizes)
+                if rows is None:
+                    continue
+                rows = rows.to(c.device)
+                idx = axis_index(tree, {**out, g: torch.arange(sizes[g], device=device)}, sizes,
+                                 c.device)
+                score += c[rows[:, None, :], idx[rows][None, :, :]].sum(-1).to(score.device)
+            new = max_assignment(score).to(device)
+            if not torch.equal(new, out[g]):
+                out[g], changed = new, True
+        if not changed:
+            break
+    return out
