@@ -118,10 +118,13 @@ def test_every_option_of_every_command_has_help_with_its_default() -> None:
 def test_top_level_help_lists_every_command() -> None:
     out = run("--help")
     assert out.returncode == 0 and "``" not in out.stdout
-    for name, sp in _subparsers(cli.make_parser()).items():
-        help_line = next(a.help for a in cli.make_parser()._actions[1]._choices_actions
-                         if a.dest == name)
-        assert name in out.stdout and help_line.split(",")[0] in " ".join(out.stdout.split()), name
+    parser = cli.make_parser()
+    listed = {a.dest: a.help for act in parser._actions
+              if isinstance(act, argparse._SubParsersAction) for a in act._choices_actions}
+    assert set(listed) == set(_subparsers(parser))  # every command has a help line
+    for name, help_line in listed.items():
+        assert help_line and name in out.stdout, name
+        assert help_line.split(",")[0] in " ".join(out.stdout.split()), name
         sub = run(name, "--help")
         assert sub.returncode == 0 and "(default: " in sub.stdout and "``" not in sub.stdout
 
