@@ -156,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         *summary(tables),
         "",
         "Compute per input, thousand multiply-accumulates, PyTorch / ONNX. In PyTorch the gate "
-        "and input-space density run only the chosen client per sample (plus the selector); "
-        "confidence, entropy and feature-space density run every client. In ONNX every client "
-        "runs on every sample. The logit ensemble costs the sum of the clients.",
+        "alone and input-space density run only the chosen client per sample (plus the "
+        "selector); confidence, entropy, gate x confidence and feature-space density run every "
+        "client. In ONNX every client runs on every sample. The logit ensemble costs the sum "
+        "of the clients.",
         "",
         *compute(tables),
         END,
