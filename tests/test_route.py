@@ -231,6 +231,12 @@ def test_bad_inputs_raise_typed_errors_and_leave_models_alone() -> None:
         adaptive_selection(models, x, (x, y, torch.full((10,), 2)), "gate")
     with pytest.raises(InputError, match="y must be an integer tensor"):
         adaptive_selection(models, x, (x, y[:5]), "gate")
+    with pytest.raises(InputError, match="calibrate_on='own'"):
+        adaptive_selection(models, x, (x, y), Confidence(calibrate_on="own"))
+    no_linear_head = nn.Sequential(nn.Conv2d(1, 10, 8), nn.Flatten())
+    with pytest.raises(InputError, match=r"Density\(space='input'\)"):
+        adaptive_selection([models[0], no_linear_head], x, (x, y, torch.arange(10) % 2),
+                           Density(space="features"))
     for m, state in zip(models, before):
         for key, t in m.state_dict().items():
             assert torch.equal(t, state[key])
@@ -240,3 +246,11 @@ def test_bad_inputs_raise_typed_errors_and_leave_models_alone() -> None:
 def test_adaptive_selection_is_exported_at_top_level() -> None:
     assert fxfuse.adaptive_selection is adaptive_selection
     assert fxfuse.Router is fxfuse.combine.Router
+
+
+def test_count_macs_counts_linear_and_conv_multiply_accumulates() -> None:
+    from fxfuse.combine import count_macs
+
+    assert count_macs(small_mlp(0), torch.rand(3, 1, 8, 8)) == 64 * 64 + 64 * 10
+    # conv: 8x8 outputs x 8 channels x (1 x 3 x 3) taps; head 32 x 10
+    assert count_macs(SmallCNN(), torch.rand(3, 1, 8, 8)) == 8 * 8 * 8 * 9 + 32 * 10
