@@ -138,7 +138,7 @@ class Router(nn.Module):
             choice = self.scorer([x, *outs] if reads == "input+outputs" else outs).argmax(dim=1)
             return _gather(outs, choice), choice
         choice = self.scorer([x]).argmax(dim=1)
-        if dense:
+        if dense or x.shape[0] == 0:
             return _gather([m(x) for m in self.models], choice), choice
         out: torch.Tensor | None = None
         for k in choice.unique().tolist():
