@@ -175,8 +175,8 @@ def test_ledoit_wolf_matches_scikit_learn() -> None:
 # --- models of different classes, ONNX ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("selector", ["gate", "density"])
-def test_router_over_mlp_and_cnn_exports_to_one_onnx_file(tmp_path, selector: str) -> None:
+@pytest.mark.parametrize("selector", [Gate(target="client"), Density()], ids=["gate", "density"])
+def test_router_over_mlp_and_cnn_exports_to_one_onnx_file(tmp_path, selector: object) -> None:
     ort = pytest.importorskip("onnxruntime")
     gen = torch.Generator().manual_seed(0)
     # two "clients": bright top half vs bright bottom half, so the selector splits them
@@ -186,7 +186,7 @@ def test_router_over_mlp_and_cnn_exports_to_one_onnx_file(tmp_path, selector: st
     y = torch.randint(0, 10, (80,), generator=gen)
     src = (torch.arange(80) >= 40).long()
     models = [small_mlp(0), SmallCNN()]
-    router = adaptive_selection(models, x[:2], (x, y, src), selector).eval()
+    router = adaptive_selection(models, x[:2], (x, y, src), selector).eval()  # type: ignore[arg-type]
     batch = x[36:44]
     choice = router.choices(batch)
     assert set(choice.tolist()) == {0, 1}
