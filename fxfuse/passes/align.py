@@ -150,98 +150,33 @@ class _WeightMatcher:
 
         A group's cost depends only on the permutations of the groups it shares a tensor with
         (``self.deps``), so a group none of whose neighbours changed since its last solve would
-        get the same cost, the same assignment and the same accept/reject decision: it is skipped.
-        The cost is also kept per *block* of members with the same neighbours, and a block is
-        recomputed only when one of its neighbours changed.  Both are exact: the sweeps visit
-        groups in the same order and reach the same permutations as a full recomputation.
+        get the same cost, the same assignment and the same accept/reject decision: it is skipped
+        (:class:`_CostCache` keeps the cost per block of members with the same neighbours too).
+        Both are exact: the sweeps visit groups in the same order and reach the same
+        permutations as a full recomputation.  The sweeps end by :class:`_StoppingRule`.
 
-        Every accepted step raises ``J = sum_t <A_t, P(B_t)>`` by its score gain, so the squared
-        distance ``D = sum_t ||A_t - P(B_t)||^2 = const - 2 J`` is tracked for free; with
-        ``tol > 0`` a sweep that lowers ``D`` by no more than ``tol * D`` ends the descent."""
-        perms = {k: v.clone() for k, v in init.items()}
-        version = dict.fromkeys(self.sizes, 0)
+        Assignments are solved in worker threads (scipy releases the GIL) while the next costs
+        are computed (:class:`_Solves`).  A group waits for every in-flight neighbour first, so
+        the groups in flight never share a tensor: their steps commute, and the result is the
+        sequential sweep's."""
+        costs = _CostCache(self, ref, other, init, pooled)
         names = [g.name for g in self.spec.groups if self.members[g.name]]
         rng = random.Random(seed)
         solved_at: dict[str, tuple[int, ...]] = {}
-        blocks: dict[tuple[str, tuple[str, ...]], tuple[tuple[int, ...], torch.Tensor]] = {}
-        ref_cache: dict[tuple[str, str, int, bool], torch.Tensor] = {}
-
-        def ref_rows(name: str, key: str, axis: int, rows: torch.Tensor,
-                     pool: bool) -> torch.Tensor:  # the reference side never changes
-            k = (name, key, axis, pool)
-            if k not in ref_cache:
-                r = as_rows(ref[key], axis, rows)
-                ref_cache[k] = _pool(r, rows.shape[1]) if pool else r
-            return ref_cache[k]
-
-        def block_cost(name: str, members: list[tuple[str, int, torch.Tensor]]) -> torch.Tensor:
-            cost: torch.Tensor | None = None
-            without = {**perms, name: torch.arange(self.sizes[name], device=self.device)}
-            for key, axis, rows in members:
-                b = other[key]  # b with every permutation applied except name's on this axis
-                for ax in self.trees[key]:
-                    if ax != axis or self.shared[(key, axis)]:
-                        b = b.index_select(ax, self._index(key, ax, perms if ax != axis
-                                                           else without))
-                pool = pooled and rows.shape[1] > 1
-                b_rows = as_rows(b, axis, rows)
-                if pool:
-                    b_rows = _pool(b_rows, rows.shape[1])
-                a_rows = ref_rows(name, key, axis, rows, pool)
-                cost = a_rows @ b_rows.T if cost is None else cost.addmm_(a_rows, b_rows.T)
-            assert cost is not None
-            return cost
-
-        def group_cost(name: str) -> torch.Tensor:
-            cost: torch.Tensor | None = None
-            for deps, members in self.blocks[name].items():
-                stamp = tuple(version[d] for d in deps)
-                hit = blocks.get((name, deps))
-                if hit is None or hit[0] != stamp:
-                    hit = (stamp, block_cost(name, members))
-                    blocks[(name, deps)] = hit
-                cost = hit[1].clone() if cost is None else cost.add_(hit[1])
-            assert cost is not None
-            return cost
-
-        def finish(name: str) -> None:  # apply a solved assignment if it improves the matching
-            future, cost = in_flight.pop(name)
-            new = future.result().to(self.device)
-            idx = torch.arange(self.sizes[name], device=self.device)
-            old_score = float(cost[idx, perms[name]].double().sum())
-            new_score = float(cost[idx, new].double().sum())
-            if new_score > old_score + 1e-12 * max(1.0, abs(old_score)):
-                perms[name] = new
-                version[name] += 1
-                gains.append(new_score - old_score)  # = the increase of sum_t <A_t, P(B_t)>
-
-        # Assignments are solved in worker threads (scipy releases the GIL) while the next costs
-        # are computed.  A group waits for every in-flight neighbour first, so the groups in flight
-        # never share a tensor: their steps commute, and the result is the sequential sweep's.
-        in_flight: dict[str, tuple[Future[torch.Tensor], torch.Tensor]] = {}
-        assign = WarmAssignment()  # each group's solve starts from the duals of its last one
-        distance2 = self._distance2(ref, other, perms) if tol > 0 else 0.0
-        with ThreadPoolExecutor(max_workers=_LAP_WORKERS) as pool:
+        rule = _StoppingRule(tol, self._distance2(ref, other, costs.perms) if tol > 0 else 0.0)
+        with _Solves(costs) as solves:
             for _ in progress(range(max_iter), "weight matching sweeps", show):
-                gains: list[float] = []  # accepted steps of this sweep
                 rng.shuffle(names)
                 for name in names:
-                    for busy in [b for b in in_flight if b in self.neighbours[name]]:
-                        finish(busy)
-                    stamp = tuple(version[d] for d in self.deps[name])
+                    solves.wait_for(self.neighbours[name])
+                    stamp = costs.stamp(self.deps[name])
                     if solved_at.get(name) == stamp:
                         continue
                     solved_at[name] = stamp
-                    cost = group_cost(name)
-                    if len(in_flight) >= _LAP_WORKERS:
-                        finish(next(iter(in_flight)))
-                    in_flight[name] = (pool.submit(assign.solve, name, cost), cost)
-                for busy in list(in_flight):
-                    finish(busy)
-                if not gains or 2 * sum(gains) <= tol * distance2:
+                    solves.submit(name, costs.group(name))
+                if rule.done(solves.finish_sweep()):
                     break
-                distance2 -= 2 * sum(gains)
-        return perms
+        return costs.perms
 
     def _distance2(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
                    perms: dict[str, torch.Tensor]) -> float:
@@ -252,6 +187,130 @@ class _WeightMatcher:
 
 
 _LAP_WORKERS = 2
+
+
+class _CostCache:
+    """The costs ``C_g = sum_t A_(g) B'_(g)^T`` of one descent, ``B'`` = the other model with every
+    current permutation applied except ``g``'s on the axis read.  ``perms`` (the descent's
+    state) and ``version`` (bumped when a group's permutation changes) live here; the reference
+    side's rows never change and are cached, and each block of members with the same neighbours
+    is recomputed only when one of their versions changed."""
+
+    def __init__(self, matcher: _WeightMatcher, ref: dict[str, torch.Tensor],
+                 other: dict[str, torch.Tensor], init: dict[str, torch.Tensor],
+                 pooled: bool) -> None:
+        self.m, self.ref, self.other, self.pooled = matcher, ref, other, pooled
+        self.perms = {k: v.clone() for k, v in init.items()}
+        self.version = dict.fromkeys(matcher.sizes, 0)
+        self._blocks: dict[tuple[str, tuple[str, ...]], tuple[tuple[int, ...], torch.Tensor]] = {}
+        self._ref: dict[tuple[str, str, int, bool], torch.Tensor] = {}
+
+    def stamp(self, deps: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(self.version[d] for d in deps)
+
+    def accept(self, name: str, new: torch.Tensor) -> None:
+        self.perms[name] = new
+        self.version[name] += 1
+
+    def _ref_rows(self, name: str, key: str, axis: int, rows: torch.Tensor, pool: bool
+                  ) -> torch.Tensor:
+        k = (name, key, axis, pool)
+        if k not in self._ref:
+            r = as_rows(self.ref[key], axis, rows)
+            self._ref[k] = _pool(r, rows.shape[1]) if pool else r
+        return self._ref[k]
+
+    def block(self, name: str, members: list[tuple[str, int, torch.Tensor]]) -> torch.Tensor:
+        m, perms = self.m, self.perms
+        cost: torch.Tensor | None = None
+        without = {**perms, name: torch.arange(m.sizes[name], device=m.device)}
+        for key, axis, rows in members:
+            b = self.other[key]  # every permutation applied except name's on this axis
+            for ax in m.trees[key]:
+                if ax != axis or m.shared[(key, axis)]:
+                    b = b.index_select(ax, m._index(key, ax, perms if ax != axis else without))
+            pool = self.pooled and rows.shape[1] > 1
+            b_rows = as_rows(b, axis, rows)
+            if pool:
+                b_rows = _pool(b_rows, rows.shape[1])
+            a_rows = self._ref_rows(name, key, axis, rows, pool)
+            cost = a_rows @ b_rows.T if cost is None else cost.addmm_(a_rows, b_rows.T)
+        assert cost is not None
+        return cost
+
+    def group(self, name: str) -> torch.Tensor:
+        cost: torch.Tensor | None = None
+        for deps, members in self.m.blocks[name].items():
+            stamp = self.stamp(deps)
+            hit = self._blocks.get((name, deps))
+            if hit is None or hit[0] != stamp:
+                hit = (stamp, self.block(name, members))
+                self._blocks[(name, deps)] = hit
+            cost = hit[1].clone() if cost is None else cost.add_(hit[1])
+        assert cost is not None
+        return cost
+
+
+class _Solves:
+    """Assignments in flight in worker threads, each warm-started from its group's last solve
+    (:class:`~fxfuse.assignment.WarmAssignment`); a finished one is accepted if it raises the
+    matching score, and its gain (the increase of ``sum_t <A_t, P(B_t)>``) recorded."""
+
+    def __init__(self, costs: _CostCache) -> None:
+        self.costs = costs
+        self.assign = WarmAssignment()
+        self.in_flight: dict[str, tuple[Future[torch.Tensor], torch.Tensor]] = {}
+        self.gains: list[float] = []
+
+    def __enter__(self) -> _Solves:
+        self.pool = ThreadPoolExecutor(max_workers=_LAP_WORKERS)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True)
+
+    def submit(self, name: str, cost: torch.Tensor) -> None:
+        if len(self.in_flight) >= _LAP_WORKERS:
+            self.finish(next(iter(self.in_flight)))
+        self.in_flight[name] = (self.pool.submit(self.assign.solve, name, cost), cost)
+
+    def wait_for(self, groups: set[str]) -> None:
+        for busy in [b for b in self.in_flight if b in groups]:
+            self.finish(busy)
+
+    def finish(self, name: str) -> None:
+        future, cost = self.in_flight.pop(name)
+        perms, dev = self.costs.perms, self.costs.m.device
+        new = future.result().to(dev)
+        idx = torch.arange(perms[name].numel(), device=dev)
+        old_score = float(cost[idx, perms[name]].double().sum())
+        new_score = float(cost[idx, new].double().sum())
+        if new_score > old_score + 1e-12 * max(1.0, abs(old_score)):
+            self.costs.accept(name, new)
+            self.gains.append(new_score - old_score)
+
+    def finish_sweep(self) -> list[float]:
+        """Finish every solve in flight; the gains accepted since the last call."""
+        for busy in list(self.in_flight):
+            self.finish(busy)
+        gains, self.gains = self.gains, []
+        return gains
+
+
+class _StoppingRule:
+    """Every accepted step raises ``J = sum_t <A_t, P(B_t)>`` by its gain, so the squared distance
+    ``D = sum_t ||A_t - P(B_t)||^2 = const - 2 J`` is tracked for free: the descent ends after a
+    sweep with no accepted step, or (``tol > 0``) one that lowers ``D`` by no more than
+    ``tol * D``."""
+
+    def __init__(self, tol: float, distance2: float) -> None:
+        self.tol, self.distance2 = tol, distance2
+
+    def done(self, gains: list[float]) -> bool:
+        if not gains or 2 * sum(gains) <= self.tol * self.distance2:
+            return True
+        self.distance2 -= 2 * sum(gains)
+        return False
 
 
 def _pool(x: torch.Tensor, contexts: int) -> torch.Tensor:
