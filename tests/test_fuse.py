@@ -484,3 +484,39 @@ def test_progress_lines_end_even_when_the_loop_stops_early(capsys) -> None:
     list(progress([1, 2], "silent", False))
     lines = capsys.readouterr().err.splitlines()
     assert [ln.split(" (")[0] for ln in lines] == ["sweeps: 5/100", "batches: 2/2"]
+
+
+def test_weight_matching_stopping_rule() -> None:
+    from fxfuse.passes.align import _StoppingRule
+
+    rule = _StoppingRule(0.1, 100.0)
+    assert not rule.done([10.0])  # D 100 -> 80: a 20% step
+    assert rule.done([3.0])  # 6 <= 0.1 * 80
+    assert rule.done([])  # no accepted step
+    exact = _StoppingRule(0.0, 0.0)
+    assert not exact.done([1e-9]) and exact.done([])
+
+
+def test_weight_matching_cost_cache_follows_every_change() -> None:
+    """The cached block costs equal a cost computed from scratch, also after a neighbour's
+    permutation changed (its blocks must be recomputed, the others reused)."""
+    from fxfuse.passes.align import _CostCache, _WeightMatcher
+
+    entry = models.get("resnet20")
+    a, b = _unrelated(entry.factory, 1), _unrelated(entry.factory, 2)
+    inputs = entry.example_inputs()
+    spec = fxfuse.find_groups(a, inputs)
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    params = {k for k, _ in a.named_parameters()}
+    perms = spec.random_perms(seed=3)
+    costs = _CostCache(_WeightMatcher(spec, torch.device("cpu"), params), sd_a, sd_b, perms,
+                       pooled=False)
+    for g in spec.groups:
+        torch.testing.assert_close(costs.group(g.name).double(),
+                                   _group_cost(spec, sd_a, sd_b, perms, g), rtol=1e-4, atol=1e-3)
+    moved = spec.groups[0].name
+    costs.accept(moved, torch.roll(costs.perms[moved], 1))
+    for g in spec.groups:
+        torch.testing.assert_close(costs.group(g.name).double(),
+                                   _group_cost(spec, sd_a, sd_b, costs.perms, g),
+                                   rtol=1e-4, atol=1e-3)
