@@ -225,7 +225,8 @@ class InputFile(ValueKind):
 
 @dataclass(frozen=True, repr=False)
 class DataSource(ValueKind):
-    """``mnist`` or a data file (``.pt`` / ``.npz``, format in :func:`fxfuse.data.load_tensors`)."""
+    """``mnist`` or a data file (``.pt`` / ``.pth`` / ``.npz``, format in
+    :func:`fxfuse.data.load_tensors` and the README's "Data files")."""
 
     name = "data"
 
@@ -233,7 +234,7 @@ class DataSource(ValueKind):
         if text == "mnist":
             return text
         try:
-            return InputFile((".pt", ".npz"))(text)
+            return InputFile((".pt", ".pth", ".npz"))(text)
         except argparse.ArgumentTypeError as exc:
             raise argparse.ArgumentTypeError(f"{exc}, or 'mnist'") from None
 
@@ -695,7 +696,9 @@ FUSE_CONFLICTS: tuple[Conflict, ...] = (
 
 #: Every subcommand, in the order ``fxfuse --help`` lists them: a function that adds the
 #: command's parser to the subparsers (``sub.add_parser``), its options, and
-#: ``set_defaults(func=handler, conflicts=(Conflict, ...))``.  Register a new command here.
+#: ``set_defaults(func=handler, conflicts=(Conflict, ...))``.  Register a new command here, give
+#: each of its options a value kind (or ``choices``, or a flag), and add a valid command line for
+#: it to ``BASE`` in ``tests/test_cli_bad_input.py``: its bad inputs are then enumerated there.
 COMMANDS: tuple[Callable[[_SubParsers], None], ...] = (add_groups, add_fuse, add_demo)
 
 

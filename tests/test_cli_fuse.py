@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,10 +53,12 @@ def test_fuse_writes_a_checked_model(tmp_path: Path, out: str) -> None:
 def test_fuse_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
     pa, _ = _checkpoints(tmp_path)
     other = tmp_path / "vgg.pt"
-    torch.save(models.get("vgg").factory().state_dict(), other)
+    torch.save(models.get("vgg_bn").factory().state_dict(), other)  # over 10 keys the mlp lacks
     res = run("fuse", "models.zoo:mlp", str(pa), str(other), "--input-shape", "2,1,28,28",
               "--out", str(tmp_path / "f.onnx"))
     assert res.returncode == 2 and "missing keys" in res.stderr
+    assert "CHECKPOINT" in res.stderr and "--weights" not in res.stderr  # fuse's own argument
+    assert re.search(r"unexpected keys .* and \d+ more", res.stderr), res.stderr  # not cut silently
     assert not (tmp_path / "f.onnx").exists()
 
 
