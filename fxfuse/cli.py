@@ -294,11 +294,14 @@ def _io_conflicts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                 (outputs if isinstance(kind, OutputFile) else inputs).append((label, v))
     for i, (label, out) in enumerate(outputs):
         for other_label, other in inputs + outputs[:i]:
-            if _same_file(out, other):
-                what = "an input" if (other_label, other) in inputs else "another output"
+            if not _same_file(out, other):
+                continue
+            if (other_label, other) in inputs:
                 raise InputError(
-                    f"{label} {str(out)!r} is {what} ({other_label} {str(other)!r}); an input is "
-                    f"never overwritten: give {label} a new file name")
+                    f"{label} {str(out)!r} is an input ({other_label} {str(other)!r}); an input "
+                    f"is never overwritten: give {label} a new file name")
+            raise InputError(f"{label} and {other_label} name the same file {str(out)!r}; give "
+                             "each output its own file name")
 
 
 def _same_file(a: Path, b: Path) -> bool:
