@@ -38,8 +38,8 @@ from benchmarks._report import (  # noqa: E402
     timed,
     write_section,
 )
+from fxfuse.align.weights import _WeightMatcher  # noqa: E402
 from fxfuse.data import batches, load_mnist  # noqa: E402
-from fxfuse.passes.align import _WeightMatcher  # noqa: E402
 from fxfuse.permute import apply_perms  # noqa: E402
 from models.train import evaluate, train_classifier  # noqa: E402
 from models.zoo import mlp_classifier  # noqa: E402
@@ -134,7 +134,7 @@ def main() -> None:
         "5000 train images; midpoint (uniform weights) of `fxfuse.fuse`; test split. The "
         "distance table applies each alignment's permutations (read from `FusionReport.perms`) "
         "with `fxfuse.permute.apply_perms`; its last row runs the matcher's descent "
-        "(`fxfuse.passes.align._WeightMatcher.match`) from activation matching's permutations.",
+        "(`fxfuse.align.weights._WeightMatcher.match`) from activation matching's permutations.",
         load_line(load_start, time.perf_counter() - started),
         "- Why: in the fusion section above, item 2 uses weight matching, whose midpoint stays "
         "near chance on 10-layer MLPs without normalisation (with BatchNorm, item 3, it does "

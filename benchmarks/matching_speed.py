@@ -71,8 +71,8 @@ from benchmarks._report import (  # noqa: E402
     version_of,
     write_section,
 )
-from fxfuse.assignment import WarmAssignment  # noqa: E402
 from fxfuse.passes import FusionReport  # noqa: E402
+from fxfuse.solvers.assignment import WarmAssignment  # noqa: E402
 from models.zoo import resnet50  # noqa: E402
 
 BEGIN = "<!-- matching-speed:begin -->"
@@ -132,7 +132,7 @@ def param_keys(model: nn.Module) -> set[str]:
 # -- child processes: one cold run of one configuration -------------------------------------------
 def fxfuse_worker(tol: float | None) -> dict[str, Any]:
     """One ``fuse`` call with weight matching, the first in this process."""
-    import fxfuse.passes.align as align_mod
+    import fxfuse.align.weights as align_mod
 
     a, b, x = make_models()
     sweeps = [0]
@@ -268,7 +268,7 @@ def run_config(config: Config, timeout: float) -> Run | str:
 def count_laps() -> Iterator[dict[int, tuple[int, float, float]]]:
     """Count and time the linear assignments of fxfuse's weight matching, by size.
 
-    Instrumentation only: wraps ``fxfuse.assignment.WarmAssignment.solve`` (the warm start, the
+    Instrumentation only: wraps ``fxfuse.solvers.assignment.WarmAssignment.solve`` (the warm start, the
     call to scipy's ``linear_sum_assignment`` and the duals for the next solve) for the duration,
     adding two ``perf_counter`` calls per solve.
     """

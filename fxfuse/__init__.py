@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .align import ActivationMatching, WeightMatching
 from .combine import Router, RouteReport, adaptive_selection
 from .core import align_states, apply_fusion, load_fusion, merge_states, save_fusion
 from .errors import (
@@ -19,20 +20,13 @@ from .errors import (
 from .exporter import ExportReport, export
 from .fuse import fuse
 from .groups import find_groups
+from .groups.spec import AxisSpec, Group, Member, PermutationSpec
 from .maps import GroupMap, apply_maps
 from .methods import recipe_from_json, recipe_to_json, register_method
-from .passes import (
-    ActivationMatching,
-    FusionReport,
-    Pass,
-    Pipeline,
-    Repair,
-    ResetBatchNorm,
-    WeightMatching,
-)
+from .passes import FusionReport, Pass, Pipeline
 from .permute import VerifyResult, permute, verify
+from .repair import Repair, ResetBatchNorm
 from .rules import axis_rule
-from .spec import AxisSpec, Group, Member, PermutationSpec
 
 __version__ = "0.1.0"
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from .errors import InputError, SpecError
+from .groups.spec import PermutationSpec
 from .maps import GroupMap, apply_maps, perm_maps
-from .spec import PermutationSpec
 
 State = dict[str, torch.Tensor]
 Maps = dict[str, GroupMap]

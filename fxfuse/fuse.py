@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .align.weights import WeightMatching
 from .errors import ArchitectureMismatchError, InputError
 from .groups import find_groups
 from .methods import passes_for, with_data
-from .passes.align import WeightMatching
 from .passes.base import FusionReport, FusionState, Pass, Pipeline
 from .passes.merge import MergeWeights, VerifyFused
 from .trace import as_input_tuple, kv_cache_note, model_device

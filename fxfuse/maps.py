@@ -7,7 +7,7 @@ pair
     U: (n, m)   unmerge: model unit j  =  sum_i U[j, i] * fused unit i
 
 applied to every tensor the group touches by the *role* of the tensor's axis
-(:mod:`fxfuse.roles`): an output-side axis (the rows of the layer producing the units, its bias,
+(:mod:`fxfuse.groups.roles`): an output-side axis (the rows of the layer producing the units, its bias,
 a norm's affine, BatchNorm's running mean) becomes ``M @ rows``; an input-side axis (the columns of
 the layer reading the units) becomes ``U^T @ rows``, so ``W2' h' = W2 U h' = W2 h`` whenever
 ``h = U h'``; a second moment (BatchNorm's running variance ``v`` with mean ``mu``) is merged as a
@@ -32,7 +32,7 @@ non-negative coupling ``T: (n, m)`` (how much of model unit ``j`` goes to fused 
   every hard map above (copies and identical merges), and both agree on permutations.
 
 Block axes (a flatten's ``g x 16``, a concat's ``(g + h)``, a head split's ``heads x head_dim``)
-apply the map to the group's factor only, through :mod:`fxfuse.coords`: every context (the other
+apply the map to the group's factor only, through :mod:`fxfuse.ir.coords`: every context (the other
 factors' indices, the other blocks) is mapped alike, and positions of other blocks are kept.
 """
 
@@ -44,11 +44,11 @@ from typing import Any
 
 import torch
 
-from .coords import group_rows
 from .errors import PermutationError
-from .spec import PermutationSpec, tree_groups, tree_size
+from .groups.spec import PermutationSpec, tree_groups, tree_size
+from .ir.coords import group_rows
 
-OUT, IN, SECOND = "out", "in", "second"  # the roles of fxfuse.roles
+OUT, IN, SECOND = "out", "in", "second"  # the roles of fxfuse.groups.roles
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import InputError, VerificationError
-from .spec import PermutationSpec, axis_index, check_perms
+from .groups.spec import PermutationSpec, axis_index, check_perms
 from .trace import as_input_tuple, eval_mode
 
 

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import PipelineError, TraceError
-from ..trace import eval_mode, symbolic_trace
-from .base import FusionState, Pass, batch_inputs, limited, progress
+from .errors import PipelineError, TraceError
+from .methods import register_method
+from .passes.base import FusionState, Pass, batch_inputs, limited, progress
+from .trace import eval_mode, symbolic_trace
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -234,3 +235,7 @@ class RepairStatistics(Pass):
             f"{sum(1 for k, _ in points if k == 'bn')} BatchNorms reset on {len(data)} batches")
         if skipped:
             state.report.notes.append(f"repair: layers without a bias not repaired: {skipped}")
+
+
+register_method("reset-bn", "repair", ResetBatchNorm, lambda c: [ResetBatchNormStats(c)])
+register_method("repair", "repair", Repair, lambda c: [RepairStatistics(c)])

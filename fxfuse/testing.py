@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .spec import PermutationSpec
+from .groups.spec import PermutationSpec
 
 
 def randomize_constants(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fxfuse import assignment
-from fxfuse.assignment import (
+from fxfuse.solvers import assignment
+from fxfuse.solvers.assignment import (
     WarmAssignment,
     _min_form,
     auction_prices,

@@ -12,10 +12,12 @@ import torch
 
 import fxfuse
 import models
+from fxfuse.align import ActivationMatching, WeightMatching
 from fxfuse.core import align_states, apply_fusion, load_fusion, merge_states, save_fusion
 from fxfuse.errors import InputError, SpecError
 from fxfuse.methods import config_to_dict, methods, recipe_from_json, recipe_to_json
-from fxfuse.passes import ActivationMatching, FusionReport, Pass, Repair, WeightMatching
+from fxfuse.passes import FusionReport, Pass
+from fxfuse.repair import Repair
 from tests.regression.fusion_cases import batches, unrelated
 
 
@@ -45,7 +47,7 @@ class AlignHalfWay(Pass):
         self.config = config
 
     def call(self, state: Any) -> None:
-        from fxfuse.passes.align import AlignWeights
+        from fxfuse.align.weights import AlignWeights
 
         AlignWeights(WeightMatching()).call(state)
         keep = [g.name for g in state.spec.groups][: self.config.groups]

@@ -10,18 +10,11 @@ from torch import nn
 
 import fxfuse
 import models
+from fxfuse.align import ActivationMatching, WeightMatching
 from fxfuse.fuse import fuse
-from fxfuse.passes import (
-    ActivationMatching,
-    FusionReport,
-    MergeWeights,
-    Pass,
-    Repair,
-    ResetBatchNorm,
-    WeightMatching,
-)
-from fxfuse.passes.repair import reset_batchnorm
+from fxfuse.passes import FusionReport, MergeWeights, Pass
 from fxfuse.permute import apply_perms, rel_diff
+from fxfuse.repair import Repair, ResetBatchNorm, reset_batchnorm
 from fxfuse.testing import randomize_constants
 
 from .conftest import NEEDS_GPU
@@ -391,7 +384,7 @@ def _unrelated(factory, seed: int) -> nn.Module:
 
 
 def _aligned_perms(models_: list[nn.Module], inputs: tuple, cfg: WeightMatching):
-    from fxfuse.passes.align import AlignWeights
+    from fxfuse.align.weights import AlignWeights
     from fxfuse.passes.base import FusionState
 
     spec = fxfuse.find_groups(models_[0], inputs)
@@ -404,7 +397,7 @@ def _aligned_perms(models_: list[nn.Module], inputs: tuple, cfg: WeightMatching)
 def _group_cost(spec, sd_a, sd_b, perms, group) -> torch.Tensor:
     """Independent of the matcher's caches: C[i, j] = sum over the group's parameter axes of
     <A row i, B row j>, B with every other group's permutation applied."""
-    from fxfuse.coords import as_rows, group_rows
+    from fxfuse.ir.coords import as_rows, group_rows
 
     sizes = {g.name: g.size for g in spec.groups}
     others = {**perms, group.name: torch.arange(group.size)}
@@ -431,7 +424,7 @@ def test_weight_matching_reaches_a_fixed_point(name: str, warm: bool,
     models' groups are below the sizes where the matcher starts doing so)."""
     from scipy.optimize import linear_sum_assignment
 
-    from fxfuse import assignment
+    from fxfuse.solvers import assignment
 
     monkeypatch.setattr(assignment, "WARM_MIN_SIZE", 1 if warm else 10**9)
     monkeypatch.setattr(assignment, "AUCTION_MIN_SIZE", 1 if warm else 10**9)
@@ -487,7 +480,7 @@ def test_progress_lines_end_even_when_the_loop_stops_early(capsys) -> None:
 
 
 def test_weight_matching_stopping_rule() -> None:
-    from fxfuse.passes.align import _StoppingRule
+    from fxfuse.align.weights import _StoppingRule
 
     rule = _StoppingRule(0.1, 100.0)
     assert not rule.done([10.0])  # D 100 -> 80: a 20% step
@@ -500,7 +493,7 @@ def test_weight_matching_stopping_rule() -> None:
 def test_weight_matching_cost_cache_follows_every_change() -> None:
     """The cached block costs equal a cost computed from scratch, also after a neighbour's
     permutation changed (its blocks must be recomputed, the others reused)."""
-    from fxfuse.passes.align import _CostCache, _WeightMatcher
+    from fxfuse.align.weights import _CostCache, _WeightMatcher
 
     entry = models.get("resnet20")
     a, b = _unrelated(entry.factory, 1), _unrelated(entry.factory, 2)

@@ -1,4 +1,4 @@
-"""Every registered axis rule is checked numerically (see fxfuse.validate)."""
+"""Every registered axis rule is checked numerically (see fxfuse.rules.validate)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from torch import nn
 
 import fxfuse
 from fxfuse.rules import Same, rule_table, target_name
+from fxfuse.rules.validate import check_equivariance
 from fxfuse.testing import randomize_constants
-from fxfuse.validate import check_equivariance
 
 from .conftest import NEEDS_GPU
 from .rule_cases import CASES, EXPORT_CASES
@@ -63,12 +63,12 @@ EXPORT_PARAMS = [pytest.param(t, i, id=f"{target_name(t)}-{i}")
 @pytest.mark.parametrize("target,i", EXPORT_PARAMS)
 def test_aten_rule_is_equivariant(target: Any, i: int) -> None:
     """ATen-level rules, on graphs from torch.export; the case must really produce the op."""
-    from fxfuse.discover import discover
+    from fxfuse.groups.discover import discover
 
     fn, inputs = EXPORT_CASES[target][i]
     _randomized(fn, seed=i)
     check = check_equivariance(fn, inputs, tracer="export")
-    from fxfuse.validate import _WRAPPERS
+    from fxfuse.rules.validate import _WRAPPERS
 
     xs = inputs if isinstance(inputs, tuple) else (inputs,)
     gm = discover(_WRAPPERS[len(xs)](fn), xs, fix_io=False, tracer="export").gm

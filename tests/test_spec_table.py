@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxfuse
-from fxfuse.spec import pack_items
+from fxfuse.groups.spec import pack_items
 
 
 def test_pack_items_keeps_every_item_whole() -> None:

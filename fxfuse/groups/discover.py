@@ -18,10 +18,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import InputError, TraceError, UnsupportedOpError
-from .layout import Atom, AtomTable, Layout, Prod, Reason, Sum
-from .roles import IN, OUT, Origins, related_axes, role_table
-from .rules import (
+from ..errors import InputError, TraceError, UnsupportedOpError
+from ..ir.layout import Atom, AtomTable, Layout, Prod, Reason, Sum
+from ..rules import (
     AxisRef,
     Cut,
     Free,
@@ -33,7 +32,7 @@ from .rules import (
     lookup,
     target_name,
 )
-from .trace import (
+from ..trace import (
     VALUE,
     TensorMeta,
     as_input_tuple,
@@ -42,6 +41,7 @@ from .trace import (
     source_line,
     symbolic_trace,
 )
+from .roles import IN, OUT, Origins, related_axes, role_table
 
 AXES = "fxfuse.axes"
 
@@ -65,13 +65,50 @@ class Discovery:
     cuts: list[Reason] = field(default_factory=list)
     tracer: str = "torch.fx.symbolic_trace"
     lifted: dict[str, str] = field(default_factory=dict)  # export: placeholder -> param name
-    # (state_dict key, axis) -> the roles its uses gave it (fxfuse.roles)
+    # (state_dict key, axis) -> the roles its uses gave it (fxfuse.groups.roles)
     roles: dict[tuple[str, int], set[str | None]] = field(default_factory=dict)
     buffers: frozenset[str] = frozenset()  # state_dict keys that are buffers, not parameters
 
     def input_nodes(self) -> list[fx.Node]:
         """The placeholders that are model inputs (not lifted parameters/buffers)."""
         return [n for n in self.gm.graph.nodes if n.op == "placeholder" and n.name not in self.lifted]
+
+
+class _Handles:
+    """The tensors one op application relates, numbered as the rule sees them: each handle's
+    axis layouts, shape, and (for parameters and views of them) the parameter axes per axis."""
+
+    def __init__(self, lineage: dict[str, Any]) -> None:
+        self.lineage = lineage
+        self.handles: list[tuple[Layout, ...]] = []
+        self.shapes: list[tuple[int, ...]] = []
+        self.sources: list[Origins | None] = []
+
+    def handle(self, lays: tuple[Layout, ...], meta: TensorMeta, src: Origins | None = None
+               ) -> TensorHandle:
+        self.handles.append(lays)
+        self.shapes.append(meta.shape)
+        self.sources.append(src)
+        return TensorHandle(len(self.handles) - 1, meta.shape, meta.dtype)
+
+    def wrap(self, axes: Any, val: Any, src: Any = None) -> Any:
+        if isinstance(axes, TensorAxes):
+            return self.handle(axes.layouts, val, src)
+        if isinstance(axes, tuple) and isinstance(val, (list, tuple)):
+            subs = src if isinstance(src, tuple) and len(src) == len(axes) else (None,) * len(axes)
+            return type(val)(self.wrap(a, v, u) for a, v, u in zip(axes, val, subs))
+        return val
+
+    def arg(self, v: Any) -> Any:
+        if isinstance(v, fx.Node):
+            return self.wrap(v.meta.get(AXES), v.meta.get(VALUE), self.lineage.get(v.name))
+        if isinstance(v, (list, tuple)):
+            return type(v)(self.arg(u) for u in v)
+        if isinstance(v, dict):
+            return {k: self.arg(u) for k, u in v.items()}
+        if isinstance(v, slice):
+            return slice(self.arg(v.start), self.arg(v.stop), self.arg(v.step))
+        return v
 
 
 class _Driver:
@@ -97,7 +134,7 @@ class _Driver:
             if first == key:
                 self.param_axes[key] = tuple(self.table.new(s) for s in t.shape)
         self.used: set[str] = set()
-        # for member roles (fxfuse.roles): the parameters each node's value is made of only
+        # for member roles (fxfuse.groups.roles): the parameters each node's value is made of only
         # (a parameter, or a view of parameters), and every op application that reads them
         self.lineage: dict[str, Any] = {}
         self.roles: dict[tuple[str, int], set[str | None]] = {}
@@ -190,56 +227,12 @@ class _Driver:
         self.table.at(node.name, opname)
         value = node.meta.get(VALUE)
         node.meta[AXES] = self._fresh(value)
-        handles: list[tuple[Layout, ...]] = []
-        shapes: list[tuple[int, ...]] = []
-        sources: list[Origins | None] = []  # per axis: the parameter axes it is a view of
-
-        def handle(lays: tuple[Layout, ...], meta: TensorMeta,
-                   src: Origins | None = None) -> TensorHandle:
-            handles.append(lays)
-            shapes.append(meta.shape)
-            sources.append(src)
-            return TensorHandle(len(handles) - 1, meta.shape, meta.dtype)
-
-        def wrap(axes: Any, val: Any, src: Any = None) -> Any:
-            if isinstance(axes, TensorAxes):
-                return handle(axes.layouts, val, src)
-            if isinstance(axes, tuple) and isinstance(val, (list, tuple)):
-                subs = src if isinstance(src, tuple) and len(src) == len(axes) else (None,) * len(axes)
-                return type(val)(wrap(a, v, u) for a, v, u in zip(axes, val, subs))
-            return val
-
-        def arg(v: Any) -> Any:
-            if isinstance(v, fx.Node):
-                return wrap(v.meta.get(AXES), v.meta.get(VALUE), self.lineage.get(v.name))
-            if isinstance(v, (list, tuple)):
-                return type(v)(arg(u) for u in v)
-            if isinstance(v, dict):
-                return {k: arg(u) for k, u in v.items()}
-            if isinstance(v, slice):
-                return slice(arg(v.start), arg(v.stop), arg(v.step))
-            return v
-
-        args, kwargs = arg(node.args), arg(node.kwargs)
-        out_value = wrap(node.meta[AXES], value)
+        hs = _Handles(self.lineage)
+        args, kwargs = hs.arg(node.args), hs.arg(node.kwargs)
+        out_value = hs.wrap(node.meta[AXES], value)
         outs = _handles_in(out_value)
-        params: dict[str, TensorHandle] = {}
-        if module is not None:
-            for name, t in [*module.named_parameters(remove_duplicate=False),
-                            *module.named_buffers(remove_duplicate=False)]:
-                if t is None:
-                    continue
-                lays = self._param_layouts(t)
-                if lays is None:
-                    lays = tuple(self.table.new(s) for s in t.shape)
-                    why = Reason("constant", node.name, opname,
-                                 f"buffer {name!r} is not in the state_dict")
-                    for lay in lays:
-                        self.table.fix(lay, why)
-                key = self.key_of.get(id(t))
-                params[name] = handle(lays, TensorMeta(tuple(t.shape), t.dtype),
-                                      _param_origins(key, t.ndim) if key is not None else None)
-        if not handles:
+        params = self._module_params(node, module, opname, hs) if module is not None else {}
+        if not hs.handles:
             return  # no tensor in or out: shape arithmetic, nothing to relate
         src = source_line(node)
         target = canonical(node.target)
@@ -251,28 +244,50 @@ class _Driver:
             if self.strict:
                 where = f" at {src}" if src else ""
                 raise UnsupportedOpError(f"node {node.name!r}: {msg}{where}")
-            why = Reason("no-rule", node.name, opname, msg, src)
-            self.cuts.append(why)
-            self._fix_handles(handles, why)
+            self._cut(hs, Reason("no-rule", node.name, opname, msg, src))
             return
         op = OpView(target, args, kwargs, outs, out_value, module, params)
         base = Reason("rule", node.name, opname, "", src)
         try:
             relations = rule(op)
-            self._apply(relations, handles, shapes, base)
-            self._record_use(node, relations, sources, out_value, module, params)
+            self._apply(relations, hs.handles, hs.shapes, base)
+            self._record_use(node, relations, hs.sources, out_value, module, params)
         except Exception as exc:  # a rule that can not handle this call: never guess
             if self.strict:
                 raise UnsupportedOpError(
                     f"node {node.name!r}: the axis rule for {opname} failed: {exc}") from exc
-            why = Reason("no-rule", node.name, opname, f"axis rule failed ({exc}); fixed", src)
-            self.cuts.append(why)
-            self._fix_handles(handles, why)
+            self._cut(hs, Reason("no-rule", node.name, opname, f"axis rule failed ({exc}); fixed",
+                                 src))
+
+    def _cut(self, hs: _Handles, why: Reason) -> None:
+        self.cuts.append(why)
+        self._fix_handles(hs.handles, why)
+
+    def _module_params(self, node: fx.Node, module: nn.Module, opname: str, hs: _Handles
+                       ) -> dict[str, TensorHandle]:
+        """Handles of a called module's parameters and buffers (a buffer outside the state_dict
+        is a constant: fixed)."""
+        params: dict[str, TensorHandle] = {}
+        for name, t in [*module.named_parameters(remove_duplicate=False),
+                        *module.named_buffers(remove_duplicate=False)]:
+            if t is None:
+                continue
+            lays = self._param_layouts(t)
+            if lays is None:
+                lays = tuple(self.table.new(s) for s in t.shape)
+                why = Reason("constant", node.name, opname,
+                             f"buffer {name!r} is not in the state_dict")
+                for lay in lays:
+                    self.table.fix(lay, why)
+            key = self.key_of.get(id(t))
+            params[name] = hs.handle(lays, TensorMeta(tuple(t.shape), t.dtype),
+                                     _param_origins(key, t.ndim) if key is not None else None)
+        return params
 
     def _record_use(self, node: fx.Node, relations: list[Any], sources: list[Origins | None],
                     out_value: Any, module: nn.Module | None,
                     params: dict[str, TensorHandle]) -> None:
-        """Member roles (:mod:`fxfuse.roles`) from one applied rule.  An op all of whose inputs
+        """Member roles (:mod:`fxfuse.groups.roles`) from one applied rule.  An op all of whose inputs
         are parameters is a view of them: its output axes inherit the parameter axes they are
         related to.  Otherwise a parameter axis related to an output axis is output-side, one
         related only to an activation input is input-side."""

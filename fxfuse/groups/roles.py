@@ -63,7 +63,7 @@ def role_table(module: nn.Module | None) -> dict[tuple[str, int], str]:
 
 def _refs(e: Any) -> Iterable[tuple[Any, Any]]:
     """The (tensor, axis) pairs and ("new", key) atoms an axis expression mentions."""
-    from .rules import AxisRef, NewAxis
+    from ..rules import AxisRef, NewAxis
 
     if isinstance(e, AxisRef):
         yield (e.tensor, e.axis)
@@ -83,7 +83,7 @@ def related_axes(relations: Iterable[Any]) -> dict[tuple[Any, Any], set[tuple[An
     class), never a second factor step sideways: a grouped conv's ``Prod(groups, w[1]) = x[1]``
     and ``Prod(groups, w[0] / groups) = out[1]`` relate ``w[1]`` to ``x[1]``, not to the output.
     """
-    from .rules import Same
+    from ..rules import Same
 
     ident: dict[tuple[Any, Any], set[tuple[Any, Any]]] = {}
     factor: dict[tuple[Any, Any], set[tuple[Any, Any]]] = {}

@@ -7,7 +7,7 @@
   over group names and how it came to be (fixed reasons).
 
 A layout tree is ``("g", name)``, ``("fixed", n)``, ``("prod", (t1, ..))`` (Kronecker product,
-row-major) or ``("sum", (t1, ..))`` (concatenation), see :mod:`fxfuse.layout`.  The index
+row-major) or ``("sum", (t1, ..))`` (concatenation), see :mod:`fxfuse.ir.layout`.  The index
 permutation of an axis is :func:`axis_index`; permuting a tensor is
 ``t.index_select(axis, axis_index(layout, perms))``.
 """
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import PermutationError, SpecError
+from ..ir.layout import Atom, Fixed, Layout, Prod, Reason
 from .discover import AXES, Discovery, TensorAxes
-from .errors import PermutationError, SpecError
-from .layout import Atom, Fixed, Layout, Prod, Reason
 from .roles import finish_roles
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class PermutationSpec:
     # group acts on: where activation-based passes read a group's features
     activations: dict[str, tuple[Tree, ...]] = field(default_factory=dict)
     # (state_dict key, axis) -> how an alignment map acts on it ("out", "in", "second:<mean>",
-    # "conflict"; fxfuse.roles); permutations do not need it
+    # "conflict"; fxfuse.groups.roles); permutations do not need it
     roles: dict[tuple[str, int], str] = field(default_factory=dict)
     buffers: frozenset[str] = frozenset()  # state_dict keys that are buffers (not parameters)
 

@@ -18,8 +18,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import TraceError
-from .trace import eval_mode, quote_error, symbolic_trace, without_kv_cache
+from ..errors import TraceError
+from ..trace import eval_mode, quote_error, symbolic_trace, without_kv_cache
 
 SYMBOLIC = "torch.fx.symbolic_trace"
 

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import FxFuseError, InputError, PipelineError
+from ..groups.spec import PermutationSpec
 from ..maps import GroupMap, apply_maps, perm_maps
-from ..spec import PermutationSpec
 from ..trace import model_device
 
 T = TypeVar("T")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import Prod, Sum
+from ..ir.layout import Prod, Sum
 from .elementwise import broadcast_relations
 from .registry import Cut, OpView, Relation, Same, TensorHandle, axis_rule, same
 

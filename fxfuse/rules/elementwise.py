@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import Sum
+from ..ir.layout import Sum
 from .registry import Free, OpView, Relation, Same, TensorHandle, axis_rule, register_many
 
 UNARY_FUNCTIONS = [

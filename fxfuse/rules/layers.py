@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import Prod
+from ..ir.layout import Prod
 from .elementwise import broadcast_relations
 from .registry import Cut, Free, OpView, Relation, Same, TensorHandle, axis_rule, same
 

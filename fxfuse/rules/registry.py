@@ -9,12 +9,12 @@ say, the output is permuted as they say.  Relations are
 
 * ``Same(a, b)``: axis expressions ``a`` and ``b`` carry the same permutation.  Expressions are
   ``op.x[d]`` (axis ``d`` of a tensor handle), ``Prod(...)``/``Sum(...)`` of expressions (see
-  :mod:`fxfuse.layout`) and ``op.new(key, n)`` (a fresh atom local to this op application);
+  :mod:`fxfuse.ir.layout`) and ``op.new(key, n)`` (a fresh atom local to this op application);
 * ``Free(a)``: the op is *invariant* to permuting ``a`` (a reduced or shape-only axis);
 * ``Cut(a, why)``: ``a`` can not be permuted (stays fixed), for the stated reason.
 
 Any axis of size > 1 that a rule does not mention is cut by the driver: a rule never has to be
-complete to be safe, only correct in what it claims.  :mod:`fxfuse.validate` checks every rule
+complete to be safe, only correct in what it claims.  :mod:`fxfuse.rules.validate` checks every rule
 numerically.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layout import Prod, Sum
+from ..ir.layout import Prod, Sum
 
 __all__ = [
     "AxisRef",

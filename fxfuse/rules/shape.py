@@ -4,7 +4,7 @@ dimension algebra), transpose/permute, concat/split/chunk, indexing, expand, pad
 Reshape is one function for every case (``flatten``, ``unflatten``, ``view``, ``squeeze``,
 head-splitting reshapes, channel shuffle): the input and output shapes are cut into the smallest
 chunks whose element counts agree, and each chunk states
-``Prod(input axes of the chunk) = Prod(output axes of the chunk)``; :mod:`fxfuse.layout` then finds
+``Prod(input axes of the chunk) = Prod(output axes of the chunk)``; :mod:`fxfuse.ir.layout` then finds
 the common refinement (e.g. ``C ⊗ H ⊗ W = CHW`` for conv -> flatten -> linear, or
 ``C = g ⊗ C/g`` for channel shuffle).
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import Prod, Sum
+from ..ir.layout import Prod, Sum
 from .registry import Cut, Free, OpView, Relation, Same, TensorHandle, axis_rule, same
 
 

@@ -18,10 +18,10 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .discover import AXES, TensorAxes, discover
-from .permute import rel_diff
-from .spec import axis_index, to_tree
-from .trace import as_input_tuple
+from ..groups.discover import AXES, TensorAxes, discover
+from ..groups.spec import axis_index, to_tree
+from ..permute import rel_diff
+from ..trace import as_input_tuple
 
 
 class _Fn1(nn.Module):

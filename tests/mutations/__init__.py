@@ -86,15 +86,15 @@ MUTATIONS: list[Mutation] = [
              "if key.endswith('running_var') or not a.groups or not any(g in perms for g in a.groups):",
              ("tests/test_zoo.py::test_verify_passes",
               "tests/test_fuse.py::test_self_recovery_with_weight_matching", "-k", "vgg_bn")),
-    Mutation("repair-target-from-endpoint-0-only", "fxfuse/passes/repair.py",
+    Mutation("repair-target-from-endpoint-0-only", "fxfuse/repair.py",
              "w = state.weights[k]",
              "w = 1.0 if k == 0 else 0.0",
              REPAIR_TESTS),
-    Mutation("repair-rms-instead-of-std", "fxfuse/passes/repair.py",
+    Mutation("repair-rms-instead-of-std", "fxfuse/repair.py",
              "return mean, (self.ss / self.n - mean**2).clamp_min(0).add(eps).sqrt()",
              "return mean, (self.ss / self.n).add(eps).sqrt()",
              REPAIR_TESTS),
-    Mutation("repair-statistics-measured-once", "fxfuse/passes/repair.py",
+    Mutation("repair-statistics-measured-once", "fxfuse/repair.py",
              "for kind, name in progress(points, \"repair layers\", state.progress):\n"
              "            if kind == \"bn\":\n"
              "                reset_batchnorm(fused, data, state.device, only=[fused.get_submodule(name)])\n"
@@ -108,11 +108,11 @@ MUTATIONS: list[Mutation] = [
              "            elif name in targets:\n"
              "                mean_f, std_f = once[name]",
              REPAIR_TESTS),
-    Mutation("repair-endpoints-before-alignment", "fxfuse/passes/repair.py",
+    Mutation("repair-endpoints-before-alignment", "fxfuse/repair.py",
              "enumerate(zip(state.models, state.aligned_states()))",
              "enumerate(zip(state.models, [m.state_dict() for m in state.models]))",
              REPAIR_TESTS),
-    Mutation("reset-bn-only-the-first", "fxfuse/passes/repair.py",
+    Mutation("reset-bn-only-the-first", "fxfuse/repair.py",
              "else [m for m in model.modules() if isinstance(m, BATCHNORMS)]",
              "else [m for m in model.modules() if isinstance(m, BATCHNORMS)][:1]",
              ("tests/test_fuse.py::test_reset_batchnorm_matches_fresh_statistics",)),
@@ -124,7 +124,7 @@ MUTATIONS: list[Mutation] = [
              "rels = same(channels, x[1], y[1], *(p[0] for p in params if p is not None))",
              "rels = same(x[1], y[1], *(p[0] for p in params if p is not None))",
              (RULES, "-k", "groupnorm or group_norm")),
-    # map core (fxfuse/maps.py, fxfuse/roles.py)
+    # map core (fxfuse/maps.py, fxfuse/groups/roles.py)
     Mutation("map-input-side-with-M", "fxfuse/maps.py",
              "mat = unmerge.T if role == IN else merge",
              "mat = merge",
@@ -133,7 +133,7 @@ MUTATIONS: list[Mutation] = [
              "if role.startswith(SECOND):",
              "if False:",
              ("tests/test_maps.py::test_second_moments_merge_as_a_mixture",)),
-    Mutation("role-output-side-read-as-input", "fxfuse/discover.py",
+    Mutation("role-output-side-read-as-input", "fxfuse/groups/discover.py",
              "                    role = OUT\n",
              "                    role = IN\n",
              ("tests/test_maps.py::test_a_narrow_model_copied_into_a_wider_one_computes_the_same_function",)),

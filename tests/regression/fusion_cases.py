@@ -26,7 +26,9 @@ from torch import nn
 
 import fxfuse
 import models
-from fxfuse.passes import ActivationMatching, FusionReport, Repair, ResetBatchNorm, WeightMatching
+from fxfuse.align import ActivationMatching, WeightMatching
+from fxfuse.passes import FusionReport
+from fxfuse.repair import Repair, ResetBatchNorm
 from fxfuse.testing import randomize_constants
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "fusion_regression.json"

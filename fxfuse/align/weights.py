@@ -1,12 +1,12 @@
-"""Alignment: find, for every model, the group permutations that bring it into a common basis.
+"""Weight matching (Git Re-Basin, Ainsworth et al. 2023): each model's group permutations into
+model 0's basis, from the weights alone.
 
-**Weight matching** (Git Re-Basin, Ainsworth et al. 2023).  For reference weights ``A`` and
-weights ``B`` to align, coordinate descent over the groups: for group ``g`` with the other groups'
-permutations held fixed, solve
+For reference weights ``A`` and weights ``B`` to align, coordinate descent over the groups: for
+group ``g`` with the other groups' permutations held fixed, solve
 
     max_P  <C_g, P>,   C_g = sum over every parameter axis g acts on of  A_(g) B'_(g)^T
 
-where ``X_(g)`` lays the tensor out with one row per unit of ``g`` (:mod:`fxfuse.coords`: block
+where ``X_(g)`` lays the tensor out with one row per unit of ``g`` (:mod:`fxfuse.ir.coords`: block
 structure from flattens, concats, grouped convs included) and ``B'`` is ``B`` with every other
 permutation applied.  Buffers (BatchNorm running statistics) are permuted with their group but
 not matched on, as in Git Re-Basin: they are statistics of the data, on another scale than the
@@ -17,34 +17,28 @@ random order until no group changes, or (``WeightMatching.tol``) until a sweep s
 squared distance ``sum_t ||A_t - P(B_t)||^2`` by less than ``tol`` of its value.  The cost is
 computed with torch on the models' device; only the ``|g| x |g|`` matrix goes to the host for the
 solver, which runs in worker threads (scipy releases the GIL) while the next costs are computed,
-each solve of a group warm-started from the duals of its last one (:mod:`fxfuse.assignment`).
+each solve of a group warm-started from the duals of its last one
+(:mod:`fxfuse.solvers.assignment`).
 
 **N models**: every model is first matched to model 0, then MergeMany rounds re-match each model to
 the mean of the others (all in the common basis) until no permutation changes.
-
-**Activation matching**: run the traced graph of both models over data (symbolic or
-``torch.export`` graphs alike, :mod:`fxfuse.capture`), and for every group
-correlate the features of every node output ``g`` acts on (standardised, summed over those
-nodes); the permutation maximises the total correlation.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..assignment import WarmAssignment, max_assignment
-from ..capture import ActivationCapture
-from ..coords import as_rows, group_rows
 from ..errors import InputError, PipelineError
+from ..groups.spec import PermutationSpec, axis_index, tree_groups
+from ..ir.coords import as_rows, group_rows
+from ..passes.base import FusionState, Pass, progress
 from ..permute import apply_perms
-from ..spec import PermutationSpec, axis_index, tree_groups
-from .base import FusionState, Pass, batch_inputs, limited, on_device, progress
+from ..solvers.assignment import WarmAssignment
 
 
 @dataclass(frozen=True)
@@ -73,14 +67,6 @@ class WeightMatching:
             raise InputError(f"WeightMatching(max_iter={self.max_iter}, merge_many_rounds="
                              f"{self.merge_many_rounds}): max_iter must be >= 1 and "
                              f"merge_many_rounds >= 0")
-
-
-@dataclass(frozen=True)
-class ActivationMatching:
-    """Config: activation matching on ``data`` (batches ``x`` or ``(x, y)``)."""
-
-    data: Iterable[Any] = field(repr=False, default=(), metadata={"data": True})
-    max_batches: int | None = None
 
 
 def _identity(spec: PermutationSpec, device: torch.device) -> dict[str, torch.Tensor]:
@@ -253,7 +239,7 @@ class _CostCache:
 
 class _Solves:
     """Assignments in flight in worker threads, each warm-started from its group's last solve
-    (:class:`~fxfuse.assignment.WarmAssignment`); a finished one is accepted if it raises the
+    (:class:`~fxfuse.solvers.assignment.WarmAssignment`); a finished one is accepted if it raises the
     matching score, and its gain (the increase of ``sum_t <A_t, P(B_t)>``) recorded."""
 
     def __init__(self, costs: _CostCache) -> None:
@@ -364,197 +350,3 @@ class AlignWeights(Pass):
                 if not changed:
                     break
         state.perms = perms
-
-
-def _features(spec: PermutationSpec, device: torch.device
-              ) -> dict[str, list[tuple[str, int, torch.Tensor]]]:
-    """group -> [(node, axis, rows)] for every traced node output the group acts on."""
-    sizes = {g.name: g.size for g in spec.groups}
-    out: dict[str, list[tuple[str, int, torch.Tensor]]] = {g.name: [] for g in spec.groups}
-    for node, trees in spec.activations.items():
-        for axis, tree in enumerate(trees):
-            for g in dict.fromkeys(tree_groups(tree)):
-                rows = group_rows(tree, g, sizes)
-                if rows is not None and g in out:
-                    out[g].append((node, axis, rows.to(device)))
-    return out
-
-
-class AlignActivations(Pass):
-    """Activation matching of every model to model 0 (correlation of group features)."""
-
-    name = "align-activations"
-
-    def __init__(self, config: ActivationMatching) -> None:
-        self.config = config
-
-    def requires(self, state: FusionState) -> None:
-        if state.spec is None:
-            raise PipelineError("align-activations needs the discovered groups")
-
-    def call(self, state: FusionState) -> None:
-        assert state.spec is not None
-        spec = state.spec
-        data = limited(self.config.data, self.config.max_batches)
-        feats = _features(spec, state.device)
-        wanted = {node for rows in feats.values() for node, _, _ in rows}
-        models = [on_device(m, state.device) for m in state.models]
-        captures = [ActivationCapture(m, spec.tracer, wanted) for m in models]
-        shared = _shared_axes(spec, feats)
-        perms = [_identity(spec, state.device)]
-        for k in range(1, len(captures)):
-            single: dict[str, list[torch.Tensor]] = {}
-            full: dict[tuple[str, int], list[torch.Tensor]] = {}
-            for batch in progress(data, f"activation statistics, model {k}", state.progress):
-                xs = batch_inputs(batch, state.device)
-                seen_a, seen_b = captures[0](*xs), captures[k](*xs)
-                for g, rows_list in feats.items():
-                    for node, axis, rows in rows_list:
-                        if node not in seen_a or node not in seen_b:
-                            continue
-                        if (node, axis) in shared:  # whole axis: contexts move with other groups
-                            if g == shared[(node, axis)]:  # once per batch
-                                _accumulate(full, (node, axis),
-                                            *(_axis_rows(s[node], axis) for s in (seen_a, seen_b)))
-                            continue
-                        _accumulate(single, f"{g}\0{node}\0{axis}",
-                                    as_rows(seen_a[node], axis, rows).double(),
-                                    as_rows(seen_b[node], axis, rows).double())
-            found = _solve_activations(spec, single, full, state.device)
-            blind = [g for g, rows in feats.items() if not rows]
-            if blind:
-                found = _match_weights_of(blind, spec, state.states[0], state.states[k], found)
-            perms.append(found)
-        blind = [g for g, rows in feats.items() if not rows]
-        if blind:
-            state.report.notes.append(
-                f"align-activations: {len(blind)} groups have no activation in the traced graph "
-                f"(inside leaf modules, e.g. {blind[0]}); matched on weights, the rest fixed")
-        state.perms = perms
-
-
-def _match_weights_of(groups: list[str], spec: PermutationSpec, ref: dict[str, torch.Tensor],
-                      other: dict[str, torch.Tensor], perms: dict[str, torch.Tensor],
-                      rounds: int = 20) -> dict[str, torch.Tensor]:
-    """Weight matching of ``groups`` alone, every other group held at ``perms``: coordinate
-    ascent of ``<C_g, P>`` with ``C_g = sum_t A_(g) B'_(g)^T`` over the group's parameter axes
-    (``B'``: ``other`` with every other permutation applied), as in :class:`WeightMatching`."""
-    out = dict(perms)
-    sizes = {g.name: g.size for g in spec.groups}
-    for _ in range(rounds):
-        changed = False
-        for g in groups:
-            moved = apply_perms(other, spec, {**out, g: torch.arange(sizes[g])})
-            cost = torch.zeros(sizes[g], sizes[g], dtype=torch.float64)
-            for key, axis in spec.group(g).members:
-                if key in spec.buffers:
-                    continue
-                rows = group_rows(spec.axes[(key, axis)].layout, g, sizes)
-                if rows is not None:
-                    cost += (as_rows(ref[key], axis, rows).double()
-                             @ as_rows(moved[key], axis, rows).double().T).cpu()
-            new = max_assignment(cost).to(out[g].device)
-            if not torch.equal(new, out[g]):
-                out[g], changed = new, True
-        if not changed:
-            break
-    return out
-
-
-def _shared_axes(spec: PermutationSpec, feats: dict[str, list[tuple[str, int, torch.Tensor]]]
-                 ) -> dict[tuple[str, int], str]:
-    """Node axes on which more than one group acts (head x head_dim, a concat of groups), each
-    with the first group reading it (whose turn accumulates the axis's statistics)."""
-    out: dict[tuple[str, int], str] = {}
-    for g, rows_list in feats.items():
-        for node, axis, _ in rows_list:
-            if len(set(tree_groups(spec.activations[node][axis]))) > 1:
-                out.setdefault((node, axis), g)
-    return out
-
-
-def _axis_rows(x: torch.Tensor, axis: int) -> torch.Tensor:
-    return x.movedim(axis, 0).reshape(x.shape[axis], -1).double()
-
-
-def _accumulate(stats: dict[Any, list[torch.Tensor]], key: Any, a: torch.Tensor, b: torch.Tensor
-                ) -> None:
-    """Moments of features ``a``, ``b``: (units, samples) for one correlation matrix."""
-    acc = stats.get(key)
-    if acc is None:
-        n, dev = a.shape[0], a.device
-        acc = stats[key] = [torch.zeros(())] + [
-            torch.zeros(n, dtype=torch.float64, device=dev) for _ in range(4)] + [
-            torch.zeros(n, n, dtype=torch.float64, device=dev)]
-    acc[0] = acc[0] + a.shape[1]
-    acc[1] += a.sum(1)
-    acc[2] += b.sum(1)
-    acc[3] += (a * a).sum(1)
-    acc[4] += (b * b).sum(1)
-    acc[5] += a @ b.T
-
-
-def _correlation(m: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, saa: torch.Tensor,
-                 sbb: torch.Tensor, sab: torch.Tensor) -> torch.Tensor:
-    mean_a, mean_b = sa / m, sb / m
-    std_a = (saa / m - mean_a**2).clamp_min(0).sqrt() + 1e-8
-    std_b = (sbb / m - mean_b**2).clamp_min(0).sqrt() + 1e-8
-    return (sab / m - mean_a[:, None] * mean_b[None, :]) / (std_a[:, None] * std_b[None, :])
-
-
-def _solve_activations(spec: PermutationSpec, single: dict[str, list[torch.Tensor]],
-                       full: dict[tuple[str, int], list[torch.Tensor]], device: torch.device,
-                       rounds: int = 20) -> dict[str, torch.Tensor]:
-    """Permutations maximising the total correlation.  A group alone on its axes is one
-    assignment.  On an axis several groups share, position ``(i, r)`` of model 0 (unit ``i`` of
-    ``g``, context ``r``) meets the other model's unit ``j`` in context ``r`` *moved by the other
-    groups' permutations*: ``S_g[i, j] = sum_r C[rows[i, r], idx[rows[j, r]]]`` with ``idx`` the
-    axis index of every other group's current permutation; coordinate ascent over those groups
-    until none changes (``rounds`` at most)."""
-    out = _identity(spec, device)
-    corr: dict[str, torch.Tensor] = {}
-    for name, acc in single.items():
-        g = name.split("\0")[0]
-        c = _correlation(*acc)
-        corr[g] = corr[g] + c if g in corr else c
-    for g, c in corr.items():
-        out[g] = max_assignment(c).to(device)
-    if not full:
-        return out
-    sizes = {g.name: g.size for g in spec.groups}
-    by_tree: dict[Any, torch.Tensor] = {}  # the same layout: correlations add up
-    for (node, axis), acc in full.items():
-        tree = spec.activations[node][axis]
-        c = _correlation(*acc)
-        by_tree[tree] = by_tree[tree] + c if tree in by_tree else c
-    shared = list(dict.fromkeys(g for t in by_tree for g in tree_groups(t)))
-    for g in shared:  # start: each unit pair scored at its best-matching contexts (invariant
-        # to the other groups' permutations), so the ascent does not start from noise
-        score = corr[g].clone() if g in corr else torch.zeros(
-            sizes[g], sizes[g], dtype=torch.float64, device=device)
-        for tree, c in by_tree.items():
-            rows = group_rows(tree, g, sizes)
-            if rows is not None:
-                rows = rows.to(c.device)
-                block = c[rows[:, None, :, None], rows[None, :, None, :]]  # (n, n, R, R)
-                score += block.amax(-1).sum(-1).to(score.device)
-        out[g] = max_assignment(score).to(device)
-    for _ in range(rounds):
-        changed = False
-        for g in shared:
-            score = corr[g].clone() if g in corr else torch.zeros(
-                sizes[g], sizes[g], dtype=torch.float64, device=device)
-            for tree, c in by_tree.items():
-                rows = group_rows(tree, g, sizes)
-                if rows is None:
-                    continue
-                rows = rows.to(c.device)
-                idx = axis_index(tree, {**out, g: torch.arange(sizes[g], device=device)}, sizes,
-                                 c.device)
-                score += c[rows[:, None, :], idx[rows][None, :, :]].sum(-1).to(score.device)
-            new = max_assignment(score).to(device)
-            if not torch.equal(new, out[g]):
-                out[g], changed = new, True
-        if not changed:
-            break
-    return out

@@ -1,0 +1,16 @@
+"""Alignment methods: how each model's units map into the fused basis (:mod:`fxfuse.maps`).
+
+Each method is a config (parameters only) and the pass that runs it, registered once with
+:func:`fxfuse.methods.register_method` (its recipe name is the command line's ``--align`` value).
+"""
+
+from __future__ import annotations
+
+from ..methods import register_method
+from .activations import ActivationMatching, AlignActivations
+from .weights import AlignWeights, WeightMatching
+
+register_method("weight", "align", WeightMatching, lambda c: [AlignWeights(c)])
+register_method("activation", "align", ActivationMatching, lambda c: [AlignActivations(c)])
+
+__all__ = ["ActivationMatching", "AlignActivations", "AlignWeights", "WeightMatching"]
