@@ -370,8 +370,9 @@ class Published:
 # notebooks/figure_objects/mlp_barriers_datasets.pt, keys mnist_e100_l10_h128 / _h512 (test acc).
 REPAIR_MLP128 = Published((98.81, 98.77), 80.77, 95.92)
 REPAIR_MLP512 = Published((99.13, 99.02), 82.40, 97.97)
-# The same repository, notebooks/Train-and-Permute-MNIST-MLP-BatchNorm.ipynb at commit eafeb00
-# (output of its cell with layers=10, h=128: BatchNorm reset of the permuted midpoint).
+# The same repository, notebooks/Train-and-Permute-MNIST-MLP-BatchNorm.ipynb at commit eafeb00, its
+# current version (output of its cell with layers=10, h=128: BatchNorm reset of the permuted
+# midpoint; the notebook's first version, a20219f, ran layers=9: 87.47 -> 95.44).
 REPAIR_MLP128_BN = Published((98.29, 98.21), 80.69, 95.49)
 
 
@@ -892,8 +893,9 @@ def main(argv: list[str] | None = None) -> int:
                 "`NormMLP(h=128, layers=10)`: 11 hidden Linear + BatchNorm1d layers, 50 epochs, "
                 "activation-correlation matching): midpoint "
                 f"{REPAIR_MLP128_BN.permute:.2f}% permute-only -> {REPAIR_MLP128_BN.repaired:.2f}% "
-                "after resetting the BatchNorm statistics (the repository's later version of the "
-                "notebook shows a 9-layer net, 87.47% -> 95.44%). Setting used here: the "
+                "after resetting the BatchNorm statistics (eafeb00 is the notebook's current version; "
+                "its first version, a20219f, ran `layers=9`: 87.47% -> 95.44%). Setting used "
+                "here: the "
                 "10-hidden-layer width-128 MLP of item 2 with BatchNorm after every hidden Linear "
                 "(the published figure is compared to its rows); the 3x512 BatchNorm MLP is an "
                 "extra setting without a published figure. Both alignments are shown, as in "
