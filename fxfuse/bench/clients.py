@@ -304,6 +304,30 @@ def _store_entry(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
             os.unlink(tmp)
 
 
+def _check_clients_args(x: torch.Tensor, y: torch.Tensor, split: Split,
+                        models: ModelSpec | Sequence[ModelSpec], init: str) -> list[ModelSpec]:
+    """The per-client model specs, after checking that ``(x, y)`` is the data ``split`` was
+    drawn for and every client holds samples."""
+    _check_xy(x, y)
+    if x.shape[0] != split.n_samples:
+        raise InputError(f"the split covers {split.n_samples} samples but x has {x.shape[0]}; "
+                         "pass the data the split was drawn for")
+    if labels_digest(y) != split.labels_sha256:
+        raise InputError("these labels are not the ones the split was drawn from; pass the "
+                         "labels given to split()")
+    if init not in INITS:
+        raise InputError(f"init must be one of {list(INITS)}, got {init!r}")
+    specs = [models] * split.n_clients if isinstance(models, ModelSpec) else list(models)
+    if len(specs) != split.n_clients or not all(isinstance(s, ModelSpec) for s in specs):
+        raise InputError(f"models must be one ModelSpec or {split.n_clients} of them (one per "
+                         f"client), got {len(specs)} items")
+    if split.n_clients and min(split.sizes) == 0:
+        empty = [k for k, s in enumerate(split.sizes) if s == 0]
+        raise InputError(f"clients {empty} of the split hold no samples; draw a split with data "
+                         "for every client")
+    return specs
+
+
 def train_clients(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -325,23 +349,7 @@ def train_clients(
     ``cache_dir`` defaults to :func:`default_cache_dir`.  ``progress`` prints one line per client
     to stderr.  Returns the clients in order.
     """
-    _check_xy(x, y)
-    if x.shape[0] != split.n_samples:
-        raise InputError(f"the split covers {split.n_samples} samples but x has {x.shape[0]}; "
-                         "pass the data the split was drawn for")
-    if labels_digest(y) != split.labels_sha256:
-        raise InputError("these labels are not the ones the split was drawn from; pass the "
-                         "labels given to split()")
-    if init not in INITS:
-        raise InputError(f"init must be one of {list(INITS)}, got {init!r}")
-    specs = [models] * split.n_clients if isinstance(models, ModelSpec) else list(models)
-    if len(specs) != split.n_clients or not all(isinstance(s, ModelSpec) for s in specs):
-        raise InputError(f"models must be one ModelSpec or {split.n_clients} of them (one per "
-                         f"client), got {len(specs)} items")
-    if split.n_clients and min(split.sizes) == 0:
-        empty = [k for k, s in enumerate(split.sizes) if s == 0]
-        raise InputError(f"clients {empty} of the split hold no samples; draw a split with data "
-                         "for every client")
+    specs = _check_clients_args(x, y, split, models, init)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out: list[TrainedClient] = []
     for k, spec in enumerate(specs):

@@ -241,6 +241,43 @@ def _draw_dirichlet(rng: np.random.Generator, by_class: list[np.ndarray], n_clie
         "raise alpha or use fewer clients")
 
 
+def _draw_shards(rng: np.random.Generator, classes: np.ndarray, by_class: list[np.ndarray],
+                 n_clients: int) -> tuple[list[list[np.ndarray]], tuple[tuple[int, ...], ...]]:
+    """Every client its own classes (disjoint sets of about ``classes / n_clients``)."""
+    if n_clients > classes.size:
+        raise InputError(f"scheme='shards' gives every client its own classes: {n_clients} "
+                         f"clients need at least {n_clients} classes, the labels have "
+                         f"{classes.size}; use fewer clients or scheme='dirichlet'")
+    order = rng.permutation(classes.size)
+    sets = [np.sort(s) for s in np.array_split(order, n_clients)]
+    client_classes = tuple(tuple(int(classes[i]) for i in s) for s in sets)
+    return [[by_class[i] for i in s] for s in sets], client_classes
+
+
+def _draw_iid(rng: np.random.Generator, by_class: list[np.ndarray], n_clients: int
+              ) -> list[list[np.ndarray]]:
+    """Every class spread evenly over the clients (sizes differ by at most one)."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+    for idx in by_class:
+        idx = rng.permutation(idx)
+        base, extra = divmod(idx.size, n_clients)
+        sizes = np.array([base + (1 if k < extra else 0) for k in range(n_clients)])
+        for k, chunk in enumerate(np.split(idx, np.cumsum(sizes)[:-1])):
+            parts[k].append(chunk)
+    return parts
+
+
+def _check_split_args(y: np.ndarray, n_clients: Any, scheme: str) -> int:
+    if isinstance(n_clients, bool) or not isinstance(n_clients, (int, np.integer)) \
+            or n_clients < 1:
+        raise InputError(f"n_clients must be a positive int, got {n_clients!r}")
+    if scheme not in SCHEMES:
+        raise InputError(f"unknown split scheme {scheme!r}; expected one of {list(SCHEMES)}")
+    if int(n_clients) > y.size:
+        raise InputError(f"{n_clients} clients for {y.size} samples: every client needs data")
+    return int(n_clients)
+
+
 def split(
     labels: Any,
     n_clients: int,
@@ -260,14 +297,7 @@ def split(
     Only the parameters of the chosen scheme are recorded in :attr:`Split.params`.
     """
     y = _as_labels(labels)
-    if isinstance(n_clients, bool) or not isinstance(n_clients, (int, np.integer)) \
-            or n_clients < 1:
-        raise InputError(f"n_clients must be a positive int, got {n_clients!r}")
-    n_clients = int(n_clients)
-    if scheme not in SCHEMES:
-        raise InputError(f"unknown split scheme {scheme!r}; expected one of {list(SCHEMES)}")
-    if n_clients > y.size:
-        raise InputError(f"{n_clients} clients for {y.size} samples: every client needs data")
+    n_clients = _check_split_args(y, n_clients, scheme)
     classes = np.unique(y)
     by_class = [np.flatnonzero(y == c) for c in classes]
     rng = np.random.default_rng(seed)
@@ -292,22 +322,9 @@ def split(
         parts = _draw_dirichlet(rng, by_class, n_clients, float(alpha), int(min_size), y.size)
         conc = np.full((classes.size, n_clients), float(alpha))
     elif scheme == "shards":
-        if n_clients > classes.size:
-            raise InputError(f"scheme='shards' gives every client its own classes: {n_clients} "
-                             f"clients need at least {n_clients} classes, the labels have "
-                             f"{classes.size}; use fewer clients or scheme='dirichlet'")
-        order = rng.permutation(classes.size)
-        sets = [np.sort(s) for s in np.array_split(order, n_clients)]
-        client_classes = tuple(tuple(int(classes[i]) for i in s) for s in sets)
-        parts = [[by_class[i] for i in s] for s in sets]
+        parts, client_classes = _draw_shards(rng, classes, by_class, n_clients)
     else:  # iid
-        parts = [[] for _ in range(n_clients)]
-        for idx in by_class:
-            idx = rng.permutation(idx)
-            base, extra = divmod(idx.size, n_clients)
-            sizes = np.array([base + (1 if k < extra else 0) for k in range(n_clients)])
-            for k, chunk in enumerate(np.split(idx, np.cumsum(sizes)[:-1])):
-                parts[k].append(chunk)
+        parts = _draw_iid(rng, by_class, n_clients)
 
     indices = tuple(_frozen(np.sort(np.concatenate(p)).astype(np.int64)) if p
                     else _frozen(np.zeros(0, np.int64)) for p in parts)
