@@ -13,6 +13,7 @@ concat, ``(g + g)`` for GLU): the matrix weight and activation matching compare.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -21,16 +22,16 @@ import torch
 Tree = tuple[Any, ...]
 
 
-def _coords(t: Tree, group: str) -> tuple[torch.Tensor, bool] | None:
+def _coords(t: Tree, group: str, sizes: Mapping[str, int]) -> tuple[torch.Tensor, bool] | None:
     """(coordinate of ``group`` at every position or -1, whether ``group`` occurs) or None when it
     occurs twice in one position (``g x g``)."""
     kind = t[0]
-    if kind == "gs":  # ("gs", name, size): a group leaf with its size attached by _sized
-        n = int(t[2])
+    if kind == "g":
+        n = int(sizes[t[1]])
         return (torch.arange(n), True) if t[1] == group else (torch.full((n,), -1), False)
     if kind == "fixed":
         return torch.full((int(t[1]),), -1), False
-    parts = [_coords(c, group) for c in t[1]]
+    parts = [_coords(c, group, sizes) for c in t[1]]
     if any(p is None for p in parts):
         return None
     parts_ok = [p for p in parts if p is not None]
@@ -49,17 +50,10 @@ def _coords(t: Tree, group: str) -> tuple[torch.Tensor, bool] | None:
     return out, found
 
 
-def _sized(t: Tree, sizes: dict[str, int]) -> Tree:
-    if t[0] == "g":
-        return ("gs", t[1], sizes[t[1]])
-    if t[0] == "fixed":
-        return t
-    return (t[0], tuple(_sized(c, sizes) for c in t[1]))
-
-
 @lru_cache(maxsize=4096)
-def _rows_cached(t: Tree, group: str) -> torch.Tensor | None:
-    res = _coords(t, group)
+def _rows_cached(t: Tree, group: str, sizes: tuple[tuple[str, int], ...]
+                 ) -> torch.Tensor | None:
+    res = _coords(t, group, dict(sizes))
     if res is None or not res[1]:
         return None
     coord, _ = res
@@ -69,10 +63,17 @@ def _rows_cached(t: Tree, group: str) -> torch.Tensor | None:
     return pos[order].reshape(n, -1)
 
 
-def group_rows(t: Tree, group: str, sizes: dict[str, int]) -> torch.Tensor | None:
+def group_rows(t: Tree, group: str, sizes: Mapping[str, int]) -> torch.Tensor | None:
     """``rows: (|group|, R)`` (see module doc), or None if ``group`` is not on this axis or occurs
     twice in one position."""
-    return _rows_cached(_sized(t, sizes), group)
+    used = tuple(sorted((g, int(sizes[g])) for g in _names(t)))
+    return _rows_cached(t, group, used)
+
+
+def _names(t: Tree) -> set[str]:
+    if t[0] == "g":
+        return {t[1]}
+    return set() if t[0] == "fixed" else {n for c in t[1] for n in _names(c)}
 
 
 def as_rows(x: torch.Tensor, axis: int, rows: torch.Tensor) -> torch.Tensor:
