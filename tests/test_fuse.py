@@ -465,20 +465,6 @@ def test_weight_matching_config_is_checked(kwargs: dict) -> None:
         WeightMatching(**kwargs)
 
 
-def test_progress_lines_end_even_when_the_loop_stops_early(capsys) -> None:
-    """Logs (no terminal): one closed line per bar, also after ``break`` (weight matching stops
-    before max_iter), so the next bar does not run on in the same line."""
-    from fxfuse.passes.base import progress
-
-    for i in progress(range(100), "sweeps", True):
-        if i == 4:
-            break
-    list(progress([1, 2], "batches", True))
-    list(progress([1, 2], "silent", False))
-    lines = capsys.readouterr().err.splitlines()
-    assert [ln.split(" (")[0] for ln in lines] == ["sweeps: 5/100", "batches: 2/2"]
-
-
 def test_weight_matching_stopping_rule() -> None:
     from fxfuse.align.weights import _StoppingRule
 
