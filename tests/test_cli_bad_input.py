@@ -38,9 +38,11 @@ BASE: dict[str, list[str]] = {
     "groups": ["groups", MODEL, "--input-shape", "2,4", "--weights", "a.pt"],
     "fuse": ["fuse", MODEL, "a.pt", "b.pt", "--input-shape", "2,4", "--out", "fused.pt",
              "--quiet"],
+    "select": ["select", "a.pt", "b.pt", "--model", MODEL, "--input-shape", "2,4", "--out",
+               "router.onnx"],
     "demo": ["demo", "--epochs", "1", "--width", "8", "--quiet"],
 }
-RUN_BASE = ("groups", "fuse")
+RUN_BASE = ("groups", "fuse", "select")
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0  # permissions do not stop root
 
 
@@ -124,7 +126,7 @@ def _with(argv: list[str], action: argparse.Action, value: str | None,
 
 #: Where each positional's values are in BASE: command -> dest -> (index, count).
 POSITIONS = {"groups": {"model": (1, 1)}, "fuse": {"model": (1, 1), "checkpoints": (2, 2)},
-             "demo": {}}
+             "select": {"checkpoints": (1, 2)}, "demo": {}}
 
 
 def bad_values(kind: object, command: str, action: argparse.Action
@@ -165,7 +167,7 @@ def bad_values(kind: object, command: str, action: argparse.Action
         yield "returns-no-module", "tests.cli_models:not_a_module", (), None
         yield "factory-raises", "tests.cli_models:broken", (), None
     elif isinstance(kind, cli.DataSource):
-        use = ("--align", "activation")
+        use = ("--align", "activation") if command == "fuse" else ()
         yield "missing", "missing.pt", use, None
         yield "typo-of-mnist", "mnsit", use, None
         yield "missing-folder", "nodir/data.pt", use, None

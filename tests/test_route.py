@@ -254,3 +254,55 @@ def test_count_macs_counts_linear_and_conv_multiply_accumulates() -> None:
     assert count_macs(small_mlp(0), torch.rand(3, 1, 8, 8)) == 64 * 64 + 64 * 10
     # conv: 8x8 outputs x 8 channels x (1 x 3 x 3) taps; head 32 x 10
     assert count_macs(SmallCNN(), torch.rand(3, 1, 8, 8)) == 8 * 8 * 8 * 9 + 32 * 10
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def test_cli_select_routes_models_of_two_factories_into_one_onnx(tmp_path, monkeypatch,
+                                                                capsys) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    from fxfuse import cli
+    from tests.cli_models import tiny_mlp
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(tiny_mlp(width=8).state_dict(), "a.pt")
+    torch.save(tiny_mlp(width=5).state_dict(), "b.pt")
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(40, 4, generator=gen) + 3  # client 0's inputs sit far from client 1's
+    x1 = torch.randn(40, 4, generator=gen) - 3
+    torch.save({"x": x0, "y": torch.randint(0, 3, (40,), generator=gen)}, "d0.pt")
+    torch.save({"x": x1, "y": torch.randint(0, 3, (40,), generator=gen)}, "d1.pt")
+    argv = ["select", "a.pt", "b.pt", "--model", "tests.cli_models:tiny_mlp",
+            "--model", "tests.cli_models:tiny_mlp", "--factory-args", '{"width": 8}',
+            "--factory-args", '{"width": 5}', "--input-shape", "2,4", "--selector", "gate",
+            "--data", "d0.pt", "--data", "d1.pt", "--out", "router.onnx"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "router (gate(target=correct))" in out and "wrote router.onnx" in out
+    session = ort.InferenceSession("router.onnx", providers=["CPUExecutionProvider"])
+    batch = torch.cat([x0[:3], x1[:4]])
+    got = torch.as_tensor(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0])
+    models = [tiny_mlp(width=8), tiny_mlp(width=5)]
+    with torch.no_grad():
+        expected = torch.cat([models[0](x0[:3]), models[1](x1[:4])])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_select_refuses_density_with_pooled_data_and_writes_nothing(tmp_path, monkeypatch,
+                                                                       capsys) -> None:
+    from fxfuse import cli
+    from tests.cli_models import tiny_mlp
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(tiny_mlp().state_dict(), "a.pt")
+    torch.save(tiny_mlp().state_dict(), "b.pt")
+    torch.save({"x": torch.randn(8, 4), "y": torch.zeros(8, dtype=torch.int64)}, "d.pt")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["select", "a.pt", "b.pt", "--model", "tests.cli_models:tiny_mlp",
+                  "--input-shape", "2,4", "--selector", "density", "--data", "d.pt",
+                  "--out", "router.onnx"])
+    assert exit_.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "--selector density" in err[0] and "one --data per" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt", "d.pt"]
