@@ -40,17 +40,19 @@ class Method:
     config: type
     passes: Callable[[Any], list[Any]]
     needs_data: bool = False
+    summary: str = ""  # one line for help texts (the config's docstring's first line)
 
 
 _BY_TYPE: dict[type, Method] = {}
 _BY_NAME: dict[str, Method] = {}
 
 
-def register_method(name: str, stage: str, config: type, passes: Callable[[Any], list[Any]]
-                    ) -> Method:
+def register_method(name: str, stage: str, config: type, passes: Callable[[Any], list[Any]],
+                    summary: str | None = None) -> Method:
     """Register ``config`` (a dataclass type) as method ``name`` of ``stage`` ("align" or
-    "repair"); ``passes(config)`` builds the passes that run it.  Registering the same name
-    again replaces it (so a module can be reloaded)."""
+    "repair"); ``passes(config)`` builds the passes that run it; ``summary``: one line for help
+    texts (default: the config's docstring's first line).  Registering the same name again
+    replaces it (so a module can be reloaded)."""
     if stage not in STAGES:
         raise InputError(f"register_method: stage must be one of {STAGES}, got {stage!r}")
     if not dataclasses.is_dataclass(config) or not isinstance(config, type):
@@ -59,7 +61,11 @@ def register_method(name: str, stage: str, config: type, passes: Callable[[Any],
     if old is not None and old.config is not config:
         _BY_TYPE.pop(old.config, None)
     needs = any(f.metadata.get("data") for f in dataclasses.fields(config))
-    method = Method(name, stage, config, passes, needs)
+    if summary is None:
+        doc = (config.__doc__ or name).strip().splitlines()[0].rstrip(".").replace("``", "")
+        summary = doc.removeprefix("Config: ")
+    method = Method(name, stage, config, passes, needs,
+                    summary + (" (needs --data)" if needs else ""))
     _BY_TYPE[config] = method
     _BY_NAME[name] = method
     return method

@@ -237,5 +237,7 @@ class RepairStatistics(Pass):
             state.report.notes.append(f"repair: layers without a bias not repaired: {skipped}")
 
 
-register_method("reset-bn", "repair", ResetBatchNorm, lambda c: [ResetBatchNormStats(c)])
-register_method("repair", "repair", Repair, lambda c: [RepairStatistics(c)])
+register_method("reset-bn", "repair", ResetBatchNorm, lambda c: [ResetBatchNormStats(c)],
+                "recompute every BatchNorm's running statistics")
+register_method("repair", "repair", Repair, lambda c: [RepairStatistics(c)],
+                "REPAIR: restore every layer's per-channel statistics")

@@ -10,7 +10,9 @@ from ..methods import register_method
 from .activations import ActivationMatching, AlignActivations
 from .weights import AlignWeights, WeightMatching
 
-register_method("weight", "align", WeightMatching, lambda c: [AlignWeights(c)])
-register_method("activation", "align", ActivationMatching, lambda c: [AlignActivations(c)])
+register_method("weight", "align", WeightMatching, lambda c: [AlignWeights(c)],
+                "weight matching (Git Re-Basin), no data")
+register_method("activation", "align", ActivationMatching, lambda c: [AlignActivations(c)],
+                "match what the units compute on data")
 
 __all__ = ["ActivationMatching", "AlignActivations", "AlignWeights", "WeightMatching"]
