@@ -59,6 +59,13 @@ def test_weights_are_loaded(tmp_path: Path, suffix: str) -> None:
     out = run("groups", "models.zoo:mlp", "--input-shape", "2,1,28,28", "--weights", str(path),
               "--verify")
     assert out.returncode == 0, out.stderr
+    # the loader the command uses puts exactly the saved tensors into a fresh model
+    from fxfuse.cli import load_weights
+
+    fresh = models.get("mlp").factory()
+    assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    load_weights(fresh, path, label="--weights")
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("args,message", [

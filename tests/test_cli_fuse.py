@@ -85,7 +85,11 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     rows = {line[:28].strip(): float(line[28:].split("%")[0])
             for line in res.stdout.splitlines() if "%" in line}
     assert rows["weight matching"] > rows["naive average"] + 5  # alignment matters
-    assert rows["weight matching + REPAIR"] > 85
+    # at this short setting (1 epoch, width 64) the endpoints reach ~94% (the README's 96.7% is
+    # the default width 512): the fused model must not lose more than half a point to them
+    weaker = min(rows["endpoint A (seed 0)"], rows["endpoint B (seed 1)"])
+    assert rows["weight matching + REPAIR"] >= max(93.5, weaker - 0.5), rows
+    assert rows["weight matching"] >= weaker - 1.0, rows
     assert (tmp_path / "f.onnx").exists() and "checked in onnxruntime" in res.stdout
 
 
