@@ -8,9 +8,9 @@ directly; :func:`fxfuse.fuse` runs the same steps as passes.
 * :func:`merge_states`: ``theta = sum_k w_k * A_k(theta_k)`` for every floating tensor, ``A_k``
   model ``k``'s maps applied by member role (:func:`fxfuse.maps.apply_maps`); integer buffers
   (``num_batches_tracked``) keep model 0's value;
-* :func:`save_fusion` / :func:`load_fusion`: a spec and its maps as one JSON file (permutations as
-  index lists, dense maps as matrices), so a fusion can be re-applied to the same models with
-  :func:`apply_fusion`.
+* :func:`save_fusion` / :func:`load_fusion`: a spec and its maps as one file (``.json``:
+  permutations as index lists, dense maps as matrices; ``.pt``: the spec's JSON beside the maps'
+  tensors), so a fusion can be re-applied to the same models with :func:`apply_fusion`.
 """
 
 from __future__ import annotations
@@ -108,36 +108,64 @@ def fusion_to_dict(spec: PermutationSpec, maps: Sequence[Mapping[str, GroupMap]]
 
 def save_fusion(path: str | Path, spec: PermutationSpec,
                 maps: Sequence[Mapping[str, GroupMap]] | None) -> Path:
-    """Write ``spec`` and ``maps`` (e.g. ``report.spec, report.maps``) to ``path`` (.json),
-    atomically (a half-written file never replaces an old one)."""
+    """Write ``spec`` and ``maps`` (e.g. ``report.spec, report.maps``) to ``path``, atomically (a
+    half-written file never replaces an old one): ``.json`` (readable; dense maps as nested
+    lists) or ``.pt`` (the spec as JSON text beside the maps' tensors, read back with
+    ``torch.load(weights_only=True)``: for large dense maps)."""
     from .exporter import publish, staged_file
 
     target = Path(path)
-    if target.suffix != ".json":
-        raise InputError(f"a fusion record is a .json file, got {target.name!r}")
+    if target.suffix not in (".json", ".pt"):
+        raise InputError(f"a fusion record is a .json or .pt file, got {target.name!r}")
     if not target.parent.is_dir():
         raise InputError(f"folder {str(target.parent)!r} does not exist; create it first")
     with staged_file(target) as staged:
-        staged.write_text(json.dumps(fusion_to_dict(spec, maps)))
+        if target.suffix == ".json":
+            staged.write_text(json.dumps(fusion_to_dict(spec, maps)))
+        else:
+            torch.save({"format": FORMAT, "version": VERSION, "spec": spec.to_json(None),
+                        "maps": None if maps is None else [
+                            {g: _map_tensors(m) for g, m in mk.items()} for mk in maps]},
+                       staged)
         publish(staged, target)
     return target
 
 
+def _map_tensors(m: GroupMap) -> dict[str, torch.Tensor]:
+    if m.index is not None:
+        return {"index": m.index.detach().cpu()}
+    merge, unmerge = m.dense()
+    return {"merge": merge, "unmerge": unmerge}
+
+
 def load_fusion(path: str | Path) -> FusionRecord:
     """Read a file written by :func:`save_fusion` (SpecError if it is not one)."""
+    p = Path(path)
     try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        if p.suffix == ".pt":
+            d = torch.load(p, weights_only=True)
+        else:
+            d = json.loads(p.read_text())
+    except Exception as exc:  # unreadable, not JSON, not a torch file
         raise SpecError(f"can not read fusion record {str(path)!r}: {exc}") from exc
     if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
         raise SpecError(f"{str(path)!r} is not an fxfuse fusion record of version {VERSION}")
-    spec = PermutationSpec.from_json(json.dumps(d["spec"]))
+    spec_text = d["spec"] if isinstance(d["spec"], str) else json.dumps(d["spec"])
+    spec = PermutationSpec.from_json(spec_text)
     try:
         maps = None if d["maps"] is None else [
-            {g: GroupMap.from_dict(m) for g, m in mk.items()} for mk in d["maps"]]
+            {g: _map_from(m) for g, m in mk.items()} for mk in d["maps"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise SpecError(f"malformed maps in {str(path)!r}: {exc}") from exc
     return FusionRecord(spec, maps)
+
+
+def _map_from(d: Mapping[str, Any]) -> GroupMap:
+    if any(isinstance(v, torch.Tensor) for v in d.values()):
+        if "index" in d:
+            return GroupMap.permutation(d["index"])
+        return GroupMap(merge=d["merge"].double(), unmerge=d["unmerge"].double())
+    return GroupMap.from_dict(d)
 
 
 def apply_fusion(models: Sequence[nn.Module], record: FusionRecord,

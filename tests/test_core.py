@@ -141,3 +141,21 @@ def test_a_saved_fusion_re_applies_to_the_same_models(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         save_fusion(tmp_path / "nodir" / "f.json", record.spec, record.maps)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "fusion.json"]
+
+
+def test_dense_maps_round_trip_through_both_record_formats(tmp_path: Path) -> None:
+    from fxfuse.maps import GroupMap
+
+    nets, x = _pair("mlp")
+    spec = fxfuse.find_groups(nets[0], x)
+    g = spec.groups[0]
+    dense = {g.name: GroupMap.clusters(torch.arange(g.size) % (g.size - 1), g.size - 1)}
+    maps = [{}, dense]
+    for suffix in (".json", ".pt"):
+        record = load_fusion(save_fusion(tmp_path / f"f{suffix}", spec, maps))
+        assert record.spec == spec and record.maps is not None
+        m_back, u_back = record.maps[1][g.name].dense()
+        m, u = dense[g.name].dense()
+        assert torch.equal(m_back, m) and torch.equal(u_back, u)
+    with pytest.raises(InputError, match=".json or .pt"):
+        save_fusion(tmp_path / "f.txt", spec, maps)
