@@ -43,6 +43,7 @@ from benchmarks._report import (  # noqa: E402
     timed,
     write_section,
 )
+from fxfuse.ir.layout import Prod  # noqa: E402
 from models.transformer import LlamaLM  # noqa: E402
 
 BEGIN, END = "<!-- transformer-discovery:begin -->", "<!-- transformer-discovery:end -->"
@@ -81,7 +82,7 @@ def main() -> None:
         sec, spec = median_time(lambda m=model, x=x, t=tracer: fxfuse.find_groups(m, x, tracer=t),
                                 args.repeats)
         heads = sum(1 for g in spec.groups if any(
-            ("attn" in m.key or "q_proj" in m.key) and m.layout[0] == "prod" for m in g.members))
+            ("attn" in m.key or "q_proj" in m.key) and isinstance(m.layout, Prod) for m in g.members))
         rows.append(f"| {name} | {tracer} | {1000 * sec.wall_s:.0f} ms | "
                     f"{1000 * sec.cpu_s:.0f} ms | {len(spec.groups)} | {heads} | {len(spec.cuts)} |")
         print(rows[-1], flush=True)

@@ -11,6 +11,7 @@ from torch import nn
 
 import fxfuse
 import models
+from fxfuse.ir.layout import Fixed, Prod, Sum, Unit
 from fxfuse.rules import Same
 from fxfuse.testing import randomize_constants
 
@@ -49,7 +50,7 @@ def test_linear_and_conv_outputs_join_next_inputs_and_bias(name: str) -> None:
 def test_grouped_conv_permutations_respect_conv_groups() -> None:
     model, inputs, spec = spec_of("grouped_conv")
     layout = spec.axes[("gconv2.weight", 0)].layout
-    assert layout[0] == "prod" and spec.group(layout[1][0][1]).size == 2  # the 2 conv groups
+    assert isinstance(layout, Prod) and spec.group(layout.parts[0].group).size == 2  # the 2 conv groups
     # whole-group swap and within-group shuffles are in the spec and keep the function
     fxfuse.verify(model, spec, inputs)
     # a permutation mixing channels across the conv groups of gconv2 breaks it
@@ -92,8 +93,8 @@ def test_layernorm_channels_last_after_permute() -> None:
 def test_groupnorm_groups_are_kept_together() -> None:
     model, inputs, spec = spec_of("groupnorm_net")
     layout = spec.axes[("gn1.weight", 0)].layout
-    assert layout[0] == "prod"
-    outer, inner = (spec.group(t[1]) for t in layout[1])
+    assert isinstance(layout, Prod)
+    outer, inner = (spec.group(t.group) for t in layout.parts)
     assert (outer.size, inner.size) == (model.gn1.num_groups, 16 // model.gn1.num_groups)
     fxfuse.verify(model, spec, inputs)
 
@@ -135,19 +136,19 @@ def test_swiglu_gate_and_up_share_a_group() -> None:
 def test_glu_halves_share_one_permutation() -> None:
     _, _, spec = spec_of("glu_mlp")
     layout = spec.axes[("fc1.weight", 0)].layout
-    assert layout[0] == "sum" and layout[1][0] == layout[1][1]
+    assert isinstance(layout, Sum) and layout.parts[0] == layout.parts[1]
 
 
 # -- concat, split, reshape, transpose, shuffle ------------------------------------------------
 def test_concat_gives_block_structure() -> None:
     _, _, spec = spec_of("concat_split_net")
     layout = spec.axes[("fc.weight", 1)].layout
-    assert layout == ("sum", (("g", "conv_q1"), ("g", "conv_q2")))
+    assert layout == Sum((Unit("conv_q1"), Unit("conv_q2")))
 
 
 def test_densenet_concat_layers_read_sums() -> None:
     model, inputs, spec = spec_of("densenet")
-    sums = [a for a in spec.axes.values() if a.layout[0] == "sum"]
+    sums = [a for a in spec.axes.values() if isinstance(a.layout, Sum)]
     assert len(sums) >= 3
     fxfuse.verify(model, spec, inputs)
 
@@ -156,14 +157,15 @@ def test_flatten_acts_blockwise_on_the_next_linear() -> None:
     _, _, spec = spec_of("flatten_net")
     for key, conv in (("fc_view.weight", "conv1"), ("fc_flat.weight", "conv2")):
         layout = spec.axes[(key, 1)].layout
-        assert layout[0] == "prod" and layout[1][0] == ("g", conv)
-        assert layout[1][1][0] == "fixed" and layout[1][1][1] > 1  # the spatial positions
+        assert isinstance(layout, Prod) and layout.parts[0] == Unit(conv)
+        spatial = layout.parts[1]
+        assert isinstance(spatial, Fixed) and spatial.n > 1  # the spatial positions
 
 
 def test_vgg_conv_flatten_linear() -> None:
     model, inputs, spec = spec_of("vgg")
     linear = next(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
-    assert spec.axes[(f"{linear}.weight", 1)].layout[0] == "prod"
+    assert isinstance(spec.axes[(f"{linear}.weight", 1)].layout, Prod)
     fxfuse.verify(model, spec, inputs)
 
 
@@ -176,15 +178,15 @@ def test_channel_shuffle_reorders_kronecker_factors() -> None:
     model, inputs, spec = spec_of("channel_shuffle_net")
     produce = spec.axes[("conv1.weight", 0)].layout
     consume = spec.axes[("conv2.weight", 1)].layout
-    assert produce[0] == consume[0] == "prod"
-    assert list(produce[1]) == list(consume[1])[::-1]
+    assert isinstance(produce, Prod) and isinstance(consume, Prod)
+    assert list(produce.parts) == list(consume.parts)[::-1]
     fxfuse.verify(model, spec, inputs)
 
 
 def test_shufflenet_split_and_shuffle() -> None:
     model, inputs, spec = spec_of("shufflenet")
-    assert any(a.layout[0] == "sum" for a in spec.axes.values())
-    assert any(a.layout[0] == "prod" for a in spec.axes.values())
+    assert any(isinstance(a.layout, Sum) for a in spec.axes.values())
+    assert any(isinstance(a.layout, Prod) for a in spec.axes.values())
     fxfuse.verify(model, spec, inputs)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import fxfuse
 import models
+from fxfuse.ir.layout import Fixed, Prod, Unit
 from fxfuse.testing import randomize_constants, uncovered_layers
 
 
@@ -30,13 +31,14 @@ def test_gqa_head_permutation_moves_whole_kv_groups() -> None:
     q_rows = spec.axes[("blocks.0.q_proj.weight", 0)].layout
     k_rows = spec.axes[("blocks.0.k_proj.weight", 0)].layout
     v_rows = spec.axes[("blocks.0.v_proj.weight", 0)].layout
-    kv = k_rows[1][0]
-    assert q_rows[0] == k_rows[0] == "prod" and q_rows[1][0] == kv and v_rows[1][0] == kv
-    assert spec.group(kv[1]).size == 2  # the 2 kv heads
-    rep = q_rows[1][1]
-    assert rep[0] == "g" and spec.group(rep[1]).size == 2  # 2 query heads per kv head
+    assert isinstance(q_rows, Prod) and isinstance(k_rows, Prod) and isinstance(v_rows, Prod)
+    kv = k_rows.parts[0]
+    assert q_rows.parts[0] == kv and v_rows.parts[0] == kv and isinstance(kv, Unit)
+    assert spec.group(kv.group).size == 2  # the 2 kv heads
+    rep = q_rows.parts[1]
+    assert isinstance(rep, Unit) and spec.group(rep.group).size == 2  # 2 query heads per kv head
     # permuting only the kv heads moves q rows in blocks of (q heads per kv head x head_dim)
-    perms = {kv[1]: torch.tensor([1, 0])}
+    perms = {kv.group: torch.tensor([1, 0])}
     permuted = fxfuse.permute(model, spec, perms)
     q, q2 = model.blocks[0].q_proj.weight, permuted.blocks[0].q_proj.weight
     torch.testing.assert_close(q2[:16], q[16:])
@@ -50,10 +52,10 @@ def test_rope_keeps_q_k_head_dim_fixed_and_says_why() -> None:
     _, _, spec = llama()
     for key in ("blocks.0.q_proj.weight", "blocks.0.k_proj.weight"):
         a = spec.axes[(key, 0)]
-        assert a.layout[1][-1] == ("fixed", 8), f"{key}: head_dim must stay fixed under RoPE"
+        assert a.layout.parts[-1] == Fixed(8), f"{key}: head_dim must stay fixed under RoPE"
         assert any("cos" in r or "slicing" in r for r in a.fixed_because)
     v = spec.axes[("blocks.0.v_proj.weight", 0)].layout
-    assert v[1][-1][0] == "g"  # values have no rotation: their head_dim is free
+    assert isinstance(v.parts[-1], Unit)  # values have no rotation: their head_dim is free
 
 
 def test_mha_heads_are_found_from_the_packed_projection() -> None:
@@ -112,7 +114,7 @@ def test_hugging_face_model(name: str) -> None:
         pytest.xfail(HF_EXPECTED_UNCOVERED[name])
     assert not missing, missing
     if name in ("bert", "llama", "vit"):  # heads found from the graph, not given by hand
-        assert any(a.layout[0] == "prod" and len(a.groups) >= 2 for (k, ax), a in spec.axes.items()
+        assert any(isinstance(a.layout, Prod) and len(a.groups) >= 2 for (k, ax), a in spec.axes.items()
                    if "attention" in k or "attn" in k)
 
 
@@ -190,7 +192,7 @@ def test_swin_style_shifted_windows_and_fused_qkv() -> None:
     fxfuse.verify(model, spec, x)
     assert not uncovered_layers(model, spec)
     rows = spec.axes[("qkv.weight", 0)].layout  # (3 x heads x head_dim): q, k, v blocks
-    assert rows[0] == "prod" and rows[1][0] == ("fixed", 3) and len(rows[1]) == 3
+    assert isinstance(rows, Prod) and rows.parts[0] == Fixed(3) and len(rows.parts) == 3
 
 
 def test_causal_lm_is_fused_without_touching_its_config() -> None:

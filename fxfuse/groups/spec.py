@@ -6,8 +6,10 @@
 * ``spec.axes[(key, axis)]``: the :class:`AxisSpec` of every parameter/buffer axis: its layout tree
   over group names and how it came to be (fixed reasons).
 
-A layout tree is ``("g", name)``, ``("fixed", n)``, ``("prod", (t1, ..))`` (Kronecker product,
-row-major) or ``("sum", (t1, ..))`` (concatenation), see :mod:`fxfuse.ir.layout`.  The index
+A layout tree (:data:`fxfuse.ir.layout.Tree`) is ``Unit(name)``, ``Fixed(n)``, ``Prod((t1, ..))``
+(Kronecker product, row-major) or ``Sum((t1, ..))`` (concatenation): discovery's own layout
+nodes over named groups (JSON: ``["g", name]``, ``["fixed", n]``, ``["prod", [..]]``,
+``["sum", [..]]``).  The index
 permutation of an axis is :func:`axis_index`; permuting a tensor is
 ``t.index_select(axis, axis_index(layout, perms))``.
 """
@@ -22,14 +24,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import PermutationError, SpecError
-from ..ir.layout import Atom, Fixed, Layout, Prod, Reason
+from ..ir.layout import Atom, Fixed, Layout, Prod, Reason, Sum, Tree, Unit
 from .discover import AXES, Discovery, TensorAxes
 from .roles import finish_roles
 
 if TYPE_CHECKING:
     import networkx as nx
 
-Tree = tuple[Any, ...]
 
 
 def pack_items(items: list[str], width: int) -> list[str]:
@@ -68,7 +69,7 @@ class Member(tuple):  # type: ignore[type-arg]
 
     def __str__(self) -> str:
         text = f"{self.key}:{self.axis}"
-        return text if self.layout[0] == "g" else f"{text}[{tree_str(self.layout)}]"
+        return text if isinstance(self.layout, Unit) else f"{text}[{tree_str(self.layout)}]"
 
 
 @dataclass(frozen=True)
@@ -281,33 +282,32 @@ class PermutationSpec:
 
 # -- layout trees -------------------------------------------------------------------------------
 def tree_str(t: Tree) -> str:
-    kind = t[0]
-    if kind == "g":
-        return str(t[1])
-    if kind == "fixed":
-        return str(t[1])
-    inner = [tree_str(c) for c in t[1]]
-    return " x ".join(inner) if kind == "prod" else "(" + " + ".join(inner) + ")"
+    if isinstance(t, Unit):
+        return t.group
+    if isinstance(t, Fixed):
+        return str(t.n)
+    inner = [tree_str(c) for c in t.parts]
+    return " x ".join(inner) if isinstance(t, Prod) else "(" + " + ".join(inner) + ")"
 
 
 def tree_groups(t: Tree) -> list[str]:
-    if t[0] == "g":
-        return [t[1]]
-    if t[0] == "fixed":
+    if isinstance(t, Unit):
+        return [t.group]
+    if isinstance(t, Fixed):
         return []
-    return [n for c in t[1] for n in tree_groups(c)]
+    return [n for c in t.parts for n in tree_groups(c)]
 
 
 def tree_size(t: Tree, sizes: Mapping[str, int]) -> int:
-    if t[0] == "g":
-        if t[1] not in sizes:
-            raise SpecError(f"layout names an unknown group {t[1]!r}")
-        return sizes[t[1]]
-    if t[0] == "fixed":
-        return int(t[1])
-    vals = [tree_size(c, sizes) for c in t[1]]
+    if isinstance(t, Unit):
+        if t.group not in sizes:
+            raise SpecError(f"layout names an unknown group {t.group!r}")
+        return sizes[t.group]
+    if isinstance(t, Fixed):
+        return int(t.n)
+    vals = [tree_size(c, sizes) for c in t.parts]
     out = 1
-    if t[0] == "prod":
+    if isinstance(t, Prod):
         for v in vals:
             out *= v
         return out
@@ -318,24 +318,22 @@ def axis_index(t: Tree, perms: Mapping[str, torch.Tensor], sizes: Mapping[str, i
                device: torch.device | None = None) -> torch.Tensor:
     """Index permutation of an axis: permuted = tensor.index_select(axis, index).
 
-    ``g``: the group's permutation (identity if absent); ``fixed``: ``arange(n)``;
-    ``prod``: ``idx[i1, i2] = p1[i1] * |t2| + p2[i2]`` (Kronecker); ``sum``: offsets concatenated.
+    ``Unit``: the group's permutation (identity if absent); ``Fixed``: ``arange(n)``;
+    ``Prod``: ``idx[i1, i2] = p1[i1] * |t2| + p2[i2]`` (Kronecker); ``Sum``: offsets concatenated.
     """
-    kind = t[0]
-    if kind == "g":
-        p = perms.get(t[1])
-        return torch.arange(sizes[t[1]], device=device) if p is None else p.to(device)
-    if kind == "fixed":
-        return torch.arange(int(t[1]), device=device)
-    parts = [axis_index(c, perms, sizes, device) for c in t[1]]
-    if kind == "prod":
+    if isinstance(t, Unit):
+        p = perms.get(t.group)
+        return torch.arange(sizes[t.group], device=device) if p is None else p.to(device)
+    if isinstance(t, Fixed):
+        return torch.arange(int(t.n), device=device)
+    parts = [axis_index(c, perms, sizes, device) for c in t.parts]
+    if isinstance(t, Prod):
         out = parts[0]
         for p in parts[1:]:
             out = (out[:, None] * p.numel() + p[None, :]).reshape(-1)
         return out
-    offsets, out_parts, off = [], [], 0
+    out_parts, off = [], 0
     for p in parts:
-        offsets.append(off)
         out_parts.append(p + off)
         off += p.numel()
     return torch.cat(out_parts)
@@ -360,36 +358,39 @@ def check_perms(spec: PermutationSpec, perms: Mapping[str, Any]) -> dict[str, to
 
 
 def _tree_to_json(t: Tree) -> list[Any]:
-    if t[0] in ("g", "fixed"):
-        return [t[0], t[1]]
-    return [t[0], [_tree_to_json(c) for c in t[1]]]
+    if isinstance(t, Unit):
+        return ["g", t.group]
+    if isinstance(t, Fixed):
+        return ["fixed", t.n]
+    return ["prod" if isinstance(t, Prod) else "sum", [_tree_to_json(c) for c in t.parts]]
 
 
 def _tree_from_json(v: Any) -> Tree:
     kind = v[0]
     if kind == "g":
-        return ("g", str(v[1]))
+        return Unit(str(v[1]))
     if kind == "fixed":
-        return ("fixed", int(v[1]))
+        return Fixed(int(v[1]))
     if kind in ("prod", "sum"):
-        return (kind, tuple(_tree_from_json(c) for c in v[1]))
+        parts = tuple(_tree_from_json(c) for c in v[1])
+        return Prod(parts) if kind == "prod" else Sum(parts)
     raise SpecError(f"unknown layout node {kind!r}")
 
 
 def to_tree(lay: Layout, name: Callable[[int], str | None],
             size: Callable[[int], int] | None = None) -> Tree:
     """A resolved layout as a tree over group names (``name(atom_id)``; an atom without a name
-    is written as ``("fixed", size(atom_id))``)."""
+    is written as ``Fixed(size(atom_id))``)."""
     if isinstance(lay, Atom):
         n = name(lay.id)
         if n is None:
             assert size is not None
-            return ("fixed", size(lay.id))
-        return ("g", n)
+            return Fixed(size(lay.id))
+        return Unit(n)
     if isinstance(lay, Fixed):
-        return ("fixed", lay.n)
-    kind = "prod" if isinstance(lay, Prod) else "sum"
-    return (kind, tuple(to_tree(c, name, size) for c in lay.parts))
+        return Fixed(lay.n)
+    parts = tuple(to_tree(c, name, size) for c in lay.parts)
+    return Prod(parts) if isinstance(lay, Prod) else Sum(parts)
 
 
 # -- derivation from discovery ---------------------------------------------------------------------

@@ -15,27 +15,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
 
 import torch
 
-Tree = tuple[Any, ...]
+from .layout import Fixed, Sum, Tree, Unit
 
 
 def _coords(t: Tree, group: str, sizes: Mapping[str, int]) -> tuple[torch.Tensor, bool] | None:
     """(coordinate of ``group`` at every position or -1, whether ``group`` occurs) or None when it
     occurs twice in one position (``g x g``)."""
-    kind = t[0]
-    if kind == "g":
-        n = int(sizes[t[1]])
-        return (torch.arange(n), True) if t[1] == group else (torch.full((n,), -1), False)
-    if kind == "fixed":
-        return torch.full((int(t[1]),), -1), False
-    parts = [_coords(c, group, sizes) for c in t[1]]
+    if isinstance(t, Unit):
+        n = int(sizes[t.group])
+        return (torch.arange(n), True) if t.group == group else (torch.full((n,), -1), False)
+    if isinstance(t, Fixed):
+        return torch.full((int(t.n),), -1), False
+    parts = [_coords(c, group, sizes) for c in t.parts]
     if any(p is None for p in parts):
         return None
     parts_ok = [p for p in parts if p is not None]
-    if kind == "sum":
+    if isinstance(t, Sum):
         return torch.cat([c for c, _ in parts_ok]), any(f for _, f in parts_ok)
     if sum(f for _, f in parts_ok) > 1:
         return None
@@ -71,9 +69,9 @@ def group_rows(t: Tree, group: str, sizes: Mapping[str, int]) -> torch.Tensor | 
 
 
 def _names(t: Tree) -> set[str]:
-    if t[0] == "g":
-        return {t[1]}
-    return set() if t[0] == "fixed" else {n for c in t[1] for n in _names(c)}
+    if isinstance(t, Unit):
+        return {t.group}
+    return set() if isinstance(t, Fixed) else {n for c in t.parts for n in _names(c)}
 
 
 def as_rows(x: torch.Tensor, axis: int, rows: torch.Tensor) -> torch.Tensor:

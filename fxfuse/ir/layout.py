@@ -60,7 +60,18 @@ class Sum:
     parts: tuple[Any, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """The units of group ``group``: the leaf by which a spec's layouts name their groups, where
+    discovery's layouts have union-find atoms."""
+
+    group: str
+
+
 Layout = Atom | Fixed | Prod | Sum
+# A spec's layout tree: the same Prod / Sum / Fixed nodes over named groups (Unit) instead of
+# atoms; frozen and hashable (fxfuse.groups.spec, fxfuse.ir.coords, fxfuse.maps read it).
+Tree = Unit | Fixed | Prod | Sum
 
 
 @dataclass(frozen=True)
