@@ -5,6 +5,7 @@ from __future__ import annotations
 from .align import ActivationMatching, WeightMatching
 from .combine import Router, RouteReport, adaptive_selection
 from .core import align_states, apply_fusion, load_fusion, merge_states, save_fusion
+from .diagnostics import neuron_disturbance
 from .errors import (
     ArchitectureMismatchError,
     ExportError,
@@ -37,6 +38,7 @@ __all__ = [
     "apply_maps",
     "load_fusion",
     "merge_states",
+    "neuron_disturbance",
     "recipe_from_json",
     "recipe_to_json",
     "register_method",
