@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from .align import ActivationMatching, WeightMatching
 from .combine import Router, RouteReport, adaptive_selection
-from .core import align_states, apply_fusion, load_fusion, merge_states, save_fusion
+from .core import (
+    align_states,
+    apply_fusion,
+    load_fusion,
+    merge_states,
+    repair_states,
+    save_fusion,
+)
 from .diagnostics import neuron_disturbance
 from .errors import (
     ArchitectureMismatchError,
@@ -39,6 +46,7 @@ __all__ = [
     "load_fusion",
     "merge_states",
     "neuron_disturbance",
+    "repair_states",
     "recipe_from_json",
     "recipe_to_json",
     "register_method",

@@ -8,6 +8,8 @@ directly; :func:`fxfuse.fuse` runs the same steps as passes.
 * :func:`merge_states`: ``theta = sum_k w_k * A_k(theta_k)`` for every floating tensor, ``A_k``
   model ``k``'s maps applied by member role (:func:`fxfuse.maps.apply_maps`); integer buffers
   (``num_batches_tracked``) keep model 0's value;
+* :func:`repair_states`: the merged state repaired (ResetBatchNorm, REPAIR) on data, the models
+  built by a factory;
 * :func:`save_fusion` / :func:`load_fusion`: a spec and its maps as one file (``.json``:
   permutations as index lists, dense maps as matrices; ``.pt``: the spec's JSON beside the maps'
   tensors), so a fusion can be re-applied to the same models with :func:`apply_fusion`.
@@ -89,6 +91,41 @@ def merge_states(spec: PermutationSpec | None, states: Sequence[Mapping[str, tor
         else:
             merged[key] = ref.clone()
     return merged
+
+
+def repair_states(
+    spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]],
+    maps: Sequence[Mapping[str, GroupMap]] | None, merged: Mapping[str, torch.Tensor],
+    config: Any, factory: Callable[[], nn.Module], *, data: Any = None,
+    weights: Sequence[float] | None = None, device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> State:
+    """The merged state repaired by the registered repair ``config`` (ResetBatchNorm, Repair, ...)
+    on ``data``: the models run, so ``factory`` builds them (the endpoints from ``states``, the
+    fused model from ``merged``); ``maps`` and ``weights`` are the ones the merge used (REPAIR's
+    targets are the endpoints' statistics in the fused basis, interpolated by ``weights``)."""
+    from .fuse import interpolation_weights
+    from .methods import passes_for, with_data
+    from .passes.base import FusionState
+
+    dev = torch.device(device)
+    models = []
+    for s in states:
+        m = factory()
+        m.load_state_dict(dict(s))
+        models.append(m)
+    fused = factory().to(dev)
+    fused.load_state_dict(dict(merged))
+    state = FusionState(models=models, example_inputs=(),
+                        weights=interpolation_weights(weights, len(states)), device=dev,
+                        progress=progress, spec=spec,
+                        states=[{k: v.detach().to(dev) for k, v in s.items()} for s in states],
+                        maps=None if maps is None else [dict(m) for m in maps], fused=fused)
+    for p in passes_for(with_data(config, data), "repair"):
+        p.requires(state)
+        p.call(state)
+        p.ensures(state)
+    return {k: v.detach().clone() for k, v in fused.state_dict().items()}
 
 
 @dataclass(frozen=True)

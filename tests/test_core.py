@@ -13,7 +13,14 @@ import torch
 import fxfuse
 import models
 from fxfuse.align import ActivationMatching, WeightMatching
-from fxfuse.core import align_states, apply_fusion, load_fusion, merge_states, save_fusion
+from fxfuse.core import (
+    align_states,
+    apply_fusion,
+    load_fusion,
+    merge_states,
+    repair_states,
+    save_fusion,
+)
 from fxfuse.errors import InputError, SpecError
 from fxfuse.methods import config_to_dict, methods, recipe_from_json, recipe_to_json
 from fxfuse.passes import FusionReport, Pass
@@ -119,6 +126,22 @@ def test_align_and_merge_on_state_dicts_equal_fuse() -> None:
     afused = fxfuse.fuse(nets, x, align=ActivationMatching(data=data), progress=False)
     amerged = merge_states(spec, states, amaps, [0.5, 0.5])
     assert all(torch.equal(amerged[k], v) for k, v in afused.state_dict().items())
+
+
+def test_repair_on_state_dicts_equals_fuse() -> None:
+    nets, x = _pair("vgg_bn")
+    spec = fxfuse.find_groups(nets[0], x)
+    states = [n.state_dict() for n in nets]
+    data = batches("vgg_bn")
+    factory = models.get("vgg_bn").factory
+    maps = align_states(spec, states, WeightMatching())
+    merged = merge_states(spec, states, maps, [0.5, 0.5])
+    for config in (Repair(), fxfuse.ResetBatchNorm()):
+        repaired = repair_states(spec, states, maps, merged, config, factory, data=data)
+        fused = fxfuse.fuse(nets, x, repair=config, data=data, progress=False)
+        assert any(not torch.equal(repaired[k], merged[k]) for k in merged)  # it repaired
+        for k, v in fused.state_dict().items():
+            torch.testing.assert_close(repaired[k], v, rtol=1e-6, atol=1e-7)
 
 
 def test_a_saved_fusion_re_applies_to_the_same_models(tmp_path: Path) -> None:

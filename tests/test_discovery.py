@@ -404,6 +404,7 @@ def test_public_api_is_pinned() -> None:
         "axis_rule", "export", "find_groups", "fuse", "permute", "verify",
         "RouteReport", "Router", "adaptive_selection",
         "GroupMap", "align_states", "apply_fusion", "apply_maps", "load_fusion", "merge_states", "neuron_disturbance",
+        "repair_states",
         "recipe_from_json", "recipe_to_json", "register_method", "save_fusion",
     ])
 
