@@ -355,18 +355,8 @@ def adaptive_selection(
     tensors of one shape, empty or malformed data, or a selector that needs data (or labels, or
     sources) it was not given.
     """
-    if isinstance(models, nn.Module) or len(models) < 2:
-        raise InputError("adaptive_selection needs at least two models, e.g. "
-                         "fxfuse.adaptive_selection([model_a, model_b], x)")
-    for i, m in enumerate(models):
-        if not isinstance(m, nn.Module):
-            raise InputError(f"models[{i}] is a {type(m).__name__}, not a torch.nn.Module")
+    example = _check_inputs(models, example_inputs)
     sel = _selector(selector)
-    if isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 1:
-        example_inputs = example_inputs[0]
-    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() == 0:
-        raise InputError("example_inputs must be one batch tensor (N, ...) the models accept; "
-                         "routers take models with a single tensor input")
     k = len(models)
     samples = as_samples(data, k)
     if isinstance(sel, (Gate, Density)) and samples is None:
@@ -374,8 +364,40 @@ def adaptive_selection(
                          "batches (source: the model index of each sample's client), or use the "
                          "data-free 'confidence' / 'entropy'")
     device = model_device(models[0])
+    ref = _reference_outputs(models, example, sel, samples)
+    taps = None
+    if isinstance(sel, Density) and sel.space == "features":
+        with eval_mode(*models):  # traced in eval mode: functional dropout etc. baked as eval
+            taps = [_feature_tap(m, i) for i, m in enumerate(models)]
     with eval_mode(*models):
-        ref = [m(example_inputs.to(model_device(m))) for m in models]
+        scorer = _fit(sel, models, ref, samples, taps, device)
+    router = Router(models, scorer.to(device), _describe(sel, samples), taps)
+    router.report = _measure(router, samples or Samples(example, None, None))
+    return router
+
+
+def _check_inputs(models: Sequence[nn.Module], example_inputs: Any) -> torch.Tensor:
+    """The example batch, after checking there are two or more modules to route between."""
+    if isinstance(models, nn.Module) or len(models) < 2:
+        raise InputError("adaptive_selection needs at least two models, e.g. "
+                         "fxfuse.adaptive_selection([model_a, model_b], x)")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise InputError(f"models[{i}] is a {type(m).__name__}, not a torch.nn.Module")
+    if isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 1:
+        example_inputs = example_inputs[0]
+    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() == 0:
+        raise InputError("example_inputs must be one batch tensor (N, ...) the models accept; "
+                         "routers take models with a single tensor input")
+    return example_inputs
+
+
+def _reference_outputs(models: Sequence[nn.Module], example: torch.Tensor, sel: Selector,
+                       samples: Samples | None) -> list[torch.Tensor]:
+    """Every model's output on the example batch: tensors of one shape, class logits (N, C)
+    where the selector reads them."""
+    with eval_mode(*models):
+        ref = [m(example.to(model_device(m))) for m in models]
     for i, out in enumerate(ref):
         if not isinstance(out, torch.Tensor):
             raise InputError(f"models[{i}] returns a {type(out).__name__}; routing needs each "
@@ -389,36 +411,29 @@ def adaptive_selection(
     if needs_logits and ref[0].dim() != 2:
         raise InputError(f"selector {sel.kind!r} reads class logits (N, C); the models output "
                          f"{tuple(ref[0].shape)}: use Gate(target='client') or Density")
-    taps = None
-    if isinstance(sel, Density) and sel.space == "features":
-        with eval_mode(*models):  # traced in eval mode: functional dropout etc. baked as eval
-            taps = [_feature_tap(m, i) for i, m in enumerate(models)]
-    with eval_mode(*models):
+    return ref
+
+
+def _fit(sel: Selector, models: Sequence[nn.Module], ref: list[torch.Tensor],
+         samples: Samples | None, taps: Sequence[nn.Module] | None, device: torch.device
+         ) -> Scorer:
+    """The selector fitted on the samples (the models in eval mode)."""
+    outs = [] if samples is None else [o.float() for o in _outputs(list(models), samples.x,
+                                                                   device)]
+    if isinstance(sel, Confidence):
         if samples is None:
-            outs: list[torch.Tensor] = []
-        else:
-            outs = [o.float() for o in _outputs(list(models), samples.x, device)]
-        if isinstance(sel, Confidence):
-            if samples is None:
-                with torch.no_grad():
-                    scorer: Scorer = sel.fit(ref, None)
-            else:
-                scorer = sel.fit(outs, samples)
-        elif isinstance(sel, Gate):
-            assert samples is not None
-            scorer = sel.fit(outs, Samples(samples.x.to(device), _to(samples.y, device),
-                                           _to(samples.s, device)))
-        else:
-            assert samples is not None
-            if taps is not None:
-                feats = [p[1] for p in _outputs(taps, samples.x, device)]
-            else:
-                feats = [samples.x.to(device)] * k
-            scorer = sel.fit(feats, Samples(samples.x, _to(samples.y, device),
-                                            _to(samples.s, device)))
-    router = Router(models, scorer.to(device), _describe(sel, samples), taps)
-    router.report = _measure(router, samples or Samples(example_inputs, None, None))
-    return router
+            with torch.no_grad():
+                return sel.fit(ref, None)
+        return sel.fit(outs, samples)
+    assert samples is not None
+    if isinstance(sel, Gate):
+        return sel.fit(outs, Samples(samples.x.to(device), _to(samples.y, device),
+                                     _to(samples.s, device)))
+    if taps is not None:
+        feats = [p[1] for p in _outputs(taps, samples.x, device)]
+    else:
+        feats = [samples.x.to(device)] * len(models)
+    return sel.fit(feats, Samples(samples.x, _to(samples.y, device), _to(samples.s, device)))
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
