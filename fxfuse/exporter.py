@@ -157,22 +157,7 @@ def export(
     """
     start = time.perf_counter()
     target = Path(path)
-    fmt = SUPPORTED_SUFFIXES.get(target.suffix.lower())
-    if fmt is None:
-        raise InputError(
-            f"cannot export to {str(target)!r}: unsupported suffix {target.suffix!r}; "
-            f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
-        )
-    if not isinstance(model, nn.Module):
-        raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if target.is_dir():
-        raise InputError(f"cannot export to {str(target)!r}: it is a directory")
-    folder = target.parent
-    if not folder.is_dir():
-        raise InputError(
-            f"cannot export to {str(target)!r}: folder {str(folder)!r} does not exist; create it first"
-        )
-
+    fmt = _check_target(model, target)
     if fmt == "onnx":
         for name in ("onnx", "onnxscript", *(("onnxruntime",) if check else ())):
             _require(name)
@@ -200,6 +185,26 @@ def export(
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _check_target(model: nn.Module, target: Path) -> str:
+    """The format ``target``'s suffix names, after checking the model and the target folder."""
+    fmt = SUPPORTED_SUFFIXES.get(target.suffix.lower())
+    if fmt is None:
+        raise InputError(
+            f"cannot export to {str(target)!r}: unsupported suffix {target.suffix!r}; "
+            f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    if not isinstance(model, nn.Module):
+        raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if target.is_dir():
+        raise InputError(f"cannot export to {str(target)!r}: it is a directory")
+    folder = target.parent
+    if not folder.is_dir():
+        raise InputError(
+            f"cannot export to {str(target)!r}: folder {str(folder)!r} does not exist; create it first"
+        )
+    return fmt
 
 
 def _require(module: str) -> Any:
