@@ -186,19 +186,147 @@ def _summarise(v: Any) -> Any:
     return v
 
 
-def _meta(v: Any) -> Any:
-    return v.to("meta") if isinstance(v, torch.Tensor) else v
-
-
-# Ops whose arithmetic dominates a forward pass: their output shapes are computed on the meta
-# device and stand in as zeros, so recording costs about as much as the cheap ops around them.
+# Ops whose arithmetic dominates a forward pass: their output shapes come from the shape formulas
+# below and stand in as zeros, so recording costs about as much as the cheap ops around them.
+# (Formulas, not meta tensors: the first meta-device dispatch of a process imports torch's
+# decomposition tables, ~850 modules and about a second, which was most of a cold discovery.)
 HEAVY_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Modules whose output has the input's shape and dtype: the input stands in for the output.
 SHAPE_PRESERVING = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
                     nn.RMSNorm, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
                     nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.Identity, nn.Dropout)
-HEAVY_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, operator.matmul,
-                   torch.bmm, "matmul", "bmm"}
+_CONV_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+HEAVY_FUNCTIONS = {F.linear, *_CONV_DIMS, torch.matmul, operator.matmul, torch.bmm, "matmul",
+                   "bmm"}
+
+Shape = tuple[int, ...]
+
+
+def _tuple(v: Any, n: int) -> tuple[int, ...] | None:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,) * n
+    if isinstance(v, (tuple, list)) and len(v) == n and all(type(u) is int for u in v):
+        return tuple(v)
+    return None
+
+
+def conv_shape(x: Shape, w: Shape, n: int, stride: Any, padding: Any, dilation: Any,
+               groups: Any) -> Shape | None:
+    """Output shape of an ``n``-d convolution (zero padding) of input ``x`` (``(N, C, *L)`` or
+    unbatched ``(C, *L)``) with weight ``w`` ``(C_out, C/groups, *k)``:
+    ``L_out = floor((L + 2 p - d (k - 1) - 1) / s) + 1``, ``L_out = L`` for ``padding="same"``,
+    ``p = 0`` for ``"valid"``.  ``None`` where the call is not valid (the real op then says why)."""
+    if len(x) not in (n + 1, n + 2) or len(w) != n + 2 or type(groups) is not int or groups < 1:
+        return None
+    s, d = _tuple(stride, n), _tuple(dilation, n)
+    if s is None or d is None or min(s) < 1 or min(d) < 1:
+        return None
+    c, spatial, k = x[-n - 1], x[-n:], w[2:]
+    if c != w[1] * groups or w[0] % groups or min(x) < 1 or min(w) < 1:
+        return None
+    if padding == "same":
+        if max(s) != 1:
+            return None
+        out = spatial
+    else:
+        p = (0,) * n if padding == "valid" else _tuple(padding, n)
+        if p is None or min(p) < 0:
+            return None
+        out = tuple((li + 2 * pi - di * (ki - 1) - 1) // si + 1
+                    for li, pi, di, ki, si in zip(spatial, p, d, k, s))
+        if min(out) < 1:
+            return None
+    return (*x[:-n - 1], w[0], *out)
+
+
+def _broadcast(a: Shape, b: Shape) -> Shape | None:
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        u = a[-i] if i <= len(a) else 1
+        v = b[-i] if i <= len(b) else 1
+        if u != v and 1 not in (u, v):
+            return None
+        out.append(v if u == 1 else u)
+    return tuple(reversed(out))
+
+
+def matmul_shape(a: Shape, b: Shape) -> Shape | None:
+    """Output shape of ``torch.matmul(a, b)``: 1-d operands get a unit dimension prepended
+    (``a``) or appended (``b``) that is removed from the result, batch dimensions broadcast,
+    ``(..., n, k) @ (..., k, m) -> (..., n, m)``."""
+    if not a or not b:
+        return None
+    if len(a) == 1 and len(b) == 1:
+        return () if a == b else None
+    a2, b2 = ((1, *a) if len(a) == 1 else a), ((*b, 1) if len(b) == 1 else b)
+    if a2[-1] != b2[-2]:
+        return None
+    batch = _broadcast(a2[:-2], b2[:-2])
+    if batch is None:
+        return None
+    rows = () if len(a) == 1 else (a2[-2],)
+    cols = () if len(b) == 1 else (b2[-1],)
+    return (*batch, *rows, *cols)
+
+
+def _same_float(*ts: Any) -> torch.dtype | None:
+    """The common floating dtype of the tensors ``ts`` (``None`` entries skipped), or ``None``."""
+    real = [t for t in ts if t is not None]
+    if not all(isinstance(t, torch.Tensor) for t in real):
+        return None
+    dtypes = {t.dtype for t in real}
+    if len(dtypes) != 1 or not real[0].is_floating_point():
+        return None
+    return real[0].dtype
+
+
+def _linear(x: Any, w: Any, b: Any = None) -> tuple[Shape, torch.dtype] | None:
+    dtype = _same_float(x, w, b)
+    if dtype is None or x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        return None
+    if b is not None and tuple(b.shape) not in ((w.shape[0],), ()):
+        return None
+    return (*x.shape[:-1], w.shape[0]), dtype
+
+
+def _conv(n: int, x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Any = 0,
+          dilation: Any = 1, groups: Any = 1) -> tuple[Shape, torch.dtype] | None:
+    dtype = _same_float(x, w, b)
+    if dtype is None or (b is not None and tuple(b.shape) != (w.shape[0],)):
+        return None
+    out = conv_shape(tuple(x.shape), tuple(w.shape), n, stride, padding, dilation, groups)
+    return None if out is None else (out, dtype)
+
+
+def _matmul(a: Any, b: Any, batched: bool) -> tuple[Shape, torch.dtype] | None:
+    dtype = _same_float(a, b)
+    if dtype is None or (batched and (a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0])):
+        return None
+    out = matmul_shape(tuple(a.shape), tuple(b.shape))
+    return None if out is None else (out, dtype)
+
+
+def _module_shape(mod: nn.Module, x: Any) -> tuple[Shape, torch.dtype] | None:
+    if isinstance(mod, nn.Linear):
+        return _linear(x, mod.weight, mod.bias)
+    assert isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    if mod.padding_mode != "zeros":  # padded by F.pad first: let the real op run
+        return None
+    return _conv(len(mod.kernel_size), x, mod.weight, mod.bias, mod.stride, mod.padding,
+                 mod.dilation, mod.groups)
+
+
+def _function_shape(target: Any, args: Any, kwargs: Any) -> tuple[Shape, torch.dtype] | None:
+    try:
+        if target is F.linear:
+            return _linear(*args, **kwargs)
+        if target in _CONV_DIMS:
+            return _conv(_CONV_DIMS[target], *args, **kwargs)
+    except TypeError:  # unexpected arguments: the real op says what is wrong
+        return None
+    if kwargs or len(args) != 2:
+        return None
+    return _matmul(args[0], args[1], batched=target in (torch.bmm, "bmm"))
 
 
 class _Recorder(fx.Interpreter):
@@ -213,40 +341,34 @@ class _Recorder(fx.Interpreter):
                 and isinstance(args[0], torch.Tensor) and args[0].is_floating_point()):
             return args[0]
         if type(mod) in HEAVY_MODULES and not kwargs and len(args) == 1:  # exact: no subclasses
-            w, b = _meta(mod.weight), _meta(mod.bias)
-            run = ((lambda a, k: F.linear(a[0], w, b)) if isinstance(mod, nn.Linear)
-                   else (lambda a, k: mod._conv_forward(a[0], w, b)))  # type: ignore[operator]
             return self._shape_only(
-                run, args, kwargs, lambda: super(_Recorder, self).call_module(target, args, kwargs))
+                _module_shape(mod, args[0]), args,
+                lambda: super(_Recorder, self).call_module(target, args, kwargs))
         return super().call_module(target, args, kwargs)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if target in HEAVY_FUNCTIONS:
-            return self._shape_only(lambda a, k: target(*a, **k), args, kwargs,
-                                    lambda: super(_Recorder, self).call_function(target, args,
-                                                                                 kwargs))
+            return self._shape_only(
+                _function_shape(target, args, kwargs), args,
+                lambda: super(_Recorder, self).call_function(target, args, kwargs))
         return super().call_function(target, args, kwargs)
 
     def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
         if target in HEAVY_FUNCTIONS:
-            return self._shape_only(lambda a, k: getattr(a[0], target)(*a[1:], **k), args,
-                                    kwargs, lambda: super(_Recorder, self).call_method(
-                                        target, args, kwargs))
+            return self._shape_only(
+                _function_shape(target, args, kwargs), args,
+                lambda: super(_Recorder, self).call_method(target, args, kwargs))
         return super().call_method(target, args, kwargs)
 
     @staticmethod
-    def _shape_only(run: Callable[[Any, Any], Any], args: Any, kwargs: Any,
+    def _shape_only(shape: tuple[Shape, torch.dtype] | None, args: Any,
                     fallback: Callable[[], Any]) -> Any:
+        """Zeros of the formula's shape and dtype, on the input's device; the real op where the
+        formula has no answer (an invalid call, whose error the real op gives)."""
         real = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        if real is None:
+        if real is None or shape is None:
             return fallback()
-        try:
-            out = run(tuple(_meta(a) for a in args), {k: _meta(v) for k, v in kwargs.items()})
-        except Exception:
-            return fallback()
-        if not isinstance(out, torch.Tensor):
-            return fallback()
-        return torch.zeros(out.shape, dtype=out.dtype, device=real.device)
+        return torch.zeros(shape[0], dtype=shape[1], device=real.device)
 
 
 def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
@@ -254,7 +376,7 @@ def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     modes restored).
 
     Values are real except the outputs of arithmetic-heavy ops (``HEAVY_MODULES``,
-    ``HEAVY_FUNCTIONS``), whose shapes come from the meta device and whose values are zeros, and
+    ``HEAVY_FUNCTIONS``), whose shapes come from shape formulas and whose values are zeros, and
     of ``SHAPE_PRESERVING`` modules, which pass their input on: discovery needs shapes, not
     values.
     """
