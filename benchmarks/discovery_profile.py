@@ -1,0 +1,343 @@
+"""Benchmark: where ``fxfuse.find_groups`` spends its time, stage by stage, cold and warm.
+
+For each profiled model (zoo models, ``resnet50``, and the zoo's DenseNet built with the block
+layouts of DenseNet-121 and -201: the concat-heavy deep case) a fresh child process imports torch
+and the zoo, builds the model, imports fxfuse (timed), then times ``fxfuse.find_groups(model,
+inputs)`` end to end, once *cold* (the first call in the process) and then ``--repeats`` times
+*warm* (median), split into the stages that ``find_groups`` runs:
+
+* **trace**: ``torch.fx`` symbolic tracing (``fxfuse.trace.symbolic_trace``; on models with cuts,
+  also the second trace that names the cuts' source lines),
+* **record**: shape recording on the example inputs (``fxfuse.trace.record_values``),
+* **rules**: the driver walking the graph once and applying each node's axis rule to the atom
+  table, union-find included (``_Driver.__init__`` and ``_Driver.run``),
+* **spec**: building, resolving and freezing the spec (``build_spec``) and its lint,
+* **other**: the rest of the end-to-end time (input checks, the calls between stages).
+
+The stages are timed by wrapping those functions in the child process, so the figure is the real
+``find_groups`` call, not a re-implementation of it.  Each cold stage also says how many Python
+modules it imported.  With ``--baseline REV`` the same children also run on the library and zoo of
+commit ``REV`` (extracted with ``git archive`` into a temporary folder), side by side in the same
+run, so a change can be judged before / after on the same machine load.
+
+Run from the repository root::
+
+    python benchmarks/discovery_profile.py                    # print the table
+    python benchmarks/discovery_profile.py --baseline a5fc753 --write   # also update RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/discovery.py
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._report import (  # noqa: E402
+    command_line,
+    fmt_seconds,
+    fxfuse_revision,
+    load_average,
+    load_line,
+    machine_line,
+    revision_note,
+    run_child,
+    write_section,
+)
+
+BEGIN = "<!-- discovery-profile:begin -->"
+END = "<!-- discovery-profile:end -->"
+COMMAND = "python benchmarks/discovery_profile.py --baseline a5fc753 --write"
+NUM_THREADS = 2
+REPEATS = 5
+STAGES = ("trace", "record", "rules", "spec", "other")
+# label -> (zoo name, factory keyword arguments)
+PROFILED: dict[str, tuple[str, dict[str, Any]]] = {
+    "mlp": ("mlp", {}),
+    "resnet20": ("resnet20", {}),
+    "mobilenetv2": ("mobilenetv2", {}),
+    "densenet": ("densenet", {}),
+    "vit_tiny": ("vit_tiny", {}),
+    "resnet50": ("resnet50", {}),
+    "densenet-121 layout": ("densenet", {"block_layers": (6, 12, 24, 16)}),
+    "densenet-201 layout": ("densenet", {"block_layers": (6, 12, 48, 32)}),
+}
+
+
+# -- the child process ----------------------------------------------------------------------------
+class StageClock:
+    """Accumulates wall time and imported-module counts per stage while installed."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.modules: dict[str, int] = dict.fromkeys(STAGES, 0)
+        self._active: str | None = None
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.modules = dict.fromkeys(STAGES, 0)
+
+    def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_stage(*args: Any, **kwargs: Any) -> Any:
+            if self._active is not None:  # nested: counted in the outer stage
+                return fn(*args, **kwargs)
+            self._active = stage
+            n0, t0 = len(sys.modules), time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[stage] += time.perf_counter() - t0
+                self.modules[stage] += len(sys.modules) - n0
+                self._active = None
+
+        return timed_stage
+
+
+def install(clock: StageClock) -> None:
+    """Wrap the stage functions that ``find_groups`` calls (by the names it looks them up by)."""
+    import importlib
+
+    groups = importlib.import_module("fxfuse.groups")
+    disc = importlib.import_module("fxfuse.groups.discover")  # `groups.discover` is the function
+
+    patches = [(disc, "symbolic_trace", "trace"), (disc, "record_values", "record"),
+               (disc._Driver, "__init__", "rules"), (disc._Driver, "run", "rules"),
+               (groups, "build_spec", "spec"), (groups.PermutationSpec, "lint", "spec")]
+    for owner, attr, stage in patches:
+        setattr(owner, attr, clock.wrap(stage, getattr(owner, attr)))
+
+
+def one_call(clock: StageClock, fn: Callable[[], Any]) -> tuple[dict[str, float], dict[str, int]]:
+    clock.reset()
+    n0, t0 = len(sys.modules), time.perf_counter()
+    fn()
+    total = time.perf_counter() - t0
+    seconds = dict(clock.seconds)
+    seconds["other"] = max(0.0, total - sum(seconds.values()))
+    seconds["total"] = total
+    modules = dict(clock.modules)
+    modules["other"] = len(sys.modules) - n0 - sum(modules.values())
+    return seconds, modules
+
+
+def worker(label: str, root: str, repeats: int, threads: int) -> int:
+    sys.path.insert(0, root)  # the library and zoo under test (this checkout or a baseline)
+    import torch
+
+    torch.set_num_threads(threads)
+    import models
+
+    name, kwargs = PROFILED[label]
+    entry = models.get(name)
+    model, inputs = entry.factory(**kwargs), entry.example_inputs()
+    t0 = time.perf_counter()
+    import fxfuse
+
+    import_s = time.perf_counter() - t0
+    assert str(Path(fxfuse.__file__).resolve()).startswith(str(Path(root).resolve()))
+    clock = StageClock()
+    install(clock)
+    holder: dict[str, Any] = {}
+
+    def call() -> None:
+        holder["spec"] = fxfuse.find_groups(model, inputs)
+
+    gc.collect()
+    cold, cold_modules = one_call(clock, call)
+    warm_runs = []
+    for _ in range(repeats):
+        gc.collect()
+        warm_runs.append(one_call(clock, call)[0])
+    warm = {k: statistics.median(r[k] for r in warm_runs) for k in (*STAGES, "total")}
+    spec = holder["spec"]
+    print(json.dumps({"import_s": import_s, "cold": cold, "cold_modules": cold_modules,
+                      "warm": warm, "nodes": sum(1 for _ in spec_nodes(model)),
+                      "groups": len(spec.groups), "cuts": len(spec.cuts)}))
+    return 0
+
+
+def spec_nodes(model: Any) -> Iterator[Any]:
+    from fxfuse.trace import symbolic_trace
+
+    yield from symbolic_trace(model, stack_traces=False).graph.nodes
+
+
+# -- the parent -----------------------------------------------------------------------------------
+@dataclass
+class Result:
+    label: str
+    code: str  # "this checkout" or the baseline revision
+    data: dict[str, Any] = field(default_factory=dict)
+    status: str = ""
+
+
+@contextlib.contextmanager
+def baseline_tree(rev: str | None) -> Iterator[Path | None]:
+    """The ``fxfuse`` and ``models`` packages of commit ``rev`` in a temporary folder."""
+    if rev is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="fxfuse-baseline-") as tmp:
+        archive = subprocess.run(["git", "archive", rev, "fxfuse", "models"], cwd=REPO_ROOT,
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        yield Path(tmp)
+
+
+def profile(label: str, code: str, root: Path, repeats: int, threads: int) -> Result:
+    child = run_child([str(Path(__file__).resolve()), "--worker", label, "--root", str(root),
+                       "--repeats", str(repeats), "--threads", str(threads)], timeout=600)
+    if child.data is None:
+        return Result(label, code, status=child.status)
+    return Result(label, code, child.data)
+
+
+def cell(stages: dict[str, float], key: str) -> str:
+    return fmt_seconds(stages[key])
+
+
+def render_table(results: list[Result]) -> str:
+    head = ("| model | graph nodes | groups | code | import fxfuse | cold total | "
+            + " | ".join(f"cold {s}" for s in STAGES) + " | modules imported by the cold call "
+            "(record) | warm total | " + " | ".join(f"warm {s}" for s in STAGES) + " |")
+    lines = [head, "|---|---:|---:|---|" + "---:|" * (4 + 2 * len(STAGES))]
+    for r in results:
+        if not r.data:
+            lines.append(f"| {r.label} | - | - | {r.code} | {r.status} |"
+                         + " - |" * (3 + 2 * len(STAGES)))  # 18 columns in all
+            continue
+        d = r.data
+        mods = d["cold_modules"]
+        lines.append(
+            f"| {r.label} | {d['nodes']} | {d['groups']} | {r.code} | "
+            f"{fmt_seconds(d['import_s'])} | **{cell(d['cold'], 'total')}** | "
+            + " | ".join(cell(d["cold"], s) for s in STAGES)
+            + f" | {sum(mods.values())} ({mods['record']}) | **{cell(d['warm'], 'total')}** | "
+            + " | ".join(cell(d["warm"], s) for s in STAGES) + " |")
+    return "\n".join(lines)
+
+
+def summary(results: list[Result], baseline: str | None) -> list[str]:
+    out = []
+    here = {r.label: r for r in results if r.code == "this checkout" and r.data}
+    if baseline is not None:
+        base = {r.label: r for r in results if r.code != "this checkout" and r.data}
+        for label, r in here.items():
+            b = base.get(label)
+            if b is None:
+                continue
+            out.append(
+                f"- {label}: cold {fmt_seconds(b.data['cold']['total'])} -> "
+                f"{fmt_seconds(r.data['cold']['total'])} (record "
+                f"{fmt_seconds(b.data['cold']['record'])} -> "
+                f"{fmt_seconds(r.data['cold']['record'])}); warm "
+                f"{fmt_seconds(b.data['warm']['total'])} -> "
+                f"{fmt_seconds(r.data['warm']['total'])}")
+    for label, r in here.items():
+        warm = r.data["warm"]
+        top = max(STAGES, key=lambda s: warm[s])
+        out.append(f"- {label} (this checkout): the largest warm stage is {top} "
+                   f"({fmt_seconds(warm[top])} of {fmt_seconds(warm['total'])})")
+    return out
+
+
+def render_section(results: list[Result], args: argparse.Namespace, total_s: float) -> str:
+    codes = "this checkout" + (f" and commit `{args.baseline}` (baseline, from `git archive`)"
+                               if args.baseline else "")
+    parts = [
+        BEGIN,
+        "## Discovery profile by stage (issue 21)",
+        "",
+        command_line(COMMAND),
+        "",
+        f"- Date: {datetime.date.today().isoformat()}; commit {revision_note(args.revision)}; "
+        f"code profiled: {codes}",
+        machine_line(args.threads),
+        "- Method: one fresh child process per model and code version: it imports torch and the "
+        "zoo, builds the model, imports fxfuse (*import fxfuse*), then times "
+        "`fxfuse.find_groups(model, inputs)` once *cold* (first call in the process) and "
+        f"{args.repeats} times *warm* (median per stage), each call split into stages by wrapping "
+        "the functions find_groups calls: *trace* (`symbolic_trace`, incl. the re-trace that names "
+        "cuts' source lines), *record* (`record_values`: shapes on the example inputs), *rules* "
+        "(`_Driver`: one walk applying every node's axis rule, union-find included), *spec* "
+        "(`build_spec` + `lint`), *other* (the rest of the end-to-end time). The DenseNet rows "
+        "are the zoo's `densenet` with the block layouts of DenseNet-121 (6, 12, 24, 16) and -201 "
+        "(6, 12, 48, 32) on its 32x32 inputs. *graph nodes*: nodes of the symbolic trace.",
+        load_line(args.load_start, total_s),
+        "",
+        render_table(results),
+        "",
+        "Summary (before -> after where a baseline ran):",
+        "",
+        *summary(results, args.baseline),
+        END,
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    parser.add_argument("--baseline", default=None,
+                        help="also profile the fxfuse and zoo of this commit, side by side")
+    parser.add_argument("--models", default="", help="comma-separated labels (default: all)")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="warm calls per model")
+    parser.add_argument("--threads", type=int, default=NUM_THREADS)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--root", default=str(REPO_ROOT), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.write and (args.models or args.repeats != REPEATS or args.threads != NUM_THREADS):
+        parser.error(f"--write records the full run only ({COMMAND})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args.worker, args.root, args.repeats, args.threads)
+    labels = [s.strip() for s in args.models.split(",") if s.strip()] or list(PROFILED)
+    unknown = [s for s in labels if s not in PROFILED]
+    if unknown:
+        raise SystemExit(f"unknown model label(s) {unknown}; known: {list(PROFILED)}")
+    start = time.perf_counter()
+    args.load_start = load_average()
+    args.revision = fxfuse_revision()
+    results: list[Result] = []
+    with baseline_tree(args.baseline) as base:
+        for label in labels:
+            runs = [("this checkout", REPO_ROOT)]
+            if base is not None:
+                runs.append((args.baseline, base))
+            if len(results) % 4 == 2:  # alternate which code runs first
+                runs.reverse()
+            for code, root in runs:
+                print(f"profiling {label} ({code}) ...", file=sys.stderr, flush=True)
+                results.append(profile(label, code, root, args.repeats, args.threads))
+    results.sort(key=lambda r: (labels.index(r.label), r.code != "this checkout"))
+    section = render_section(results, args, time.perf_counter() - start)
+    print(section)
+    if args.write:
+        write_section(section, BEGIN, END)
+        print("wrote benchmarks/RESULTS.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
