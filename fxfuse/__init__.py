@@ -35,6 +35,7 @@ from .passes import FusionReport, Pass, Pipeline
 from .permute import VerifyResult, permute, verify
 from .repair import Repair, ResetBatchNorm
 from .rules import axis_rule
+from .train import WeightScopeRegularizer, weight_scopes
 
 __version__ = "0.1.0"
 
@@ -76,6 +77,7 @@ __all__ = [
     "VerificationError",
     "VerifyResult",
     "WeightMatching",
+    "WeightScopeRegularizer",
     "adaptive_selection",
     "axis_rule",
     "export",
@@ -83,4 +85,5 @@ __all__ = [
     "fuse",
     "permute",
     "verify",
+    "weight_scopes",
 ]

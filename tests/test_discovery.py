@@ -406,6 +406,7 @@ def test_public_api_is_pinned() -> None:
         "GroupMap", "align_states", "apply_fusion", "apply_maps", "load_fusion", "merge_states", "neuron_disturbance",
         "repair_states",
         "recipe_from_json", "recipe_to_json", "register_method", "save_fusion",
+        "WeightScopeRegularizer", "weight_scopes",
     ])
 
 
