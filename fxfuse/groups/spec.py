@@ -169,11 +169,16 @@ class PermutationSpec:
                     raise SpecError(f"the spec permutes {key}:{axis} (size {a.size}) but the model "
                                     f"has {key} with shape {have}; the spec was discovered for "
                                     f"another model: run fxfuse.find_groups on this one")
+        # axis -> its groups, computed once per axis (a wide concat axis has many groups)
+        used: dict[tuple[str, int], set[str]] = {}
         for g in self.groups:
             if not g.members:
                 raise SpecError(f"group {g.name!r} has no members")
             for m in g.members:
-                if g.name not in tree_groups(self.axes[(m.key, m.axis)].layout):
+                ka = (m.key, m.axis)
+                if ka not in used:
+                    used[ka] = set(tree_groups(self.axes[ka].layout))
+                if g.name not in used[ka]:
                     raise SpecError(f"group {g.name!r} lists {m} but that axis does not use it")
 
     # -- text -----------------------------------------------------------------------------------
@@ -428,12 +433,15 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
                 for atom in dict.fromkeys(table.atoms_in(resolved)):
                     members.setdefault(atom, []).append(Member(alias, axis, tree))
     joined: dict[int, dict[str, None]] = {a: {} for a in names}
+    named_under: dict[int, list[int]] = {}  # atom -> its named atoms now (the table is final)
     for link in table.links:
         where = f"{link.node} ({link.op})"
         for end in (link.a, link.b):
-            for atom in table.atoms_in(Atom(end)):
-                if atom in joined:
-                    joined[atom][where] = None
+            under = named_under.get(end)
+            if under is None:
+                under = named_under[end] = [a for a in table.atoms_in(Atom(end)) if a in joined]
+            for atom in under:
+                joined[atom][where] = None
     groups = [Group(names[a], table.atom_size(a), members[a], tuple(joined[a])) for a in names]
     cuts = [CutRecord(r.node, r.op, r.detail, r.source) for r in _unique(disc.cuts)]
     activations: dict[str, tuple[Tree, ...]] = {}

@@ -119,6 +119,10 @@ class AtomTable:
         self._labels: dict[int, str] = {}  # atom -> what a rule called it ("heads", "groups")
         self._also: dict[int, list[Reason]] = {}  # fixed root -> later input/output reasons
         self._fixed_from: dict[int, list[int]] = {}  # root fixed by unifying with these roots
+        # root -> its resolved layout, valid until the next substitution (which clears it): a
+        # refined atom resolves through the whole chain of its refinements, and deep concat
+        # networks (DenseNet) resolve the same long chains again for every layout that holds them
+        self._resolved: dict[int, Layout] = {}
 
     # -- provenance ---------------------------------------------------------------------------
     def at(self, node: str, op: str) -> None:
@@ -170,12 +174,16 @@ class AtomTable:
     def resolve(self, lay: Layout) -> Layout:
         if isinstance(lay, Atom):
             r = self.find(lay.id)
-            if self._fixed[r] is not None or self._size[r] == 1:
-                return Fixed(self._size[r])
+            hit = self._resolved.get(r)
+            if hit is not None:
+                return hit
             ref = self._refined[r]
-            if ref is not None:
-                return self.resolve(ref)
-            return Atom(r)
+            if self._fixed[r] is not None or self._size[r] == 1:
+                out: Layout = Fixed(self._size[r])
+            else:
+                out = self.resolve(ref) if ref is not None else Atom(r)
+            self._resolved[r] = out
+            return out
         if isinstance(lay, Fixed):
             return lay
         if isinstance(lay, Prod):
@@ -247,6 +255,7 @@ class AtomTable:
     def fix(self, lay: Layout, why: Reason) -> None:
         for r in self.atoms_in(lay):
             self._fixed[r] = why
+            self._resolved.clear()
         if why.kind in ("input", "output"):  # also note it where something else fixed it first
             todo, seen = self._fixed_roots(lay), set()
             while todo:
@@ -281,6 +290,7 @@ class AtomTable:
         if self._size[a] != self._size[b]:  # pragma: no cover - guarded by unify
             raise AssertionError("union of atoms of different sizes")
         self._parent[b] = a
+        self._resolved.clear()
         self.links.append(Link(a, b, *self._where))
 
     def _refine(self, a: int, tree: Layout, why: Reason) -> None:
@@ -288,6 +298,7 @@ class AtomTable:
             self.fix(Prod((Atom(a), tree)), why)
             return
         self._refined[a] = tree
+        self._resolved.clear()
         for b in self.atoms_in(tree):
             self.links.append(Link(a, b, *self._where))
 
@@ -360,6 +371,7 @@ class AtomTable:
         if isinstance(y, Atom):
             y1, y2 = self.new(k), self.new(n // k)
             self._refined[y.id] = Prod((y1, y2))
+            self._resolved.clear()
             self.links += [Link(y.id, y1.id, *self._where), Link(y.id, y2.id, *self._where)]
             return y1, y2
         return None
@@ -372,6 +384,7 @@ class AtomTable:
         if isinstance(y, Atom):
             y1, y2 = self.new(k), self.new(n - k)
             self._refined[y.id] = Sum((y1, y2))
+            self._resolved.clear()
             self.links += [Link(y.id, y1.id, *self._where), Link(y.id, y2.id, *self._where)]
             return y1, y2
         if isinstance(y, Prod):  # (H ⊗ R) split at k = j*|R|: split the leading factor H at j
