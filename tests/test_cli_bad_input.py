@@ -40,9 +40,10 @@ BASE: dict[str, list[str]] = {
              "--quiet"],
     "select": ["select", "a.pt", "b.pt", "--model", MODEL, "--input-shape", "2,4", "--out",
                "router.onnx"],
+    "scopes": ["scopes", MODEL, "a.pt", "b.pt", "--input-shape", "2,4"],
     "demo": ["demo", "--epochs", "1", "--width", "8", "--quiet"],
 }
-RUN_BASE = ("groups", "fuse", "select")
+RUN_BASE = ("groups", "fuse", "select", "scopes")
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0  # permissions do not stop root
 
 
@@ -126,7 +127,8 @@ def _with(argv: list[str], action: argparse.Action, value: str | None,
 
 #: Where each positional's values are in BASE: command -> dest -> (index, count).
 POSITIONS = {"groups": {"model": (1, 1)}, "fuse": {"model": (1, 1), "checkpoints": (2, 2)},
-             "select": {"checkpoints": (1, 2)}, "demo": {}}
+             "select": {"checkpoints": (1, 2)}, "scopes": {"model": (1, 1), "checkpoints": (2, 2)},
+             "demo": {}}
 
 
 def bad_values(kind: object, command: str, action: argparse.Action

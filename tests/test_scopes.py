@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +194,29 @@ def test_the_regulariser_does_not_modify_the_model() -> None:
     fxfuse.weight_scopes([model, mlp(1)], X)
     fxfuse.WeightScopeRegularizer(fxfuse.weight_scopes(mlp(1), X))(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_scopes_reports_each_checkpoint_and_the_spread(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fxfuse import cli
+    from tests.cli_models import tiny_mlp
+
+    a, b = tiny_mlp(), tiny_mlp()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(1.5)
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    torch.save(b.state_dict(), tmp_path / "b.pt")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = cli.main(["scopes", "tests.cli_models:tiny_mlp", str(tmp_path / "a.pt"),
+                     str(tmp_path / "b.pt"), "--input-shape", "2,4", "--std-rule", "mean"])
+    out = capsys.readouterr().out
+    assert code == 0
+    s = fxfuse.weight_scopes([a, b], torch.randn(2, 4), std_rule="mean")
+    row = next(line for line in out.splitlines() if line.startswith("2.weight"))
+    t, (sa, sb) = s.layers["2.weight"], (s.per_model[0]["2.weight"], s.per_model[1]["2.weight"])
+    for scope in (sa, sb, t):
+        assert f"{scope.mean:+.4f} / {scope.std:.4f}" in row
+    rel = (sb.std - sa.std) / t.std
+    assert f"({100 * rel:.1f}%)" in row and "std rule 'mean'" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written

@@ -1,7 +1,7 @@
 """The ``fxfuse`` command line: ``groups`` (discover a model's permutation groups), ``fuse``
 (fuse checkpoints of one architecture into one model), ``select`` (route each input to one of
-several models, of any architectures, exported as one ONNX file) and ``demo`` (the main job on
-MNIST).
+several models, of any architectures, exported as one ONNX file), ``scopes`` (per-layer weight
+scope mismatch between checkpoints, before fusion) and ``demo`` (the main job on MNIST).
 
 MODEL is ``package.module:factory``, a callable returning the ``nn.Module`` (the current directory
 is importable).  Every model input is one ``--input-shape`` (repeat it for several inputs; add
@@ -35,6 +35,7 @@ from .commands import (
     cmd_demo,
     cmd_fuse,
     cmd_groups,
+    cmd_scopes,
     cmd_select,
 )
 from .io import load_weights
@@ -214,6 +215,28 @@ def add_select(sub: _SubParsers) -> None:
     s.set_defaults(func=cmd_select, conflicts=SELECT_CONFLICTS)
 
 
+def add_scopes(sub: _SubParsers) -> None:
+    c = sub.add_parser(
+        "scopes", help="report the per-layer weight scope mismatch between checkpoints",
+        description="Load two or more checkpoints of MODEL and print, per producer weight "
+                    "(Linear/Conv-like layers of the discovered spec), each checkpoint's weight "
+                    "scope (mean / std), the fused target scope (fxfuse.weight_scopes) and the "
+                    "spread across checkpoints: the mismatch weight scope alignment removes. "
+                    "Nothing is written.")
+    c.add_argument("model", type=ModelRef(), metavar="MODEL", help=_MODEL_HELP)
+    c.add_argument("checkpoints", nargs="+", type=InputFile(WEIGHT_SUFFIXES),
+                   metavar="CHECKPOINT",
+                   help="two or more state_dicts of MODEL: .pt/.pth/.bin (torch.save, read with "
+                        "weights_only=True) or .safetensors")
+    c.add_argument("--input-shape", action="append", required=True, type=Shape(),
+                   metavar="SHAPE[:DTYPE]", help=_SHAPE_HELP)
+    c.add_argument("--factory-args", type=JsonObject(), metavar="JSON", help=_FACTORY_HELP)
+    c.add_argument("--std-rule", choices=["mixture", "mean"], default="mixture",
+                   help="how the target std is fused: mixture (moment matching, the std of the "
+                        "pooled weights) or mean (of the stds) (default: mixture)")
+    c.set_defaults(func=cmd_scopes, conflicts=())
+
+
 GROUPS_CONFLICTS: tuple[Conflict, ...] = ()
 
 FUSE_CONFLICTS: tuple[Conflict, ...] = (
@@ -300,7 +323,7 @@ SELECT_CONFLICTS: tuple[Conflict, ...] = (
 #: each of its options a value kind (or ``choices``, or a flag), and add a valid command line for
 #: it to ``BASE`` in ``tests/test_cli_bad_input.py``: its bad inputs are then enumerated there.
 COMMANDS: tuple[Callable[[_SubParsers], None], ...] = (add_groups, add_fuse, add_select,
-                                                       add_demo)
+                                                       add_scopes, add_demo)
 
 
 class Parser(argparse.ArgumentParser):
@@ -322,6 +345,7 @@ examples:
   fxfuse fuse models.zoo:mlp A.pt B.pt --input-shape 2,1,28,28 --out fused.onnx
   fxfuse select A.pt B.pt --model models.zoo:mlp --input-shape 2,1,28,28 --selector gate \
       --data a.npz --data b.npz --out router.onnx
+  fxfuse scopes models.zoo:mlp A.pt B.pt --input-shape 2,1,28,28
   fxfuse demo
 
 Run "fxfuse COMMAND --help" for a command's options. Bad input exits with status 2 and one line

@@ -1,4 +1,4 @@
-"""The subcommands' work: ``groups``, ``fuse``, ``select``, ``demo``."""
+"""The subcommands' work: ``groups``, ``fuse``, ``select``, ``scopes``, ``demo``."""
 
 from __future__ import annotations
 
@@ -85,6 +85,43 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     print(report)
     result = export(fused, inputs, args.out, dynamic_batch=not args.static_shapes)
     print(f"wrote {args.out}: {result.summary()}")
+    return 0
+
+
+def cmd_scopes(args: argparse.Namespace) -> int:
+    """Per producer layer: each checkpoint's weight scope (mean, std), the fused target scope
+    (``fxfuse.weight_scopes``) and the spread across checkpoints; nothing is written."""
+    from ..train import weight_scopes
+
+    if len(args.checkpoints) < 2:
+        raise InputError("give at least two CHECKPOINTs to compare, e.g. A.pt B.pt")
+    inputs = _inputs(args)
+    models = []
+    for path in args.checkpoints:
+        model = build_model(args.model, args.factory_args)
+        load_weights(model, path, label="CHECKPOINT")
+        check_finite(model, path, "CHECKPOINT", "fix or drop that checkpoint")
+        models.append(model)
+    check_runs(models[0], inputs, args.input_shape)
+    scopes = weight_scopes(models, inputs, std_rule=args.std_rule)
+    print(f"weight scopes (mean / std) of {len(models)} checkpoints, {len(scopes.layers)} "
+          f"producer layers; fused target: mean of means, std rule {args.std_rule!r}")
+    head = ["layer", "shape", *(f"CHECKPOINT {k}" for k in range(len(models))), "fused",
+            "mean spread", "std spread"]
+    rows = [head]
+    worst = ("", -1.0)
+    for key, target in scopes.layers.items():
+        d_mean, d_std = scopes.mismatch()[key]
+        rel = d_std / target.std if target.std > 0 else float("inf")
+        worst = (key, rel) if rel > worst[1] else worst
+        rows.append([key, "x".join(map(str, scopes.shapes[key])),
+                     *(f"{m[key].mean:+.4f} / {m[key].std:.4f}" for m in scopes.per_model),
+                     f"{target.mean:+.4f} / {target.std:.4f}", f"{d_mean:.4f}",
+                     f"{d_std:.4f} ({100 * rel:.1f}%)"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"largest std mismatch: {worst[0]} (spread {100 * worst[1]:.1f}% of the target std)")
     return 0
 
 
