@@ -29,6 +29,8 @@ from typing import Any
 
 from torch import nn
 
+from ..rules import AxisRef, NewAxis, Same
+
 OUT, IN, SECOND, CONFLICT = "out", "in", "second", "conflict"
 
 # per axis of a tensor handle: the (state_dict key, axis) pairs it is a view of
@@ -63,8 +65,6 @@ def role_table(module: nn.Module | None) -> dict[tuple[str, int], str]:
 
 def _refs(e: Any) -> Iterable[tuple[Any, Any]]:
     """The (tensor, axis) pairs and ("new", key) atoms an axis expression mentions."""
-    from ..rules import AxisRef, NewAxis
-
     if isinstance(e, AxisRef):
         yield (e.tensor, e.axis)
     elif isinstance(e, NewAxis):
@@ -83,8 +83,6 @@ def related_axes(relations: Iterable[Any]) -> dict[tuple[Any, Any], set[tuple[An
     class), never a second factor step sideways: a grouped conv's ``Prod(groups, w[1]) = x[1]``
     and ``Prod(groups, w[0] / groups) = out[1]`` relate ``w[1]`` to ``x[1]``, not to the output.
     """
-    from ..rules import Same
-
     ident: dict[tuple[Any, Any], set[tuple[Any, Any]]] = {}
     factor: dict[tuple[Any, Any], set[tuple[Any, Any]]] = {}
     equal_to: dict[Any, set[tuple[Any, Any]]] = {}  # axes set equal to one whole expression
