@@ -19,6 +19,7 @@ from .io import (
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -60,13 +61,10 @@ def cmd_groups(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fuse(args: argparse.Namespace) -> int:
-    from .. import export, fuse
-    from ..passes import FusionReport
-
-    if len(args.checkpoints) < 2:
-        raise InputError("give at least two CHECKPOINTs to fuse, e.g. A.pt B.pt")
-    inputs = _inputs(args)
+def _checkpoint_models(args: argparse.Namespace, inputs: tuple[torch.Tensor, ...]
+                       ) -> list[nn.Module]:
+    """One MODEL per CHECKPOINT, its weights loaded and checked finite; model 0 must run on
+    the inputs."""
     models = []
     for path in args.checkpoints:
         model = build_model(args.model, args.factory_args)
@@ -74,6 +72,17 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         check_finite(model, path, "CHECKPOINT", "fix or drop that checkpoint")
         models.append(model)
     check_runs(models[0], inputs, args.input_shape)
+    return models
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from .. import export, fuse
+    from ..passes import FusionReport
+
+    if len(args.checkpoints) < 2:
+        raise InputError("give at least two CHECKPOINTs to fuse, e.g. A.pt B.pt")
+    inputs = _inputs(args)
+    models = _checkpoint_models(args, inputs)
     data = load_data(args.data) if args.data else []
     if data:
         check_data_fits(data, args.input_shape[0], args.data)
@@ -96,13 +105,7 @@ def cmd_scopes(args: argparse.Namespace) -> int:
     if len(args.checkpoints) < 2:
         raise InputError("give at least two CHECKPOINTs to compare, e.g. A.pt B.pt")
     inputs = _inputs(args)
-    models = []
-    for path in args.checkpoints:
-        model = build_model(args.model, args.factory_args)
-        load_weights(model, path, label="CHECKPOINT")
-        check_finite(model, path, "CHECKPOINT", "fix or drop that checkpoint")
-        models.append(model)
-    check_runs(models[0], inputs, args.input_shape)
+    models = _checkpoint_models(args, inputs)
     scopes = weight_scopes(models, inputs, std_rule=args.std_rule)
     print(f"weight scopes (mean / std) of {len(models)} checkpoints, {len(scopes.layers)} "
           f"producer layers; fused target: mean of means, std rule {args.std_rule!r}")
