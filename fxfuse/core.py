@@ -50,21 +50,12 @@ def align_states(
     from .trace import as_input_tuple
 
     dev = torch.device(device)
-    if factory is not None:
-        models = []
-        for s in states:
-            m = factory()
-            m.load_state_dict(dict(s))
-            models.append(m)
-    else:
-        models = []
+    models = _models_from(factory, states) if factory is not None else []
     state = FusionState(models=models, example_inputs=as_input_tuple(example_inputs)
                         if example_inputs is not None else (), weights=[1.0 / len(states)] *
                         len(states), device=dev, progress=progress, spec=spec,
                         states=[{k: v.detach().to(dev) for k, v in s.items()} for s in states])
     for p in passes_for(with_data(config, data), "align"):
-        if not models and getattr(p, "needs_models", False):
-            raise InputError(f"{type(config).__name__} runs the models: pass factory=")
         p.requires(state)
         p.call(state)
         p.ensures(state)
@@ -73,6 +64,17 @@ def align_states(
     if state.perms is None:
         raise InputError(f"{type(config).__name__} produced no alignment")
     return [perm_maps(p) for p in state.perms]
+
+
+def _models_from(factory: Callable[[], nn.Module], states: Sequence[Mapping[str, torch.Tensor]]
+                 ) -> list[nn.Module]:
+    """Fresh instances of the architecture, one per state."""
+    models = []
+    for s in states:
+        m = factory()
+        m.load_state_dict(dict(s))
+        models.append(m)
+    return models
 
 
 def merge_states(spec: PermutationSpec | None, states: Sequence[Mapping[str, torch.Tensor]],
@@ -109,11 +111,7 @@ def repair_states(
     from .passes.base import FusionState
 
     dev = torch.device(device)
-    models = []
-    for s in states:
-        m = factory()
-        m.load_state_dict(dict(s))
-        models.append(m)
+    models = _models_from(factory, states)
     fused = factory().to(dev)
     fused.load_state_dict(dict(merged))
     state = FusionState(models=models, example_inputs=(),
@@ -162,17 +160,10 @@ def save_fusion(path: str | Path, spec: PermutationSpec,
         else:
             torch.save({"format": FORMAT, "version": VERSION, "spec": spec.to_json(None),
                         "maps": None if maps is None else [
-                            {g: _map_tensors(m) for g, m in mk.items()} for mk in maps]},
+                            {g: m.to_dict(lists=False) for g, m in mk.items()} for mk in maps]},
                        staged)
         publish(staged, target)
     return target
-
-
-def _map_tensors(m: GroupMap) -> dict[str, torch.Tensor]:
-    if m.index is not None:
-        return {"index": m.index.detach().cpu()}
-    merge, unmerge = m.dense()
-    return {"merge": merge, "unmerge": unmerge}
 
 
 def load_fusion(path: str | Path) -> FusionRecord:
@@ -191,18 +182,10 @@ def load_fusion(path: str | Path) -> FusionRecord:
     spec = PermutationSpec.from_json(spec_text)
     try:
         maps = None if d["maps"] is None else [
-            {g: _map_from(m) for g, m in mk.items()} for mk in d["maps"]]
+            {g: GroupMap.from_dict(m) for g, m in mk.items()} for mk in d["maps"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise SpecError(f"malformed maps in {str(path)!r}: {exc}") from exc
     return FusionRecord(spec, maps)
-
-
-def _map_from(d: Mapping[str, Any]) -> GroupMap:
-    if any(isinstance(v, torch.Tensor) for v in d.values()):
-        if "index" in d:
-            return GroupMap.permutation(d["index"])
-        return GroupMap(merge=d["merge"].double(), unmerge=d["unmerge"].double())
-    return GroupMap.from_dict(d)
 
 
 def apply_fusion(models: Sequence[nn.Module], record: FusionRecord,

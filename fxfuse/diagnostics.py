@@ -4,8 +4,8 @@ Zhang & Zhang ("Investigating Neuron Disturbing in Fusing Heterogeneous Neural N
 argue that units of models trained on different data disturb each other when fused.  This
 measures it per group: for parent ``k`` on its own data ``D_k``, every traced node a group acts on
 (``spec.activations``) is read in the fused model (``F``) and in the parent (``A_k``), the parent's
-taken into the fused basis by its map (``A_k' = M_k A_k`` along the group's axis, a permutation's
-index for permutation maps, :mod:`fxfuse.maps`), and
+taken into the fused basis by its map (``A_k' = M_k A_k`` along the group's axis,
+:func:`fxfuse.maps.map_groups`), and
 
     disturbance[k][g] = sqrt( sum ||F - A_k'||^2 / sum ||A_k'||^2 )
 
@@ -20,15 +20,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from .errors import InputError
-from .groups.spec import PermutationSpec, axis_index
+from .groups.spec import PermutationSpec, tree_groups
 from .ir.capture import ActivationCapture
 from .ir.coords import as_rows, group_rows
-from .maps import GroupMap, fused_sizes, map_axis
+from .maps import GroupMap, fused_sizes, map_groups
 from .passes.base import batch_inputs, limited
+from .trace import model_device
 
 
 def neuron_disturbance(
@@ -45,7 +45,7 @@ def neuron_disturbance(
     if maps is not None and len(maps) != len(models):
         raise InputError(f"maps hold {len(maps)} models, models are {len(models)}")
     sizes = {g.name: g.size for g in spec.groups}
-    nodes = {node: trees for node, trees in spec.activations.items()}
+    nodes = spec.activations
     wanted = set(nodes)
     fused_capture = ActivationCapture(fused, spec.tracer, wanted)
     out = []
@@ -56,17 +56,17 @@ def neuron_disturbance(
         num: dict[str, float] = {g: 0.0 for g in sizes}
         den: dict[str, float] = {g: 0.0 for g in sizes}
         for batch in limited(batches, max_batches):
-            xs = batch_inputs(batch, torch.device("cpu"))
+            xs = batch_inputs(batch, model_device(fused))
             seen_f, seen_p = fused_capture(*xs), parent_capture(*xs)
             for node, trees in nodes.items():
                 if node not in seen_f or node not in seen_p:
                     continue
                 a, f = seen_p[node].double(), seen_f[node].double()
                 for axis, tree in enumerate(trees):  # the parent's node in the fused basis
-                    if _groups_on(tree):  # (ungrouped axes, the batch among them, stay as run)
-                        a = _into_fused(a, axis, tree, mk, sizes)
+                    if tree_groups(tree):  # (ungrouped axes, the batch among them, stay as run)
+                        a = map_groups(a, axis, tree, mk, sizes)
                 for axis, tree in enumerate(trees):
-                    for g in _groups_on(tree):
+                    for g in dict.fromkeys(tree_groups(tree)):
                         rows = group_rows(tree, g, fsizes)
                         if rows is None:
                             continue
@@ -75,25 +75,3 @@ def neuron_disturbance(
                         den[g] += float(a_g.square().sum())
         out.append({g: (num[g] / den[g]) ** 0.5 for g in sizes if den[g] > 0})
     return out
-
-
-def _groups_on(tree: Any) -> list[str]:
-    from .groups.spec import tree_groups
-
-    return list(dict.fromkeys(tree_groups(tree)))
-
-
-def _into_fused(x: torch.Tensor, axis: int, tree: Any, maps: Mapping[str, GroupMap],
-                sizes: Mapping[str, int]) -> torch.Tensor:
-    """A parent's activation along ``axis`` in the fused basis (its units' map applied)."""
-    perms = {g: m.index for g, m in maps.items() if m.index is not None}
-    if perms:
-        x = x.index_select(axis, axis_index(tree, perms, sizes, x.device))
-    cur = dict(sizes)
-    for g in _groups_on(tree):
-        m = maps.get(g)
-        if m is not None and m.index is None:
-            merge, _ = m.dense()
-            x = map_axis(x, axis, tree, g, cur, merge)
-            cur[g] = merge.shape[0]
-    return x

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from .errors import PermutationError
-from .groups.spec import PermutationSpec, tree_groups, tree_size
+from .groups.spec import PermutationSpec, axis_index, tree_groups, tree_size
 from .ir.coords import group_rows
 
 OUT, IN, SECOND = "out", "in", "second"  # the roles of fxfuse.groups.roles
@@ -143,18 +143,23 @@ class GroupMap:
         assert self.merge is not None and self.unmerge is not None
         return self.merge.double(), self.unmerge.double()
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, lists: bool = True) -> dict[str, Any]:
+        """``{"index": ...}`` or ``{"merge": ..., "unmerge": ...}``, as nested lists (JSON) or,
+        with ``lists=False``, as CPU tensors."""
         if self.index is not None:
-            return {"index": self.index.tolist()}
+            index = self.index.detach().cpu()
+            return {"index": index.tolist() if lists else index}
         m, u = self.dense()
-        return {"merge": m.tolist(), "unmerge": u.tolist()}
+        return {"merge": m.tolist(), "unmerge": u.tolist()} if lists else {"merge": m,
+                                                                              "unmerge": u}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> GroupMap:
+        """The map of :meth:`to_dict`'s output (lists or tensors)."""
         if "index" in d:
             return GroupMap.permutation(d["index"])
-        return GroupMap(merge=torch.tensor(d["merge"], dtype=torch.float64),
-                        unmerge=torch.tensor(d["unmerge"], dtype=torch.float64))
+        return GroupMap(merge=torch.as_tensor(d["merge"], dtype=torch.float64),
+                        unmerge=torch.as_tensor(d["unmerge"], dtype=torch.float64))
 
 
 Maps = Mapping[str, GroupMap]
@@ -196,24 +201,35 @@ def apply_maps(state: Mapping[str, torch.Tensor], spec: PermutationSpec, maps: M
                 f"{key}:{axis} {why}; only a permutation can act on it, and group "
                 f"{touched[0]!r} has a {dense[touched[0]].shape[0]}x"
                 f"{dense[touched[0]].shape[1]} map")
-        t, cur = out[key], dict(sizes)
+        t, sub = out[key], {g: dense[g] for g in touched}
         if role.startswith(SECOND):
             mean = before[role.split(":", 1)[1]].double()
-            t2 = t.double() + mean * mean
-            for g in touched:
-                merge, _ = dense[g].dense()
-                t2 = map_axis(t2, axis, a.layout, g, cur, merge)
-                mean = map_axis(mean, axis, a.layout, g, cur, merge)
-                cur[g] = merge.shape[0]
+            t2 = map_groups(t.double() + mean * mean, axis, a.layout, sub, sizes, OUT)
+            mean = map_groups(mean, axis, a.layout, sub, sizes, OUT)
             out[key] = (t2 - mean * mean).clamp_min(0).to(t.dtype)
             continue
-        for g in touched:
-            merge, unmerge = dense[g].dense()
-            mat = unmerge.T if role == IN else merge
-            t = map_axis(t, axis, a.layout, g, cur, mat)
-            cur[g] = mat.shape[0]
-        out[key] = t
+        out[key] = map_groups(t, axis, a.layout, sub, sizes, role)
     return out
+
+
+def map_groups(t: torch.Tensor, axis: int, tree: Any, maps: Maps, sizes: Mapping[str, int],
+               role: str = OUT) -> torch.Tensor:
+    """``t`` with each group's map of ``maps`` applied along ``axis`` (layout ``tree``, the
+    spec's ``sizes``), as a tensor of that ``role`` (``OUT``: ``M``; ``IN``: ``U^T``):
+    permutations by their index, dense maps by :func:`map_axis`.  Also the way to read an
+    activation in the fused basis (an activation's units are output-side)."""
+    perms = {g: m.index for g, m in maps.items() if m.index is not None}
+    if perms:
+        t = t.index_select(axis, axis_index(tree, perms, sizes, t.device))
+    cur = dict(sizes)
+    for g in dict.fromkeys(tree_groups(tree)):
+        if g not in maps or maps[g].index is not None:
+            continue
+        merge, unmerge = maps[g].dense()
+        mat = unmerge.T if role == IN else merge
+        t = map_axis(t, axis, tree, g, cur, mat)
+        cur[g] = mat.shape[0]
+    return t
 
 
 def map_axis(t: torch.Tensor, axis: int, tree: Any, group: str, sizes: Mapping[str, int],

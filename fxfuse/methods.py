@@ -97,18 +97,16 @@ def data_fields(config: Any) -> list[str]:
 def with_data(config: Any, data: Any) -> Any:
     """``config`` with its data fields filled from ``data`` where they are empty; InputError if
     the method needs data and neither gives any."""
-    stage = method_of(config, _BY_TYPE[type(config)].stage if type(config) in _BY_TYPE
-                      else "align").stage
+    method = _BY_TYPE.get(type(config)) or method_of(config, "align")  # raises if unregistered
     names = data_fields(config)
     empty = [n for n in names if _empty(getattr(config, n))]
     if empty and data is not None:
         return dataclasses.replace(config, **{n: data for n in empty})
     if empty:
-        name = method_of(config, stage).name
-        raise InputError(f"{type(config).__name__} ({name}) needs data and none was given (or it "
-                         f"is empty): pass "
-                         f"fuse(..., data=batches) or {type(config).__name__}({empty[0]}=batches) "
-                         f"(an iterable of x or (x, y) batches)")
+        raise InputError(f"{type(config).__name__} ({method.name}) needs data and none was given "
+                         f"(or it is empty): pass fuse(..., data=batches) or "
+                         f"{type(config).__name__}({empty[0]}=batches) (an iterable of x or "
+                         f"(x, y) batches)")
     return config
 
 

@@ -22,9 +22,8 @@ from ..groups.spec import PermutationSpec, axis_index, tree_groups
 from ..ir.capture import ActivationCapture
 from ..ir.coords import as_rows, group_rows
 from ..passes.base import FusionState, Pass, batch_inputs, limited, on_device, progress
-from ..permute import apply_perms
 from ..solvers.assignment import max_assignment
-from .weights import _identity
+from .weights import _CostCache, _identity, _WeightMatcher
 
 
 @dataclass(frozen=True)
@@ -60,6 +59,9 @@ class AlignActivations(Pass):
     def requires(self, state: FusionState) -> None:
         if state.spec is None:
             raise PipelineError("align-activations needs the discovered groups")
+        if len(state.models) != len(state.states):
+            raise PipelineError("activation matching runs the models: give them (on state "
+                                "dicts, fxfuse.align_states(..., factory=...))")
 
     def call(self, state: FusionState) -> None:
         assert state.spec is not None
@@ -70,6 +72,7 @@ class AlignActivations(Pass):
         models = [on_device(m, state.device) for m in state.models]
         captures = [ActivationCapture(m, spec.tracer, wanted) for m in models]
         shared = _shared_axes(spec, feats)
+        blind = [g for g, rows in feats.items() if not rows]  # no traced node carries them
         perms = [_identity(spec, state.device)]
         for k in range(1, len(captures)):
             single: dict[str, list[torch.Tensor]] = {}
@@ -90,11 +93,10 @@ class AlignActivations(Pass):
                                     as_rows(seen_a[node], axis, rows).double(),
                                     as_rows(seen_b[node], axis, rows).double())
             found = _solve_activations(spec, single, full, state.device)
-            blind = [g for g, rows in feats.items() if not rows]
             if blind:
-                found = _match_weights_of(blind, spec, state.states[0], state.states[k], found)
+                found = _match_weights_of(blind, spec, state.states[0], state.states[k], found,
+                                          state.device)
             perms.append(found)
-        blind = [g for g, rows in feats.items() if not rows]
         if blind:
             state.report.notes.append(
                 f"align-activations: {len(blind)} groups have no activation in the traced graph "
@@ -104,30 +106,22 @@ class AlignActivations(Pass):
 
 def _match_weights_of(groups: list[str], spec: PermutationSpec, ref: dict[str, torch.Tensor],
                       other: dict[str, torch.Tensor], perms: dict[str, torch.Tensor],
-                      rounds: int = 20) -> dict[str, torch.Tensor]:
+                      device: torch.device, rounds: int = 20) -> dict[str, torch.Tensor]:
     """Weight matching of ``groups`` alone, every other group held at ``perms``: coordinate
-    ascent of ``<C_g, P>`` with ``C_g = sum_t A_(g) B'_(g)^T`` over the group's parameter axes
-    (``B'``: ``other`` with every other permutation applied), as in :class:`WeightMatching`."""
-    out = dict(perms)
-    sizes = {g.name: g.size for g in spec.groups}
+    ascent of ``<C_g, P>`` with weight matching's own costs (:class:`~fxfuse.align.weights.
+    _CostCache`: ``C_g = sum_t A_(g) B'_(g)^T`` over the group's parameter axes)."""
+    params = {k for k in ref if k not in spec.buffers}
+    costs = _CostCache(_WeightMatcher(spec, device, params), ref, other, perms, pooled=False)
     for _ in range(rounds):
         changed = False
         for g in groups:
-            moved = apply_perms(other, spec, {**out, g: torch.arange(sizes[g])})
-            cost = torch.zeros(sizes[g], sizes[g], dtype=torch.float64)
-            for key, axis in spec.group(g).members:
-                if key in spec.buffers:
-                    continue
-                rows = group_rows(spec.axes[(key, axis)].layout, g, sizes)
-                if rows is not None:
-                    cost += (as_rows(ref[key], axis, rows).double()
-                             @ as_rows(moved[key], axis, rows).double().T).cpu()
-            new = max_assignment(cost).to(out[g].device)
-            if not torch.equal(new, out[g]):
-                out[g], changed = new, True
+            new = max_assignment(costs.group(g)).to(device)
+            if not torch.equal(new, costs.perms[g]):
+                costs.accept(g, new)
+                changed = True
         if not changed:
             break
-    return out
+    return costs.perms
 
 
 def _shared_axes(spec: PermutationSpec, feats: dict[str, list[tuple[str, int, torch.Tensor]]]
