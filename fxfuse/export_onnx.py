@@ -272,9 +272,7 @@ def _static_export(model: nn.Module, call: _Call, staged: Path, opset: int | Non
         dynamo_error = exc
     _clear(staged.parent)
     try:
-        with _mha_fastpath_disabled(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
+        with _mha_fastpath_disabled():  # (warnings: silenced by the caller's _quiet_exporter)
             args: tuple[Any, ...] = (*call.args, call.kwargs) if call.kwargs else call.args
             torch.onnx.export(model, args, staged, dynamo=False, opset_version=opset,
                               input_names=names, output_names=list(output_names))

@@ -21,7 +21,7 @@ from .groups import find_groups
 from .methods import passes_for, with_data
 from .passes.base import FusionReport, FusionState, Pass, Pipeline
 from .passes.merge import MergeWeights, VerifyFused
-from .trace import as_input_tuple, kv_cache_note, model_device
+from .trace import as_input_tuple, kv_cache_note, model_device, nonfinite_key
 
 Align = Any  # a registered align config (WeightMatching(), ActivationMatching(), ...) or None
 RepairConfig = Any  # a registered repair config (ResetBatchNorm(), Repair(), ...) or None
@@ -69,10 +69,10 @@ def check_models(models: Sequence[nn.Module]) -> None:
             raise ArchitectureMismatchError(f"models[{i}] has parameter {extra[0]!r} that "
                                             f"models[0] does not")
     for i, m in enumerate(models):
-        for key, t in m.state_dict().items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise InputError(f"models[{i}] parameter {key!r} has NaN or infinite values; "
-                                 f"fix or drop that checkpoint")
+        bad = nonfinite_key(m.state_dict())
+        if bad is not None:
+            raise InputError(f"models[{i}] parameter {bad!r} has NaN or infinite values; "
+                             f"fix or drop that checkpoint")
 
 
 def interpolation_weights(weights: Sequence[float] | None, n: int) -> list[float]:

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import InputError, VerificationError
 from .groups.spec import PermutationSpec, axis_index, check_perms
-from .trace import as_input_tuple, eval_mode
+from .trace import as_input_tuple, eval_mode, nonfinite_key
 
 
 def apply_perms(
@@ -101,10 +101,10 @@ def verify(
     inputs = as_input_tuple(example_inputs)
     if not spec.groups:
         return VerifyResult(0.0, 0, tolerance)
-    for key, t in model.state_dict().items():  # NaN outputs would look like a broken rule
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise InputError(f"parameter {key!r} of {type(model).__name__} has NaN or infinite "
-                             "values; verify compares outputs, which needs finite weights")
+    key = nonfinite_key(model.state_dict())  # NaN outputs would look like a broken rule
+    if key is not None:
+        raise InputError(f"parameter {key!r} of {type(model).__name__} has NaN or infinite "
+                         "values; verify compares outputs, which needs finite weights")
     try:
         ref = _run(model, inputs)
     except Exception as exc:

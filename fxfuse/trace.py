@@ -78,6 +78,12 @@ def symbolic_trace(model: nn.Module, stack_traces: bool = True) -> fx.GraphModul
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+def nonfinite_key(state: Any) -> str | None:
+    """The first floating tensor of ``state`` (a state_dict) holding NaN or inf, or None."""
+    return next((key for key, t in state.items()
+                 if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a stateless model)."""
     first = next(itertools.chain(model.parameters(), model.buffers()), None)

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..trace import model_device
 from .splits import Split, labels_digest
 
 __all__ = ["INITS", "Budget", "ModelSpec", "TrainedClient", "client_weights", "default_cache_dir",
@@ -218,12 +219,6 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor) -> None:
         raise InputError(f"y must hold integer class indices, got dtype {y.dtype}")
 
 
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def train_client(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budget: Budget,
                  seed: int = 0) -> tuple[nn.Module, float]:
     """Train a copy of ``model`` on ``(x, y)`` under ``budget``; ``(trained copy in eval mode,
@@ -244,7 +239,7 @@ def train_client(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budget: Bud
                               weight_decay=budget.weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=budget.lr, weight_decay=budget.weight_decay)
-    device = _device(trained)
+    device = model_device(trained)
     n = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
     last = float("nan")

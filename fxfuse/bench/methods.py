@@ -74,12 +74,9 @@ class Context:
         """FedAvg weights: each client's share of the training samples."""
         return client_weights(self.clients)
 
-    def fusion_batches(self, with_labels: bool = False) -> list[Any]:
-        """The fusion set in batches of :attr:`fusion_batch_size` (``x`` or ``(x, y)``)."""
-        xs = self.fusion_x.split(self.fusion_batch_size)
-        if not with_labels:
-            return list(xs)
-        return list(zip(xs, self.fusion_y.split(self.fusion_batch_size)))
+    def fusion_batches(self) -> list[Any]:
+        """The fusion set's inputs in batches of :attr:`fusion_batch_size`."""
+        return list(self.fusion_x.split(self.fusion_batch_size))
 
 
 Method = Callable[[Context], "nn.Module | tuple[nn.Module, str]"]

@@ -113,8 +113,9 @@ def cmd_scopes(args: argparse.Namespace) -> int:
             "mean spread", "std spread"]
     rows = [head]
     worst = ("", -1.0)
+    mismatch = scopes.mismatch()
     for key, target in scopes.layers.items():
-        d_mean, d_std = scopes.mismatch()[key]
+        d_mean, d_std = mismatch[key]
         rel = d_std / target.std if target.std > 0 else float("inf")
         worst = (key, rel) if rel > worst[1] else worst
         rows.append([key, "x".join(map(str, scopes.shapes[key])),

@@ -111,12 +111,12 @@ def load_weights(model: nn.Module, path: Path, label: str = "--weights") -> None
 
 def check_finite(model: nn.Module, path: Path, label: str, why: str) -> None:
     """Refuse weights with NaN or infinite values, naming the parameter."""
-    import torch
+    from ..trace import nonfinite_key
 
-    for key, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise InputError(f"{label} {str(path)!r}: parameter {key!r} has NaN or infinite "
-                             f"values; {why}")
+    key = nonfinite_key(model.state_dict())
+    if key is not None:
+        raise InputError(f"{label} {str(path)!r}: parameter {key!r} has NaN or infinite "
+                         f"values; {why}")
 
 
 def check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...],

@@ -290,17 +290,17 @@ def _measure(router: Router, data: Samples) -> RouteReport:
     temps = None if inv_t is None else tuple((1.0 / inv_t).tolist())
     k = len(router.models)
     with eval_mode(router):
-        outs = _outputs(list(router.models), data.x, device)
+        outs = [o.cpu() for o in _outputs(list(router.models), data.x, device)]
         choice = torch.cat([router.choices(c.to(device)) for c in data.x.split(_BATCH)]).cpu()
-    routed = _gather([o.cpu() for o in outs], choice)
+    routed = _gather(outs, choice)
     shares = tuple(float((choice == j).float().mean()) for j in range(k))
     acc = model_acc = ens = oracle = None
     if data.y is not None and routed.dim() == 2:
         y = data.y.cpu()
-        right = torch.stack([o.cpu().argmax(-1) == y for o in outs])
+        right = torch.stack([o.argmax(-1) == y for o in outs])
         acc = float((routed.argmax(-1) == y).float().mean())
         model_acc = tuple(float(r.float().mean()) for r in right)
-        ens = float((torch.stack(outs).float().mean(0).cpu().argmax(-1) == y).float().mean())
+        ens = float((torch.stack(outs).float().mean(0).argmax(-1) == y).float().mean())
         oracle = float(right.any(0).float().mean())
     match = None if data.s is None else float((choice == data.s.cpu()).float().mean())
     x1 = data.x[:1].to(device)

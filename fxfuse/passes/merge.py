@@ -17,7 +17,7 @@ import torch
 from ..core import merge_states
 from ..errors import PipelineError, VerificationError
 from ..permute import rel_diff
-from ..trace import eval_mode
+from ..trace import eval_mode, nonfinite_key
 from .base import FusionState, Pass
 
 
@@ -36,9 +36,9 @@ class MergeWeights(Pass):
 
     def ensures(self, state: FusionState) -> None:
         assert state.fused is not None
-        for key, t in state.fused.state_dict().items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise PipelineError(f"merged tensor {key!r} is not finite")
+        key = nonfinite_key(state.fused.state_dict())
+        if key is not None:
+            raise PipelineError(f"merged tensor {key!r} is not finite")
 
 
 class VerifyFused(Pass):
