@@ -153,22 +153,29 @@ def kv_cache_note(model: nn.Module, inputs: Sequence[Any]) -> str | None:
             "given and the fused model keep use_cache=True")
 
 
+def export_program(model: nn.Module, inputs: Sequence[Any], where: str = "") -> Any:
+    """``torch.export.export`` of ``model`` in eval mode (a Hugging Face causal LM as its
+    :func:`without_kv_cache` copy); a failure is a TraceError saying what to change.  ``where``
+    completes the message ("either" after symbolic tracing failed, "on a data batch")."""
+    traced = without_kv_cache(model, inputs)
+    try:
+        with eval_mode(traced):
+            return torch.export.export(traced, tuple(inputs), strict=False)
+    except Exception as exc:
+        raise TraceError(
+            f"torch.export could not trace {type(model).__name__}{' ' + where if where else ''}: "
+            f"{quote_error(exc)}. Make the forward free of data-dependent Python control flow, "
+            f"or register a rule for the module that is not traceable "
+            f"(@fxfuse.axis_rule(MyModule)) so it stays a leaf."
+        ) from exc
+
+
 def export_trace(model: nn.Module, inputs: Sequence[Any]) -> tuple[fx.GraphModule, dict[str, str]]:
     """``torch.export`` (ATen-level graph, shapes from its fake tensors) for models symbolic
     tracing can not handle (Hugging Face causal LMs are traced as :func:`without_kv_cache`
     copies).  Returns the graph module and, for every placeholder that is a
     parameter/buffer/constant, the name it has in the model (``state_dict`` key)."""
-    traced = without_kv_cache(model, inputs)
-    try:
-        with eval_mode(traced):
-            ep = torch.export.export(traced, tuple(inputs), strict=False)
-    except Exception as exc:
-        raise TraceError(
-            f"torch.export could not trace {type(model).__name__} either: {quote_error(exc)}. "
-            f"Make the forward free of data-dependent Python control flow, or register a rule "
-            f"for the module that is not traceable (@fxfuse.axis_rule(MyModule)) so it stays a "
-            f"leaf."
-        ) from exc
+    ep = export_program(model, inputs, "either")
     sig = ep.graph_signature
     names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
              **getattr(sig, "inputs_to_lifted_tensor_constants", {})}

@@ -18,8 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import TraceError
-from ..trace import eval_mode, quote_error, symbolic_trace, without_kv_cache
+from ..trace import eval_mode, export_program, symbolic_trace
 
 SYMBOLIC = "torch.fx.symbolic_trace"
 
@@ -64,13 +63,7 @@ class ActivationCapture:
         key = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
                     for x in xs)
         if key not in self._exported:
-            traced = without_kv_cache(self.model, xs)
-            try:
-                with eval_mode(traced):
-                    ep = torch.export.export(traced, tuple(xs), strict=False)
-            except Exception as exc:
-                raise TraceError(f"torch.export could not trace {type(self.model).__name__} on "
-                                 f"a data batch: {quote_error(exc)}") from exc
+            ep = export_program(self.model, xs, "on a data batch")
             values = {**ep.state_dict, **ep.constants}
             lifted = [None if s.kind.name == "USER_INPUT" else values[s.target]
                       for s in ep.graph_signature.input_specs]
