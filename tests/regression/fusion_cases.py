@@ -9,7 +9,8 @@ seeded copies, and the result is fingerprinted:
   it), and ``sum(|t|)``, the scale the first two are compared at (relative ``RTOL``);
 * a few small models' fused state dicts in full (``FULL_TENSORS``).
 
-Record (from the code the outputs must match) with ``python -m tests.regression.fusion_cases``;
+Record (from the code the outputs must match) with ``python -m tests.regression.fusion_cases``
+(``--only NAME ...``: just those models' cases, e.g. a newly added zoo model);
 ``tests/test_fusion_regression.py`` re-runs every case and compares.
 """
 
@@ -118,11 +119,21 @@ def fingerprint(state: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     return out
 
 
-def record() -> None:
+def record(only: set[str] | None = None) -> None:
+    """Record every case, or with ``only`` just those models' cases, keeping the others as they
+    are recorded (for a newly added zoo model: its cases, without re-running the rest)."""
     torch.set_num_threads(1)
     golden: dict[str, Any] = {"rtol": RTOL, "cases": {}}
     tensors: dict[str, dict[str, torch.Tensor]] = {}
+    if only is not None:
+        golden = json.loads(GOLDEN.read_text())
+        tensors = torch.load(TENSORS, weights_only=True)
+        for case in [c for c in golden["cases"] if c.split("/")[0] in only]:
+            del golden["cases"][case]
+            tensors.pop(case, None)
     for name, setting in cases():
+        if only is not None and name not in only:
+            continue
         state, perms = run_case(name, setting)
         golden["cases"][f"{name}/{setting}"] = {"perms": perms, "state": fingerprint(state)}
         if name in FULL_TENSORS:
@@ -133,4 +144,6 @@ def record() -> None:
 
 
 if __name__ == "__main__":
-    record()
+    # python -m tests.regression.fusion_cases [--only NAME ...]
+    args = sys.argv[1:]
+    record(set(args[1:]) if args[:1] == ["--only"] else None)
