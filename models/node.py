@@ -1,6 +1,15 @@
-"""Neural-ODE-style network with one weight-tied ODE function integrated by explicit Euler."""
+"""Neural-ODE-style network with one weight-tied ODE function integrated by explicit Euler.
+
+``x(T) = x(0) + int_0^T f(x(t)) dt`` is approximated by ``k = steps`` Euler steps of size
+``dt = T / k`` with one tied ``f``.  The iteration count is an attribute read at forward time
+(``model.steps = 6`` then ``model(x)``, or ``model.at_steps(6)`` for a copy), and ``dt``
+follows it, so clients that trained the same weights at different counts share one state dict
+(``steps`` is not in it) and one set of permutation groups.
+"""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -22,8 +31,18 @@ class ODEFunc(nn.Module):
         return self.conv2(self.relu(self.conv1(self.norm(x))))
 
 
+def _check_steps(steps: object) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps (the Euler iteration count) must be an int >= 1, got {steps!r}")
+    return steps
+
+
 class NODENet(nn.Module):
-    """Stem conv-BN-ReLU -> ``steps`` Euler steps ``x = x + dt * f(x)`` with one tied f -> GAP -> Linear."""
+    """Stem conv-BN-ReLU -> ``steps`` Euler steps ``x = x + dt * f(x)`` with one tied f
+    (``dt = horizon / steps``, computed at forward time) -> GAP -> Linear.
+
+    Shapes: ``x: (N, in_channels, H, W)`` -> logits ``(N, num_classes)``.
+    """
 
     def __init__(
         self,
@@ -31,14 +50,16 @@ class NODENet(nn.Module):
         steps: int = 3,
         norm: str = "bn",
         num_classes: int = 10,
+        in_channels: int = 3,
+        horizon: float = 1.0,
     ) -> None:
         super().__init__()
-        if steps < 1:
-            raise ValueError("steps must be >= 1")
-        self.steps = steps
-        self.dt = 1.0 / steps
+        self._steps = _check_steps(steps)
+        if not horizon > 0:
+            raise ValueError(f"horizon (the integration time T) must be > 0, got {horizon!r}")
+        self.horizon = float(horizon)
         self.stem = nn.Sequential(
-            nn.Conv2d(3, channels, 3, padding=1, bias=False),
+            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(channels),
             nn.ReLU(),
         )
@@ -47,10 +68,31 @@ class NODENet(nn.Module):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(channels, num_classes)
 
+    @property
+    def steps(self) -> int:
+        """The Euler iteration count k used by the next forward call."""
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps = _check_steps(value)
+
+    @property
+    def dt(self) -> float:
+        """The step size ``horizon / steps`` (follows ``steps``)."""
+        return self.horizon / self._steps
+
+    def at_steps(self, steps: int) -> NODENet:
+        """A copy of this model (same weights, its own buffers) run for ``steps`` iterations."""
+        other = copy.deepcopy(self)
+        other.steps = steps
+        return other
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        for _ in range(self.steps):
-            x = x + self.dt * self.f(x)
+        dt = self.dt
+        for _ in range(self._steps):
+            x = x + dt * self.f(x)
         x = self.flatten(self.pool(x))
         return self.fc(x)
 
@@ -60,7 +102,9 @@ def node_net(
     channels: int = 16,
     norm: str = "bn",
     num_classes: int = 10,
+    in_channels: int = 3,
     seed: int | None = 0,
 ) -> NODENet:
-    """Neural-ODE net for (N, 3, 16, 16) inputs; ``steps`` calls of the same ``f`` module."""
-    return build(lambda: NODENet(channels, steps, norm, num_classes), seed)
+    """Neural-ODE net for (N, in_channels, 16, 16) inputs; ``steps`` calls of the same ``f``
+    module (settable later: ``model.steps = k``)."""
+    return build(lambda: NODENet(channels, steps, norm, num_classes, in_channels), seed)
