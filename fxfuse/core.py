@@ -77,15 +77,31 @@ def _models_from(factory: Callable[[], nn.Module], states: Sequence[Mapping[str,
     return models
 
 
-def merge_states(spec: PermutationSpec | None, states: Sequence[Mapping[str, torch.Tensor]],
+def merge_states(spec: PermutationSpec | Sequence[PermutationSpec] | None,
+                 states: Sequence[Mapping[str, torch.Tensor]],
                  maps: Sequence[Mapping[str, GroupMap]] | None, weights: Sequence[float]
                  ) -> State:
     """The weighted average of the states, each taken into the fused basis by its maps first
-    (module doc); ``maps=None`` averages the states as they are."""
-    if maps is not None and spec is None:
+    (module doc); ``maps=None`` averages the states as they are.  ``spec``: the spec the maps
+    were found on, or one spec per state for models of different widths (each model's own,
+    :mod:`fxfuse.pairing`; its maps are then ``(m, n)``: target units by its units)."""
+    if maps is None:
+        aligned = [dict(s) for s in states]
+    elif spec is None:
         raise InputError("merge_states: maps need the spec they were found on")
-    aligned = [dict(s) for s in states] if maps is None or spec is None else [
-        apply_maps(s, spec, m) for s, m in zip(states, maps)]
+    else:
+        specs = [spec] * len(states) if isinstance(spec, PermutationSpec) else list(spec)
+        if len(specs) != len(states):
+            raise InputError(f"merge_states: {len(specs)} specs for {len(states)} states")
+        aligned = [apply_maps(s, sp, m) for s, sp, m in zip(states, specs, maps)]
+    for key, ref in aligned[0].items():
+        for k, s in enumerate(aligned[1:], start=1):
+            if key not in s or s[key].shape != ref.shape:
+                raise InputError(
+                    f"merge_states: {key!r} is {tuple(ref.shape)} in state 0 but "
+                    f"{tuple(s[key].shape) if key in s else 'missing'} in state {k} after the "
+                    f"maps: models of different widths need maps to the target's widths "
+                    f"(align=fxfuse.OptimalTransport())")
     merged: State = {}
     for key, ref in aligned[0].items():
         if ref.is_floating_point() or ref.is_complex():
@@ -194,7 +210,7 @@ def apply_fusion(models: Sequence[nn.Module], record: FusionRecord,
     with the merged state (the inputs are untouched; no repair is re-run)."""
     from .fuse import check_models, interpolation_weights
 
-    check_models(models)
+    check_models(models, same_shapes=True)
     if record.maps is not None and len(record.maps) != len(models):
         raise InputError(f"the record holds maps for {len(record.maps)} models, got "
                          f"{len(models)}")

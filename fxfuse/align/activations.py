@@ -24,6 +24,7 @@ from ..ir.coords import as_rows, group_rows
 from ..passes.base import FusionState, Pass, batch_inputs, limited, on_device, progress
 from ..solvers.assignment import max_assignment
 from .weights import _CostCache, _identity, _WeightMatcher
+from .widths import require_equal_widths
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class AlignActivations(Pass):
     def requires(self, state: FusionState) -> None:
         if state.spec is None:
             raise PipelineError("align-activations needs the discovered groups")
+        require_equal_widths(state, "ActivationMatching")
         if len(state.models) != len(state.states):
             raise PipelineError("activation matching runs the models: give them (on state "
                                 "dicts, fxfuse.align_states(..., factory=...))")

@@ -350,3 +350,6 @@ class AlignWeights(Pass):
                 if not changed:
                     break
         state.perms = perms
+        from .widths import require_equal_widths
+
+        require_equal_widths(state, "WeightMatching")

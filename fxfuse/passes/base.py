@@ -47,6 +47,8 @@ class FusionReport:
     # maps[k][group]: the GroupMap taking model k into the fused basis (fxfuse.maps); for a
     # permutation alignment, perms[k] as maps.  Save with fxfuse.save_fusion(path, spec, maps).
     maps: list[dict[str, GroupMap]] | None = None
+    # models of different widths: each model's own spec (``spec`` is the target's); else None
+    specs: list[PermutationSpec] | None = None
 
     def __str__(self) -> str:
         lines = ["pass                      seconds"]
@@ -78,6 +80,27 @@ class FusionState:
     maps: list[dict[str, GroupMap]] | None = None  # set by methods whose maps are not permutations
     fused: nn.Module | None = None
     report: FusionReport = field(default_factory=FusionReport)
+    # models of different widths (fxfuse.pairing): specs[k] is model k's own spec, ``spec`` the
+    # target's; None when every model has the target's widths (``spec`` is everyone's)
+    specs: list[PermutationSpec] | None = None
+    # the fused architecture: an instance of the class and widths wanted (fuse's ``target``,
+    # default model 0; never modified: the fused model is a copy), and ``anchor``, the model
+    # whose units are the fused basis (None: no model has the target's widths)
+    target: nn.Module | None = None
+    anchor: int | None = 0
+
+    def spec_of(self, k: int) -> PermutationSpec:
+        """Model ``k``'s own spec."""
+        if self.specs is not None:
+            return self.specs[k]
+        if self.spec is None:
+            raise PipelineError("no spec yet: run discovery first")
+        return self.spec
+
+    @property
+    def target_model(self) -> nn.Module:
+        """The model the fused one is a copy of (``target``, else model 0)."""
+        return self.target if self.target is not None else self.models[0]
 
     def alignment(self) -> list[dict[str, GroupMap]] | None:
         """Every model's maps into the common basis (``maps``, else ``perms`` as maps), or None
@@ -91,7 +114,8 @@ class FusionState:
         maps = self.alignment()
         if self.spec is None or maps is None:
             return self.states
-        return [apply_maps(s, self.spec, m) for s, m in zip(self.states, maps)]
+        return [apply_maps(s, self.spec_of(k), m)
+                for k, (s, m) in enumerate(zip(self.states, maps))]
 
 
 class Pass:
@@ -130,6 +154,7 @@ class Pipeline:
                 raise PipelineError(f"[{p.name}] failed: {type(exc).__name__}: {exc}") from exc
             state.report.timings.append((p.name, time.perf_counter() - start))
         state.report.spec, state.report.perms = state.spec, state.perms
+        state.report.specs = state.specs
         state.report.maps = state.alignment()
         return state.report
 

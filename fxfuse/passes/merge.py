@@ -4,8 +4,10 @@ Merge (:func:`fxfuse.core.merge_states`): ``theta = sum_k w_k * A_k(theta_k)``, 
 ``k``'s alignment maps, for every floating tensor (parameters and float buffers
 such as BatchNorm running statistics, averaged like the weights they describe), with ``w`` the
 interpolation weights (non-negative, summing to 1).  Integer buffers (``num_batches_tracked``)
-are not averaged: model 0's value is kept.  The fused model is a copy of model 0 (the user's
-class) with the merged state loaded.
+are not averaged: model 0's value is kept.  The fused model is a copy of the target (model 0 by
+default; the user's class, at the target's widths) with the merged state loaded.  An align method
+that produces the fused weights itself (neuron interpolation) sets ``state.fused``; merge then
+leaves it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import copy
 import torch
 
 from ..core import merge_states
-from ..errors import PipelineError, VerificationError
+from ..errors import ArchitectureMismatchError, PipelineError, VerificationError
 from ..permute import rel_diff
 from ..trace import eval_mode, nonfinite_key
 from .base import FusionState, Pass
@@ -29,8 +31,20 @@ class MergeWeights(Pass):
             raise PipelineError("merge needs the models' states")
 
     def call(self, state: FusionState) -> None:
-        merged = merge_states(state.spec, state.states, state.alignment(), state.weights)
-        fused = copy.deepcopy(state.models[0]).to(state.device)
+        if state.fused is not None:  # the align method produced the fused weights itself
+            state.report.notes.append("merge: the fused weights come from the align method")
+            return
+        maps = state.alignment()
+        if maps is None and state.specs is not None:
+            from ..align.widths import width_mismatch
+
+            raise ArchitectureMismatchError(
+                f"averaging without alignment needs every model at the target's widths, but "
+                f"{width_mismatch(state)}; use align=fxfuse.OptimalTransport() for models of "
+                f"different widths")
+        specs = state.specs if state.specs is not None else state.spec
+        merged = merge_states(specs, state.states, maps, state.weights)
+        fused = copy.deepcopy(state.target_model).to(state.device)
         fused.load_state_dict(merged)
         state.fused = fused
 

@@ -1,0 +1,116 @@
+"""Pairing the specs of models that differ only in their widths.
+
+Models of one class built at different widths (a small client and a large one, a pruned model and
+its parent) have specs with the same *structure*: discovery names a group by the layer that
+produces it, so two such specs have
+
+* the same groups (by name), each with the same members ``(state_dict key, axis)``;
+* every parameter / buffer axis with the same layout tree over those groups (``g x 16`` after a
+  flatten, ``(g + h)`` after a concat), ``Fixed`` parts of equal length;
+* every axis no group touches (a fixed input or output axis, a kernel's spatial axes) of the same
+  length.
+
+Only the group sizes may differ.  :func:`pair_specs` checks that, model by model against the
+target's spec, and raises :class:`~fxfuse.errors.ArchitectureMismatchError` naming the first
+structural difference (a group one model has and the other lacks, a member that differs, an axis
+whose layout or fixed length differs), never just the first tensor whose shape differs.  The
+group named ``g`` in every model is then one group of the fused model: a model's map of ``g`` is
+``(m, n)`` with ``m`` the target's size and ``n`` the model's (:mod:`fxfuse.maps`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import ArchitectureMismatchError
+from .groups.spec import PermutationSpec, tree_str
+from .ir.layout import Fixed, Prod, Sum, Tree, Unit
+
+
+def sizes_of(spec: PermutationSpec) -> dict[str, int]:
+    """Group name -> number of units."""
+    return {g.name: g.size for g in spec.groups}
+
+
+def same_widths(a: PermutationSpec, b: PermutationSpec) -> bool:
+    """Whether two paired specs have every group at the same size."""
+    return sizes_of(a) == sizes_of(b)
+
+
+def structure_difference(ref: PermutationSpec, other: PermutationSpec) -> str | None:
+    """The first structural difference between two specs (module doc), as a sentence naming the
+    place, or None when they differ in group sizes at most."""
+    ref_groups, other_groups = sizes_of(ref), sizes_of(other)
+    for name in ref_groups:
+        if name not in other_groups:
+            return f"group {name!r} (produced by {name}) has no counterpart"
+    for name in other_groups:
+        if name not in ref_groups:
+            return f"it has a group {name!r} that the target does not have"
+    for g in ref.groups:
+        mine = [tuple(m) for m in g.members]
+        theirs = [tuple(m) for m in other.group(g.name).members]
+        if mine != theirs:
+            extra = [f"{k}:{a}" for k, a in theirs if (k, a) not in mine]
+            missing = [f"{k}:{a}" for k, a in mine if (k, a) not in theirs]
+            what = (f"also acts on {extra[0]}" if extra else f"does not act on {missing[0]}"
+                    if missing else "acts on its members in another order")
+            return f"group {g.name!r} {what}"
+    for (key, axis), spec in ref.axes.items():
+        theirs_axis = other.axes.get((key, axis))
+        if theirs_axis is None:
+            return f"{key} has no axis {axis}"
+        why = _tree_difference(spec.layout, theirs_axis.layout)
+        if why is not None:
+            return (f"{key}:{axis} is laid out as {tree_str(spec.layout)} in the target but "
+                    f"{tree_str(theirs_axis.layout)} here ({why})")
+    for key_axis in other.axes:
+        if key_axis not in ref.axes:
+            return f"{key_axis[0]} has an axis {key_axis[1]} the target does not have"
+    return None
+
+
+def _tree_difference(a: Tree, b: Tree) -> str | None:
+    if isinstance(a, Unit) and isinstance(b, Unit):
+        return None if a.group == b.group else f"group {a.group!r} against {b.group!r}"
+    if isinstance(a, Fixed) and isinstance(b, Fixed):
+        return None if a.n == b.n else (f"{a.n} fixed positions against {b.n}: the length of an "
+                                        f"axis no group permutes differs")
+    if isinstance(a, (Prod, Sum)) and type(a) is type(b):
+        assert isinstance(b, (Prod, Sum))
+        if len(a.parts) != len(b.parts):
+            return "a different number of blocks"
+        for x, y in zip(a.parts, b.parts):
+            why = _tree_difference(x, y)
+            if why is not None:
+                return why
+        return None
+    return "a different structure"
+
+
+def pair_specs(target: PermutationSpec, specs: Sequence[PermutationSpec],
+               labels: Sequence[str] | None = None) -> None:
+    """Check that every spec pairs with the target's (module doc); raise
+    :class:`ArchitectureMismatchError` naming the model and the first structural difference."""
+    for k, spec in enumerate(specs):
+        why = structure_difference(target, spec)
+        if why is not None:
+            label = labels[k] if labels is not None else f"models[{k}]"
+            raise ArchitectureMismatchError(
+                f"{label} can not be paired with the target: {why}. Models of different widths "
+                f"must have the same layers in the same arrangement; different depths are not "
+                f"paired by width alignment")
+
+
+def width_table(target: PermutationSpec, specs: Sequence[PermutationSpec]) -> list[str]:
+    """One line per group whose size differs between the models: ``name: n0, n1, ... -> m``."""
+    lines = []
+    for g in target.groups:
+        sizes = [s.group(g.name).size for s in specs]
+        if any(n != g.size for n in sizes):
+            lines.append(f"{g.name}: {', '.join(map(str, sizes))} -> {g.size}")
+    return lines
+
+
+__all__ = ["pair_specs", "same_widths", "sizes_of", "structure_difference",
+           "width_table"]
