@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .align import ActivationMatching, WeightMatching
+from .align import ActivationMatching, OptimalTransport, WeightMatching
 from .combine import Router, RouteReport, adaptive_selection
 from .core import (
     align_states,
@@ -61,6 +61,7 @@ __all__ = [
     "FxFuseError",
     "Group",
     "InputError",
+    "OptimalTransport",
     "Member",
     "PermutationError",
     "PermutationSpec",

@@ -14,7 +14,8 @@ reachable from all three::
     fxfuse.fuse(models, x, **fxfuse.recipe_from_json('{"align": {"method": "my-align"}}'))
 
 Configs carry parameters; data is passed beside them (``fuse(..., data=batches)``): fields marked
-``field(metadata={"data": True})`` are filled from it and never written to a recipe.
+``field(metadata={"data": True})`` are filled from it and never written to a recipe (with
+``"optional": True`` as well, a method runs without data too: OT's weight cost).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def register_method(name: str, stage: str, config: type, passes: Callable[[Any],
     old = _BY_NAME.get(name)
     if old is not None and old.config is not config:
         _BY_TYPE.pop(old.config, None)
-    needs = any(f.metadata.get("data") for f in dataclasses.fields(config))
+    needs = any(f.metadata.get("data") and not f.metadata.get("optional")
+                for f in dataclasses.fields(config))
     if summary is None:
         doc = (config.__doc__ or name).strip().splitlines()[0].rstrip(".").replace("``", "")
         summary = doc.removeprefix("Config: ")
@@ -102,6 +104,8 @@ def with_data(config: Any, data: Any) -> Any:
     empty = [n for n in names if _empty(getattr(config, n))]
     if empty and data is not None:
         return dataclasses.replace(config, **{n: data for n in empty})
+    optional = {f.name for f in dataclasses.fields(config) if f.metadata.get("optional")}
+    empty = [n for n in empty if n not in optional]
     if empty:
         raise InputError(f"{type(config).__name__} ({method.name}) needs data and none was given "
                          f"(or it is empty): pass fuse(..., data=batches) or "

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from ..methods import register_method
 from .activations import ActivationMatching, AlignActivations
+from .ot import AlignOptimalTransport, OptimalTransport
 from .weights import AlignWeights, WeightMatching
 
 register_method("weight", "align", WeightMatching, lambda c: [AlignWeights(c)],
                 "weight matching (Git Re-Basin), no data")
 register_method("activation", "align", ActivationMatching, lambda c: [AlignActivations(c)],
                 "match what the units compute on data")
+register_method("ot", "align", OptimalTransport, lambda c: [AlignOptimalTransport(c)],
+                "optimal transport (Singh & Jaggi): models of any widths onto the anchor's units")
 
-__all__ = ["ActivationMatching", "AlignActivations", "AlignWeights", "WeightMatching"]
+__all__ = ["ActivationMatching", "AlignActivations", "AlignOptimalTransport", "AlignWeights",
+           "OptimalTransport", "WeightMatching"]
