@@ -112,3 +112,52 @@ class MobileNetV2(nn.Module):
 def mobilenetv2(num_classes: int = 10, seed: int | None = 0) -> MobileNetV2:
     """Small MobileNetV2 (+SE in later stages) for (N, 3, 32, 32) inputs."""
     return build(lambda: MobileNetV2(num_classes=num_classes), seed)
+
+
+# MobileNetV2 as libraries build it: (expand_ratio, out_channels, num_blocks, first_stride), 17
+# blocks from width 32 to 320, then a 1x1 conv to 1280 (here every width divided by 4)
+MBV2_LIB_CFG: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+    (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1),
+)
+
+
+class MobileNetV2Lib(nn.Module):
+    """MobileNetV2 as libraries build it: stem 3x3/2 conv-BN-ReLU6 -> 17 inverted residuals
+    (1x1 expand-BN-ReLU6 -> 3x3 depthwise-BN-ReLU6 -> 1x1 project-BN, + x when stride is 1 and
+    widths agree) -> 1x1 conv-BN-ReLU6 -> GAP -> dropout -> Linear; ``width``: the library's
+    channel counts divided by this."""
+
+    def __init__(self, width: int = 4, num_classes: int = 10) -> None:
+        super().__init__()
+        stem = 32 // width
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(stem), nn.ReLU6())
+        blocks: list[nn.Module] = []
+        c = stem
+        for t, out, n, s in MBV2_LIB_CFG:
+            for i in range(n):
+                blocks.append(InvertedResidual(c, out // width, s if i == 0 else 1, t, False))
+                c = out // width
+        self.blocks = nn.Sequential(*blocks)
+        last = 1280 // width
+        self.last = nn.Sequential(nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last),
+                                  nn.ReLU6())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
+        for m in self.modules():  # the library's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.last(self.blocks(self.stem(x)))
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+def mobilenetv2_lib(num_classes: int = 10, seed: int | None = 0) -> MobileNetV2Lib:
+    """MobileNetV2's library layout (17 inverted residuals) at a quarter of its widths, for
+    (N, 3, 32, 32) inputs."""
+    return build(lambda: MobileNetV2Lib(num_classes=num_classes), seed)

@@ -122,6 +122,22 @@ _register(
     "MobileNetV2-style inverted residuals (ReLU6, depthwise 3x3) with conv-SE + hardsigmoid.",
 )
 _register(
+    "mobilenetv2_lib",
+    zoo.mobilenetv2_lib,
+    IMG32,
+    {"conv", "batchnorm", "residual", "depthwise"},
+    "MobileNetV2 as libraries build it (17 inverted residuals, ReLU6, depthwise 3x3, residual "
+    "when stride 1 and widths agree, 1x1 conv to 4x the last width) at 1/4 widths, library init.",
+)
+_register(
+    "squeezenet",
+    zoo.squeezenet,
+    IMG32,
+    {"conv", "concat", "maxpool"},
+    "SqueezeNet 1.1 layout at 1/4 widths: 8 fire modules (1x1 squeeze + ReLU -> 1x1 and 3x3 "
+    "expand, concatenated), max-pools, dropout -> 1x1 conv -> ReLU -> GAP classifier.",
+)
+_register(
     "densenet",
     zoo.densenet,
     IMG32,

@@ -27,10 +27,11 @@ from .features import (
     transpose_net,
 )
 from .mlp import mlp, mlp_classifier
-from .mobilenet import mobilenetv2
+from .mobilenet import mobilenetv2, mobilenetv2_lib
 from .node import node_net
 from .resnet import bottleneck_resnet, resnet20, resnet20_ln, resnet50
 from .shufflenet import shufflenet
+from .squeezenet import squeezenet
 from .transformer import llama_lm, sdpa_net
 from .vgg import vgg, vgg_bn
 from .vit import vit, vit_b
@@ -52,6 +53,7 @@ __all__ = [
     "mlp",
     "mlp_classifier",
     "mobilenetv2",
+    "mobilenetv2_lib",
     "node_net",
     "resnet20",
     "resnet20_ln",
@@ -59,6 +61,7 @@ __all__ = [
     "rmsnorm_mlp",
     "se_net",
     "shufflenet",
+    "squeezenet",
     "swiglu_mlp",
     "tied_block_net",
     "transpose_net",

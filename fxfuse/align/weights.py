@@ -12,7 +12,10 @@ permutation applied.  Buffers (BatchNorm running statistics) are permuted with t
 not matched on, as in Git Re-Basin: they are statistics of the data, on another scale than the
 weights (random or trained, their outer products would dominate the cost), and REPAIR /
 ResetBatchNorm recompute them; a group that touches no parameter is matched on its buffers.
-Each step is a linear assignment (``scipy.optimize.linear_sum_assignment``); sweeps repeat in
+The descent starts from the identity and from a forward pass (each group in data-flow order
+solved on the cost terms that no unsolved group changes, :meth:`_WeightMatcher.forward`), and the
+one ending at the shorter distance is kept (``WeightMatching.start``).  Each step is a linear
+assignment (``scipy.optimize.linear_sum_assignment``); sweeps repeat in
 random order until no group changes, or (``WeightMatching.tol``) until a sweep shortens the
 squared distance ``sum_t ||A_t - P(B_t)||^2`` by less than ``tol`` of its value.  The cost is
 computed with torch on the models' device; only the ``|g| x |g|`` matrix goes to the host for the
@@ -38,7 +41,7 @@ from ..groups.spec import PermutationSpec, axis_index, tree_groups
 from ..ir.coords import as_rows, group_rows
 from ..passes.base import FusionState, Pass, progress
 from ..permute import apply_perms
-from ..solvers.assignment import WarmAssignment
+from ..solvers.assignment import WarmAssignment, max_assignment
 
 
 @dataclass(frozen=True)
@@ -52,14 +55,24 @@ class WeightMatching:
     Git Re-Basin's rule).  The default ``1e-3`` stops where a sweep gains under 0.1%: measured on
     two random ResNet-50s (benchmarks/RESULTS.md) the exact descent needs ~27 sweeps to shorten
     the distance by a further 0.1%; on trained MNIST MLPs the fused accuracy moves by < 0.1 points.
+    ``start``: where the descent starts: ``"init"`` (the identity, Git Re-Basin's start; in
+    MergeMany rounds the model's current permutations), ``"forward"`` (one pass in data-flow
+    order on exact costs, :meth:`_WeightMatcher.forward`) or ``"both"`` (the default: a descent
+    from each, keeping the shorter distance, so never farther than Git Re-Basin's start alone).
+    From the identity alone the descent stalls far from a known permutation on fire modules and
+    depthwise inverted residuals (tests/test_fuse.py, ``squeezenet`` / ``mobilenetv2_lib``).
     """
 
     max_iter: int = 100
     seed: int = 0
     merge_many_rounds: int = 20
     tol: float = 1e-3
+    start: str = "both"
 
     def __post_init__(self) -> None:
+        if self.start not in _STARTS:
+            raise InputError(f"WeightMatching(start={self.start!r}): start must be one of "
+                             f"{', '.join(map(repr, _STARTS))}")
         if not (isinstance(self.tol, (int, float)) and 0 <= self.tol < 1):
             raise InputError(f"WeightMatching(tol={self.tol!r}): tol must be a number in [0, 1) "
                              f"(0 runs the descent until no group changes)")
@@ -67,6 +80,9 @@ class WeightMatching:
             raise InputError(f"WeightMatching(max_iter={self.max_iter}, merge_many_rounds="
                              f"{self.merge_many_rounds}): max_iter must be >= 1 and "
                              f"merge_many_rounds >= 0")
+
+
+_STARTS = ("both", "forward", "init")
 
 
 def _identity(spec: PermutationSpec, device: torch.device) -> dict[str, torch.Tensor]:
@@ -118,13 +134,65 @@ class _WeightMatcher:
 
     def match(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
               init: dict[str, torch.Tensor], max_iter: int, seed: int,
-              show: bool, tol: float = 0.0) -> dict[str, torch.Tensor]:
-        """Pooled descent (coarse), then exact descent from there.  Where no group has more
-        than one context on any axis (plain chains, ResNets) pooling changes nothing: skipped."""
-        coarse = init
-        if any(rows.shape[1] > 1 for ms in self.members.values() for _, _, rows in ms):
-            coarse = self.descend(ref, other, init, max_iter, seed, False, pooled=True)
-        return self.descend(ref, other, coarse, max_iter, seed, show, pooled=False, tol=tol)
+              show: bool, tol: float = 0.0, start: str = "both") -> dict[str, torch.Tensor]:
+        """The descent (pooled, coarse, then exact) from ``init`` (``start="init"``), from
+        :meth:`forward`'s permutations (``"forward"``) or from both, keeping the one that ends at
+        the shorter distance (``"both"``; a tie keeps ``init``'s).  Where no group has more than
+        one context on any axis (plain chains, ResNets) pooling changes nothing: skipped."""
+        pooled = any(rows.shape[1] > 1 for ms in self.members.values() for _, _, rows in ms)
+        starts = {"init": [init], "forward": [], "both": [init]}[start]
+        if start != "init":
+            starts.append(self.forward(ref, other, init, pooled))
+        best: tuple[float, dict[str, torch.Tensor]] | None = None
+        for first in starts:
+            if pooled:
+                first = self.descend(ref, other, first, max_iter, seed, False, pooled=True)
+            perms = self.descend(ref, other, first, max_iter, seed, show, pooled=False, tol=tol)
+            d = self._distance2(ref, other, perms) if len(starts) > 1 else 0.0
+            if best is None or d < best[0]:
+                best = (d, perms)
+        assert best is not None
+        return best[1]
+
+    def forward(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
+                init: dict[str, torch.Tensor], pooled: bool) -> dict[str, torch.Tensor]:
+        """One pass in data-flow order, each group solved on its *exact* cost only: the blocks
+        of members whose every other group is already solved in this pass (the group next to the
+        fixed input first, then the layers reading it, ...).  A cost term that reads a group
+        still at its start is noise: on a permuted copy it pulls towards that start; on the
+        exact terms the right permutation is the optimum (for ``B = P(A)``, ``<A_i, B'_j>`` is
+        largest at ``j = P(i)`` by Cauchy-Schwarz).  Coordinate descent from the identity reaches
+        a fixed point far from the known optimum on networks where every group's cost has such
+        a term (fire modules, depthwise inverted residuals); from this start it does not.  The
+        order (:meth:`_order`) takes next the first group, in the spec's order, with an exact
+        block that holds a weight (more than one entry per unit), then one with any exact
+        block, else the first one left; groups with no exact block are solved on all blocks."""
+        costs = _CostCache(self, ref, other, init, pooled)
+        solved: set[str] = set()
+        for name in self._order({k: v.numel() for k, v in other.items()}):
+            cost = costs.group(name, solved) if self._exact(name, solved) else costs.group(name)
+            costs.accept(name, max_assignment(cost))
+            solved.add(name)
+        return costs.perms
+
+    def _exact(self, name: str, solved: set[str]) -> list[tuple[str, int, torch.Tensor]]:
+        """The members of ``name`` whose cost no unsolved group changes."""
+        return [m for deps, ms in self.blocks[name].items() if solved.issuperset(deps) for m in ms]
+
+    def _order(self, numel: dict[str, int]) -> list[str]:
+        left = [g.name for g in self.spec.groups if self.members[g.name]]
+        order: list[str] = []
+        solved: set[str] = set()
+        while left:
+            def weighted(name: str) -> bool:
+                return any(rows.shape[0] < numel[key]
+                           for key, _, rows in self._exact(name, solved))
+            pick = next((n for n in left if weighted(n)),
+                        next((n for n in left if self._exact(n, solved)), left[0]))
+            left.remove(pick)
+            order.append(pick)
+            solved.add(pick)
+        return order
 
     def descend(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
                 init: dict[str, torch.Tensor], max_iter: int, seed: int, show: bool,
@@ -224,9 +292,12 @@ class _CostCache:
         assert cost is not None
         return cost
 
-    def group(self, name: str) -> torch.Tensor:
+    def group(self, name: str, solved: set[str] | None = None) -> torch.Tensor:
+        """``C_g``; with ``solved``, only the blocks none of whose groups is outside it."""
         cost: torch.Tensor | None = None
         for deps, members in self.m.blocks[name].items():
+            if solved is not None and not solved.issuperset(deps):
+                continue
             stamp = self.stamp(deps)
             hit = self._blocks.get((name, deps))
             if hit is None or hit[0] != stamp:
@@ -320,6 +391,9 @@ class AlignWeights(Pass):
     def requires(self, state: FusionState) -> None:
         if state.spec is None or not state.states:
             raise PipelineError("align-weights needs the discovered groups and model states")
+        from .widths import require_equal_widths
+
+        require_equal_widths(state, "WeightMatching")
 
     def call(self, state: FusionState) -> None:
         assert state.spec is not None
@@ -330,7 +404,7 @@ class AlignWeights(Pass):
         matcher = _WeightMatcher(state.spec, state.device, params)
         ident = _identity(state.spec, state.device)
         perms = [ident] + [matcher.match(state.states[0], s, ident, cfg.max_iter, cfg.seed + k,
-                                         state.progress, cfg.tol)
+                                         state.progress, cfg.tol, cfg.start)
                            for k, s in enumerate(state.states[1:], start=1)]
         n = len(state.states)
         if n > 2:
@@ -343,13 +417,10 @@ class AlignWeights(Pass):
                     mean = {key: torch.stack([aligned[j][key] for j in range(n) if j != k]).mean(0)
                             for key in keys}
                     new = matcher.match(mean, state.states[k], perms[k], cfg.max_iter,
-                                        cfg.seed + k, False, cfg.tol)
+                                        cfg.seed + k, False, cfg.tol, cfg.start)
                     if any(not torch.equal(new[g], perms[k][g]) for g in new):
                         perms[k] = new
                         changed = True
                 if not changed:
                     break
         state.perms = perms
-        from .widths import require_equal_widths
-
-        require_equal_widths(state, "WeightMatching")
