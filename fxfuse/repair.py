@@ -17,6 +17,11 @@ Averaging aligned networks shrinks the variance of hidden units ("variance colla
   BatchNorm directly gets that BatchNorm reset instead (the BatchNorm renormalises it anyway), so
   nets with BatchNorm, LayerNorm or no norm are all covered; the architecture never changes.  A
   layer without a bias can not take the shift and is reported, not repaired.
+
+  The endpoints' statistics are measured on each endpoint as it is and taken into the fused
+  basis through its maps' merge ``M`` (:mod:`fxfuse.maps`): ``mu_k -> M mu_k``, ``sigma_k ->
+  M sigma_k`` (a permutation permutes them; for models of other widths a fused unit's target is
+  the average of the endpoint units it merges, copies get their unit's statistics).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import PipelineError, TraceError
+from .maps import OUT, GroupMap, map_groups
 from .methods import register_method
 from .passes.base import FusionState, Pass, batch_inputs, limited, progress
 from .trace import eval_mode, symbolic_trace
@@ -172,6 +178,19 @@ def _fold(layer: nn.Module, mean_f: torch.Tensor, std_f: torch.Tensor, mean_t: t
         b.copy_((b - mean_f.to(b.dtype)) * scale + mean_t.to(b.dtype))
 
 
+def _to_fused(stat: torch.Tensor, state: FusionState, k: int, key: str,
+              maps: dict[str, GroupMap]) -> torch.Tensor:
+    """A per-channel statistic of model ``k``'s layer ``key`` in the fused basis: mapped by the
+    merges of the groups on the layer's output axis (``M stat``)."""
+    spec = state.spec_of(k)
+    axis = spec.axes.get((key, 0))
+    if axis is None or not axis.groups:
+        return stat
+    sizes = {g.name: g.size for g in spec.groups}
+    return map_groups(stat, 0, axis.layout, {g: maps[g] for g in axis.groups if g in maps}, sizes,
+                      OUT)
+
+
 class ResetBatchNormStats(Pass):
     name = "reset-batchnorm"
 
@@ -212,16 +231,20 @@ class RepairStatistics(Pass):
         folds = [name for kind, name in points if kind == "fold"]
         skipped = [n for n in folds if getattr(fused.get_submodule(n), "bias", None) is None]
         folds = [n for n in folds if n not in skipped]
-        # endpoint statistics, in the common basis
+        # endpoint statistics, each measured on the endpoint as it is, then mapped into the
+        # fused basis through its merge M (a permutation: permuted; other widths: M mu, M sigma)
         targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        maps = state.alignment()
         if folds:
-            for k, (model, st) in enumerate(zip(state.models, state.aligned_states())):
+            for k, (model, st) in enumerate(zip(state.models, state.states)):
                 endpoint = copy.deepcopy(model).to(state.device)
                 endpoint.load_state_dict(st)
                 stats = _measure(endpoint, folds, data, state.device, cfg.eps,
                                  f"endpoint {k} statistics", state.progress)
                 w = state.weights[k]
                 for name, (m, s) in stats.items():
+                    if maps is not None:
+                        m, s = (_to_fused(v, state, k, f"{name}.weight", maps[k]) for v in (m, s))
                     tm, ts = targets.get(name, (0 * m, 0 * s))
                     targets[name] = (tm + w * m, ts + w * s)
         for kind, name in progress(points, "repair layers", state.progress):

@@ -266,7 +266,9 @@ class AlignOptimalTransport(Pass):
             if k == a_idx:
                 maps.append({g.name: GroupMap(index=torch.arange(g.size)) for g in spec_a.groups})
                 continue
-            spec_k, solved_k, solved_a = state.spec_of(k), {}, {}
+            spec_k = state.spec_of(k)
+            solved_k: dict[str, GroupMap] = {}
+            solved_a: dict[str, GroupMap] = {}
             for g in progress(order, f"optimal transport, model {k}", state.progress):
                 if g in act.get(k, {}):
                     cost = act[k][g]
