@@ -111,7 +111,14 @@ def add_fuse(sub: _SubParsers) -> None:
                         "weights_only=True) or .safetensors")
     f.add_argument("--input-shape", action="append", required=True, type=Shape(),
                    metavar="SHAPE[:DTYPE]", help=_SHAPE_HELP)
-    f.add_argument("--factory-args", type=JsonObject(), metavar="JSON", help=_FACTORY_HELP)
+    f.add_argument("--factory-args", action="append", type=JsonObject(), metavar="JSON",
+                   help="keyword arguments for the factory as a JSON object: once for every "
+                        "CHECKPOINT, or once per CHECKPOINT in order, so each checkpoint can "
+                        "have its own widths (e.g. '{\"width\": 2}'; default: none)")
+    f.add_argument("--target", type=Integer(0), metavar="INDEX",
+                   help="which CHECKPOINT's architecture (class and widths) the fused model has, "
+                        "counting from 0; checkpoints of other widths need --align ot "
+                        "(default: 0)")
     f.add_argument("--align", choices=_method_choices("align"), default="weight",
                    help=f"a registered align method: {_method_help('align')}; none: plain "
                         f"averaging (default: weight)")
@@ -240,6 +247,15 @@ def add_scopes(sub: _SubParsers) -> None:
 GROUPS_CONFLICTS: tuple[Conflict, ...] = ()
 
 FUSE_CONFLICTS: tuple[Conflict, ...] = (
+    Conflict(("--factory-args", "CHECKPOINT"),
+             lambda a: a.factory_args is not None
+             and len(a.factory_args) not in (1, len(a.checkpoints)),
+             "give --factory-args once (for every CHECKPOINT) or once per CHECKPOINT, in order",
+             ("--factory-args", "{}", "--factory-args", "{}")),
+    Conflict(("--target", "CHECKPOINT"),
+             lambda a: a.target is not None and a.target >= len(a.checkpoints),
+             "--target is an index into the CHECKPOINTs, counting from 0: give a smaller one",
+             ("--target", "0")),
     Conflict(("--align", "--data"),
              lambda a: _needs_data("align", a.align) and a.data is None,
              "--align activation needs --data mnist or --data FILE", ("--align", "activation")),

@@ -63,11 +63,12 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 def _checkpoint_models(args: argparse.Namespace, inputs: tuple[torch.Tensor, ...]
                        ) -> list[nn.Module]:
-    """One MODEL per CHECKPOINT, its weights loaded and checked finite; model 0 must run on
-    the inputs."""
+    """One MODEL per CHECKPOINT (``--factory-args`` once for all or once per checkpoint), its
+    weights loaded and checked finite; model 0 must run on the inputs."""
     models = []
-    for path in args.checkpoints:
-        model = build_model(args.model, args.factory_args)
+    kwargs = args.factory_args if isinstance(args.factory_args, list) else [args.factory_args]
+    for i, path in enumerate(args.checkpoints):
+        model = build_model(args.model, kwargs[i] if len(kwargs) > 1 else kwargs[0])
         load_weights(model, path, label="CHECKPOINT")
         check_finite(model, path, "CHECKPOINT", "fix or drop that checkpoint")
         models.append(model)
@@ -90,7 +91,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     repair = _method_config("repair", args.repair, {})
     report = FusionReport()
     fused = fuse(models, inputs, align=align, repair=repair, progress=not args.quiet,
-                 report=report, data=data or None)
+                 report=report, data=data or None, target=args.target)
     print(report)
     result = export(fused, inputs, args.out, dynamic_batch=not args.static_shapes)
     print(f"wrote {args.out}: {result.summary()}")
