@@ -30,6 +30,7 @@ from torch import nn
 from .errors import InputError, SpecError
 from .groups.spec import PermutationSpec
 from .maps import GroupMap, apply_maps, perm_maps
+from .permute import with_metadata
 
 State = dict[str, torch.Tensor]
 Maps = dict[str, GroupMap]
@@ -72,7 +73,7 @@ def _models_from(factory: Callable[[], nn.Module], states: Sequence[Mapping[str,
     models = []
     for s in states:
         m = factory()
-        m.load_state_dict(dict(s))
+        m.load_state_dict(with_metadata(dict(s), s))
         models.append(m)
     return models
 
@@ -102,7 +103,7 @@ def merge_states(spec: PermutationSpec | Sequence[PermutationSpec] | None,
                     f"{tuple(s[key].shape) if key in s else 'missing'} in state {k} after the "
                     f"maps: models of different widths need maps to the target's widths "
                     f"(align=fxfuse.OptimalTransport())")
-    merged: State = {}
+    merged: State = with_metadata({}, states[0])  # module versions, as state_dict() has them
     for key, ref in aligned[0].items():
         if ref.is_floating_point() or ref.is_complex():
             merged[key] = torch.stack([w * s[key] for w, s in zip(weights, aligned)]).sum(0)
@@ -129,7 +130,7 @@ def repair_states(
     dev = torch.device(device)
     models = _models_from(factory, states)
     fused = factory().to(dev)
-    fused.load_state_dict(dict(merged))
+    fused.load_state_dict(with_metadata(dict(merged), merged))
     state = FusionState(models=models, example_inputs=(),
                         weights=interpolation_weights(weights, len(states)), device=dev,
                         progress=progress, spec=spec,

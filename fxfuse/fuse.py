@@ -24,6 +24,7 @@ from .methods import passes_for, with_data
 from .pairing import pair_specs, width_table
 from .passes.base import FusionReport, FusionState, Pass, Pipeline
 from .passes.merge import MergeWeights, VerifyFused
+from .permute import with_metadata
 from .trace import as_input_tuple, kv_cache_note, model_device, nonfinite_key
 
 Align = Any  # a registered align config (WeightMatching(), ActivationMatching(), ...) or None
@@ -224,8 +225,8 @@ def fuse(
         report=report if report is not None else FusionReport(), target=target_model,
         anchor=anchor_index,
     )
-    state.states = [{k: v.detach().to(dev).clone() for k, v in m.state_dict().items()}
-                    for m in models]
+    state.states = [with_metadata({k: v.detach().to(dev).clone() for k, v in sd.items()}, sd)
+                    for sd in (m.state_dict() for m in models)]  # module versions kept
     Pipeline(passes if passes is not None else default_passes(align, repair, data)).run(state)
     assert state.fused is not None
     return state.fused

@@ -180,10 +180,10 @@ def apply_maps(state: Mapping[str, torch.Tensor], spec: PermutationSpec, maps: M
     """``state`` taken into the fused basis by ``maps`` (module doc); tensors no map touches are
     shared, not copied.  Permutations take the index path of :func:`fxfuse.permute.apply_perms`;
     dense maps need every touched axis's role in ``spec.roles``."""
-    from .permute import apply_perms
+    from .permute import apply_perms, with_metadata
 
     perms = {g: m.index for g, m in maps.items() if m.index is not None}
-    out = apply_perms(state, spec, perms) if perms else dict(state)
+    out = apply_perms(state, spec, perms) if perms else with_metadata(dict(state), state)
     dense = {g: m for g, m in maps.items() if m.index is None}
     if not dense:
         return out

@@ -9,6 +9,7 @@ it columns ``W[:, p]``, so ``W'_2 h' = W_2 h`` and the outputs are unchanged.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +23,29 @@ from .groups.spec import PermutationSpec, axis_index, check_perms
 from .trace import as_input_tuple, eval_mode, nonfinite_key
 
 
+def with_metadata(state: dict[str, torch.Tensor], source: Mapping[str, Any] | nn.Module
+                  ) -> dict[str, torch.Tensor]:
+    """``state`` carrying ``source``'s state-dict metadata (``_metadata``: each module's
+    ``version``, which ``state_dict()`` attaches and ``_load_from_state_dict`` reads; BatchNorm
+    and third-party modules upgrade or refuse old layouts by it).  ``source``: a state dict, or a
+    model (its own ``state_dict()``'s).  A plain ``dict`` cannot hold the attribute, so the
+    result is an ``OrderedDict`` like torch's; without metadata at ``source``, ``state`` as is."""
+    meta = getattr(source.state_dict() if isinstance(source, nn.Module) else source,
+                   "_metadata", None)
+    if meta is None:
+        return state
+    out: OrderedDict[str, torch.Tensor] = OrderedDict(state)
+    out._metadata = copy.deepcopy(meta)  # type: ignore[attr-defined]
+    return out
+
+
 def apply_perms(
     state: Mapping[str, torch.Tensor], spec: PermutationSpec, perms: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """``state`` with every axis of ``spec`` permuted by ``perms`` (checked LongTensors); the
-    tensors that no group touches are shared, not copied."""
+    tensors that no group touches are shared, not copied; ``state``'s metadata is kept."""
     sizes = {g.name: g.size for g in spec.groups}
-    out = dict(state)
+    out = with_metadata(dict(state), state)
     for (key, axis), a in spec.axes.items():
         if not a.groups or not any(g in perms for g in a.groups):
             continue

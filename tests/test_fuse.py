@@ -538,3 +538,60 @@ def test_weight_matching_cost_cache_follows_every_change() -> None:
         torch.testing.assert_close(costs.group(g.name).double(),
                                    _group_cost(spec, sd_a, sd_b, costs.perms, g),
                                    rtol=1e-4, atol=1e-3)
+
+
+class _VersionedBlock(nn.Module):
+    """Linear -> BatchNorm1d -> ReLU whose ``_load_from_state_dict`` reads its state-dict version,
+    as torch's BatchNorm and third-party modules do to upgrade old layouts, and refuses a state
+    dict without one."""
+
+    _version = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 12)
+        self.bn = nn.BatchNorm1d(12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.fc(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:  # type: ignore[no-untyped-def]
+        if local_metadata.get("version") != self._version:
+            raise ValueError(f"version should be set to {self._version}, got "
+                             f"{local_metadata.get('version')!r}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def _versioned_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_constants(nn.Sequential(_VersionedBlock(), nn.Linear(12, 3)).eval(), seed)
+
+
+def test_state_dicts_keep_their_version_metadata() -> None:
+    """permute, fuse (every align and repair setting), apply_maps and merge_states build state
+    dicts that keep ``_metadata``: a module reading its version loads them."""
+    from fxfuse.core import merge_states
+    from fxfuse.maps import apply_maps, perm_maps
+
+    a, b = _versioned_net(0), _versioned_net(1)
+    x = (torch.randn(5, 6, generator=torch.Generator().manual_seed(0)),)
+    data = [torch.randn(8, 6, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    spec = fxfuse.find_groups(a, x)
+    assert spec.groups
+    moved = fxfuse.permute(a, spec, spec.random_perms(seed=1))
+    assert rel_diff(outputs(a, x), outputs(moved, x)) < 1e-5
+    for kwargs in ({"align": None}, {"align": WeightMatching()},
+                   {"align": ActivationMatching(data=data)},
+                   {"align": WeightMatching(), "repair": Repair(data=data)},
+                   {"align": WeightMatching(), "repair": ResetBatchNorm(data=data)}):
+        fused = fuse([a, b], x, progress=False, **kwargs)
+        fused.load_state_dict(fused.state_dict())
+    perms = spec.random_perms(seed=2)
+    sd = a.state_dict()
+    for built in (apply_perms(sd, spec, perms), apply_maps(sd, spec, perm_maps(perms)),
+                  merge_states(spec, [sd, b.state_dict()], [perm_maps(perms)] * 2, [0.5, 0.5])):
+        assert built._metadata["0"] == {"version": 3}  # type: ignore[attr-defined]
+        copy.deepcopy(a).load_state_dict(built)
+    stripped = dict(sd)  # a plain dict: the module refuses it, so the test can fail
+    with pytest.raises(ValueError, match="version should be set"):
+        copy.deepcopy(a).load_state_dict(stripped)
