@@ -13,7 +13,8 @@ from ._utils import build
 class MLP(nn.Module):
     """Flatten -> [Linear -> (BatchNorm1d | LayerNorm)? -> ReLU] * len(hidden) -> Linear.
 
-    ``norm``: None (default), ``"bn"`` or ``"ln"``, between each hidden Linear and its ReLU.
+    ``norm``: None (default), ``"bn"`` or ``"ln"``, between each hidden Linear and its ReLU;
+    ``bias=False``: no biases anywhere (OTFusion's MNIST MLPs).
     """
 
     def __init__(
@@ -22,6 +23,7 @@ class MLP(nn.Module):
         hidden: Sequence[int] = (64, 64),
         num_classes: int = 10,
         norm: str | None = None,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if norm not in (None, "bn", "ln"):
@@ -32,7 +34,7 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         prev = in_features
         for h in hidden:
-            layers.append(nn.Linear(prev, h))
+            layers.append(nn.Linear(prev, h, bias=bias))
             if norm == "bn":
                 layers.append(nn.BatchNorm1d(h))
             elif norm == "ln":
@@ -40,7 +42,7 @@ class MLP(nn.Module):
             layers.append(nn.ReLU())
             prev = h
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(prev, num_classes)
+        self.head = nn.Linear(prev, num_classes, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.flatten(x)
