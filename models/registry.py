@@ -295,6 +295,14 @@ _register(
     {"feature", "mlp", "linear", "tied"},
     "The same Linear-ReLU block module called 3 times in sequence.",
 )
+_register(
+    "leaf_mlp",
+    zoo.leaf_mlp,
+    ((2, 1, 8, 8),),
+    {"feature", "mlp", "linear", "leaf"},
+    "Linear -> ReLU -> a user's GatedMixer kept whole as a leaf (rule on its input and output "
+    "channels only) -> ReLU -> Linear.",
+)
 
 # --- transformers --------------------------------------------------------------------------
 _register(

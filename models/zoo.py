@@ -26,6 +26,7 @@ from .features import (
     tied_block_net,
     transpose_net,
 )
+from .leaf import leaf_mlp
 from .mlp import mlp, mlp_classifier
 from .mobilenet import mobilenetv2, mobilenetv2_lib
 from .node import node_net
@@ -50,6 +51,7 @@ __all__ = [
     "grouped_conv",
     "groupnorm_net",
     "layernorm_mlp",
+    "leaf_mlp",
     "mlp",
     "mlp_classifier",
     "mobilenetv2",

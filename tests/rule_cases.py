@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxfuse.rules.elementwise import BINARY_FUNCTIONS, METHODS, MODULES, UNARY_FUNCTIONS
+from models.leaf import GatedMixer
 
 g = torch.Generator().manual_seed(0)
 
@@ -304,6 +305,8 @@ add(nn.MultiheadAttention, _SelfAttention(), rnd(2, 5, 8))
 add(nn.MultiheadAttention, _SelfAttention(False, average_attn_weights=False), rnd(5, 2, 8))
 add(nn.MultiheadAttention, _CrossAttention(),
     (rnd(2, 5, 8), rnd(2, 7, 8), torch.rand(2, 7, generator=g) > 0.7))
+# a user's own module kept whole as a leaf (models/leaf.py registers its rule)
+add(GatedMixer, GatedMixer(6, 4, 5), rnd(3, 6))
 
 # -- ATen-level rules (graphs from torch.export): EXPORT_CASES[target] must contain target -------
 EXPORT_CASES: dict[Any, list[Case]] = {}
