@@ -29,9 +29,9 @@ from torch import nn
 from ..errors import InputError
 from ..trace import as_input_tuple
 from .blocks import BlockSequence, block_sequence
-from .errors import DepthError
+from .errors import DepthError, NoExactIdentityError
 from .expand import collapse, expand
-from .identity import has_identity
+from .identity import HINT, has_identity
 from .match import match_levels
 from .similarity import activation_similarity, weight_similarity
 
@@ -125,8 +125,7 @@ def _inputs(data: Any, max_batches: int) -> list[torch.Tensor] | None:
     return [batch_inputs(b, torch.device("cpu"))[0] for b in limited(data, max_batches)]
 
 
-def _stage_error(short: BlockSequence, deep: BlockSequence, k: int, reasons: list[str]
-                 ) -> DepthError:
+def _stage_error(short: BlockSequence, deep: BlockSequence, k: int) -> DepthError:
     deep_shapes = [s[-1].shape_out for s in deep.stages()]
     for st in short.stages():
         if st[-1].shape_out not in deep_shapes:
@@ -136,10 +135,9 @@ def _stage_error(short: BlockSequence, deep: BlockSequence, k: int, reasons: lis
                 f"(stages end in {deep_shapes}): the streams can not be put in correspondence; "
                 f"fuse models of one width per stage (OptimalTransport aligns different widths), "
                 f"or give DepthAlignment(map=...)")
-    why = "; ".join(dict.fromkeys(reasons)) or "no block signatures match"
     return DepthError(f"model {k}: no monotone map of its {len(short)} blocks onto the deeper "
-                      f"model's {len(deep)} blocks pairs equal blocks and leaves only blocks with "
-                      f"an exact identity unmatched ({why})")
+                      f"model's {len(deep)} blocks pairs blocks of equal layers and shapes; "
+                      f"give DepthAlignment(map=...) or fuse models of one layout per stage")
 
 
 def _solve(short: BlockSequence, deep: BlockSequence, expanding: bool, config: DepthAlignment,
@@ -148,15 +146,10 @@ def _solve(short: BlockSequence, deep: BlockSequence, expanding: bool, config: D
     m, n = len(short), len(deep)
     allowed = torch.tensor([[a.kind == b.kind and a.signature == b.signature for b in deep.blocks]
                             for a in short.blocks], dtype=torch.bool).reshape(m, n)
-    reasons: list[str] = []
+    reasons: list[str | None] = [None] * n
     if expanding:
-        free_list = []
-        for b in deep.blocks:
-            why = has_identity(deep, b)
-            free_list.append(why is None)
-            if why is not None:
-                reasons.append(why)
-        free = torch.tensor(free_list, dtype=torch.bool)
+        reasons = [has_identity(deep, b) for b in deep.blocks]
+        free = torch.tensor([r is None for r in reasons], dtype=torch.bool)
     else:
         free = torch.ones(n, dtype=torch.bool)
     if given is not None:
@@ -172,8 +165,9 @@ def _solve(short: BlockSequence, deep: BlockSequence, expanding: bool, config: D
         if expanding:
             for j in range(n):
                 if j not in given and not bool(free[j]):
-                    raise DepthError(f"DepthAlignment(map=...) for model {k} leaves block {j} "
-                                     f"unmatched: {reasons[0] if reasons else ''}".rstrip(": "))
+                    raise NoExactIdentityError(
+                        f"DepthAlignment(map=...) for model {k} leaves the target's block {j} "
+                        f"unmatched, so it must be an identity, and {reasons[j]}. {HINT}")
         return list(given), "given"
     use_cka = config.similarity == "cka" or (config.similarity == "auto" and batches)
     if use_cka:
@@ -185,7 +179,14 @@ def _solve(short: BlockSequence, deep: BlockSequence, expanding: bool, config: D
         sim, how = weight_similarity(short, deep), "weights"
     phi = match_levels(sim, allowed, free)
     if phi is None:
-        raise _stage_error(short, deep, k, reasons)
+        relaxed = match_levels(sim, allowed, torch.ones(n, dtype=torch.bool))
+        if relaxed is None:  # no pairing of equal blocks at all: the streams differ
+            raise _stage_error(short, deep, k)
+        missing = [j for j in range(n) if j not in relaxed and not bool(free[j])]
+        raise NoExactIdentityError(
+            f"model {k}: expanding its {m} blocks to the target's {n} needs block "
+            f"{missing[0]} of the target inserted as an identity, and {reasons[missing[0]]}. "
+            f"{HINT}")
     return phi, how
 
 

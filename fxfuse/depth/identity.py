@@ -109,12 +109,16 @@ def _describe(node: fx.Node, seq: BlockSequence) -> str:
     return f"{node.name} ({what})"
 
 
+HINT = ("Give a level map (DepthAlignment(map=...)) that matches this block to one of the other "
+        "model's blocks, or make the shallower model the target so the deeper one's blocks are "
+        "collapsed (fitted on data)")
+
+
 def _fail(block: Block, why: str) -> NoExactIdentityError:
-    return NoExactIdentityError(
-        f"block {block.index} ({block.kind} {block.name!r}) has no exact identity: {why}. "
-        f"Give a level map (DepthAlignment(map=...)) that matches this block to one of the "
-        f"other model's blocks, or make the deeper model the one whose blocks are collapsed "
-        f"(target=the shallower model, with data)")
+    exc = NoExactIdentityError(
+        f"block {block.index} ({block.kind} {block.name!r}) has no exact identity: {why}. {HINT}")
+    exc.why = f"block {block.index} ({block.kind} {block.name!r}): {why}"
+    return exc
 
 
 # -- layer identities: one rule per op ------------------------------------------------------------
@@ -300,5 +304,5 @@ def has_identity(seq: BlockSequence, block: Block) -> str | None:
     try:
         identity_tensors(seq, block, seq.graph.state_dict())
     except NoExactIdentityError as exc:
-        return str(exc)
+        return exc.why or str(exc)
     return None
