@@ -12,6 +12,7 @@ from .core import (
     repair_states,
     save_fusion,
 )
+from .depth import DepthAlignment, DepthError, NoExactIdentityError, align_depth
 from .diagnostics import neuron_disturbance
 from .errors import (
     ArchitectureMismatchError,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GroupMap",
+    "align_depth",
     "align_states",
     "apply_fusion",
     "apply_maps",
@@ -55,12 +57,15 @@ __all__ = [
     "ActivationMatching",
     "ArchitectureMismatchError",
     "AxisSpec",
+    "DepthAlignment",
+    "DepthError",
     "ExportError",
     "ExportReport",
     "FusionReport",
     "FxFuseError",
     "Group",
     "InputError",
+    "NoExactIdentityError",
     "OptimalTransport",
     "Member",
     "PermutationError",
