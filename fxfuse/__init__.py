@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .align import ActivationMatching, OptimalTransport, WeightMatching
+from .align import ActivationMatching, GraphMatching, OptimalTransport, WeightMatching
 from .combine import Router, RouteReport, adaptive_selection
 from .core import (
     align_states,
@@ -63,6 +63,7 @@ __all__ = [
     "ExportReport",
     "FusionReport",
     "FxFuseError",
+    "GraphMatching",
     "Group",
     "InputError",
     "NoExactIdentityError",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..methods import register_method
 from .activations import ActivationMatching, AlignActivations
+from .graph import AlignGraph, GraphMatching
 from .ot import AlignOptimalTransport, OptimalTransport
 from .weights import AlignWeights, WeightMatching
 
@@ -17,6 +18,8 @@ register_method("activation", "align", ActivationMatching, lambda c: [AlignActiv
                 "match what the units compute on data")
 register_method("ot", "align", OptimalTransport, lambda c: [AlignOptimalTransport(c)],
                 "optimal transport (Singh & Jaggi): models of any widths onto the anchor's units")
+register_method("graph", "align", GraphMatching, lambda c: [AlignGraph(c)],
+                "graph matching (GAMF): second-order weight affinity, N models via a universe")
 
-__all__ = ["ActivationMatching", "AlignActivations", "AlignOptimalTransport", "AlignWeights",
-           "OptimalTransport", "WeightMatching"]
+__all__ = ["ActivationMatching", "AlignActivations", "AlignGraph", "AlignOptimalTransport",
+           "AlignWeights", "GraphMatching", "OptimalTransport", "WeightMatching"]

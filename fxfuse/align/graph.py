@@ -1,0 +1,378 @@
+"""Graph-matching alignment (GAMF: Liu, Lou, Wang, Xi, Shen, Yan, ICML 2022): units are nodes,
+weights are edges; N models are matched jointly through a shared universe by graduated assignment.
+
+**Affinity over the whole group.**  For models ``i, j`` and a group ``g`` (``n`` units), with the
+current soft pairwise matching ``X_ij[h] = U_i[h] U_j[h]^T: (n_h, n_h)`` of every group ``h``,
+
+    A_ij[g](a, b) = 1/|T_g| sum_{t in T_g}  K_t(a, b) / mean_{a'b'} K_t(a', b'),
+    K_t(a, b)     = exp(-d_t(a, b) / s_t),   s_t = bandwidth * mean_{a'b'} d_t(a', b'),
+    d_t(a, b)     = || W_i,t(g)[a] - W'_j,t(g)[b] ||^2  =  |x_a|^2 + |y_b|^2 - 2 x_a . y_b
+
+over ``T_g``, every tensor axis ``g`` acts on (the same members as weight matching's cost: weights,
+biases, norm affines, the next layer's input side, flatten blocks, residual streams; buffers are
+left out as there), ``W_(g)`` the tensor laid out one row per unit of ``g``
+(:mod:`fxfuse.ir.coords`), and ``W'_j`` model ``j``'s tensor with every other group's soft
+matching applied along its factor of each axis (``X_ij[h] W``).  This is GAMF's linearised
+second-order term (its ``lap_prev + lap_next``: the edges into and out of a node compared under the
+neighbours' matchings), one kernel per member tensor, each normalised by its mean.  One affinity
+is one ``(n, n)`` product per member tensor, about one weight-matching sweep; the
+``(n1 n2) x (n1 n2)`` affinity of the quadratic assignment problem is never formed.  The rows,
+layouts and per-block sums are weight matching's (:class:`~fxfuse.align.weights._CostCache`).
+
+**Graduated assignment into a universe.**  Every model ``k`` has a soft matching ``U_k[g]: (n, n)``
+(model units x universe units) per group, started at ``(1 + init_noise * r) / n`` with
+``r ~ U(-1, 1)`` (symmetry breaking, as GAMF's noisy uniform start); pairwise matchings are
+``U_a U_b^T``, so every cycle of them is consistent by construction.  Each iteration updates every
+model in turn from the others' latest matchings,
+
+    G_i[g] = 1/(N-1) sum_{j != i} A_ij[g] U_j[g],    U_i[g] <- Sinkhorn(G_i[g], tau)
+
+(GAMF's code updates all models at once, from the previous iteration's matchings; for two
+models that runs two independent chains, ``U_a`` from ``U_b``'s past and ``U_b`` from ``U_a``'s,
+whose universes need not agree: measured, it failed to recover a permuted copy of the zoo's MLP,
+VGG and ResNet-20 that the sequential update recovers), which raises the linearised objective ``sum_j <A_ij[g], U_i[g] U_j[g]^T>``.  Convergence (GAMF's
+rule): ``mean_k sum_g min(||U_k' - U_k||^2, ||U_k' - U_k^prev||^2) < tol`` (GAMF's second term
+accepts a two-cycle) or ``patience`` iterations without
+it; then ``tau *= tau_decay`` and ``sinkhorn_iter += sinkhorn_step`` until ``tau <= tau_min``,
+then Hungarian steps (:func:`~fxfuse.solvers.assignment.max_assignment`) until they converge.  At
+most ``max_iter`` iterations, the last ``hungarian_tail`` of them Hungarian.  The defaults are the
+paper code's schedule (tau 0.05 -> 0.005 by 0.9, 200 Sinkhorn iterations + 100 per step, tol
+2e-3, patience 50, 2000 iterations, 75 Hungarian); its 4-norm distance is replaced by the squared
+Euclidean one (matrix products) and its kernel's scale by ``s_t``.
+
+**Result.**  Each model's permutation into the universe, re-expressed in model 0's basis (the
+report's convention: model 0's is the identity), so inputs and outputs (never in a group) stay
+fixed and MergeWeights averages as for weight matching.  :class:`GraphObjective` is the objective
+``sum_{i != j} sum_g <A_ij[g], X_ij[g]>`` of hard matchings (what the tests compare with brute
+force).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import InputError, PipelineError
+from ..groups.spec import PermutationSpec, tree_groups
+from ..ir.coords import as_rows
+from ..ir.layout import Unit
+from ..maps import OUT, GroupMap, map_groups
+from ..passes.base import FusionState, Pass, progress
+from ..solvers.assignment import max_assignment
+from ..solvers.sinkhorn import sinkhorn
+from .weights import _CostCache, _identity, _WeightMatcher
+from .widths import require_equal_widths
+
+
+@dataclass(frozen=True)
+class GraphMatching:
+    """Config: graph matching (GAMF), second-order weight affinity, N models through a universe.
+
+    Schedule (module doc; defaults are the paper code's): Sinkhorn at temperature ``tau``
+    (relative to the affinity, whose mean is 1) with ``sinkhorn_iter`` iterations; on
+    convergence ``tau *= tau_decay`` and ``sinkhorn_iter += sinkhorn_step`` until
+    ``tau <= tau_min``, then Hungarian.  ``tol``: the convergence threshold on the change of the
+    matchings; ``patience``: iterations without convergence before the schedule moves on anyway;
+    ``max_iter``: iterations at most, the last ``hungarian_tail`` Hungarian.  ``bandwidth``: the
+    kernel scale ``s_t`` as a multiple of the member's mean squared distance; ``init_noise``:
+    relative noise of the uniform start; ``sinkhorn_tol``: Sinkhorn stops once its row sums are
+    within this of 1.  :meth:`short` is a brief schedule (tests, quick runs).
+    """
+
+    tau: float = 0.05
+    tau_min: float = 0.005
+    tau_decay: float = 0.9
+    sinkhorn_iter: int = 200
+    sinkhorn_step: int = 100
+    tol: float = 2e-3
+    patience: int = 50
+    max_iter: int = 2000
+    hungarian_tail: int = 75
+    bandwidth: float = 1.0
+    init_noise: float = 0.5
+    sinkhorn_tol: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(what: str) -> InputError:
+            return InputError(f"GraphMatching({what}); e.g. GraphMatching() (the paper's "
+                              f"schedule) or GraphMatching.short()")
+
+        for name in ("tau", "tau_min", "tau_decay", "tol", "bandwidth", "init_noise",
+                     "sinkhorn_tol"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise bad(f"{name}={v!r}: {name} must be a number")
+        for name in ("sinkhorn_iter", "sinkhorn_step", "patience", "max_iter", "hungarian_tail",
+                     "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(f"{name}={v!r}: {name} must be an integer")
+        if not 0 < self.tau_min <= self.tau:
+            raise bad(f"tau={self.tau!r}, tau_min={self.tau_min!r}: the temperatures must "
+                      f"satisfy 0 < tau_min <= tau")
+        if not 0 < self.tau_decay < 1:
+            raise bad(f"tau_decay={self.tau_decay!r}: tau_decay must be in (0, 1)")
+        if self.sinkhorn_iter < 1 or self.sinkhorn_step < 0:
+            raise bad(f"sinkhorn_iter={self.sinkhorn_iter}, sinkhorn_step={self.sinkhorn_step}: "
+                      f"sinkhorn_iter must be >= 1 and sinkhorn_step >= 0")
+        if self.max_iter < 1 or self.patience < 1 or not 0 <= self.hungarian_tail <= self.max_iter:
+            raise bad(f"max_iter={self.max_iter}, patience={self.patience}, hungarian_tail="
+                      f"{self.hungarian_tail}: max_iter and patience must be >= 1 and "
+                      f"0 <= hungarian_tail <= max_iter")
+        if self.tol <= 0 or self.bandwidth <= 0 or self.sinkhorn_tol < 0:
+            raise bad(f"tol={self.tol!r}, bandwidth={self.bandwidth!r}, sinkhorn_tol="
+                      f"{self.sinkhorn_tol!r}: tol and bandwidth must be > 0, sinkhorn_tol >= 0")
+        if not 0 <= self.init_noise < 1:
+            raise bad(f"init_noise={self.init_noise!r}: init_noise must be in [0, 1) (the start "
+                      f"must stay positive)")
+
+    @classmethod
+    def short(cls, **overrides: Any) -> GraphMatching:
+        """A brief schedule: tau 0.05 -> 0.0125 by halving, 100 Sinkhorn iterations (+50),
+        patience 5, at most 60 iterations (the last 10 Hungarian)."""
+        base: dict[str, Any] = dict(tau=0.05, tau_min=0.0125, tau_decay=0.5, sinkhorn_iter=100,
+                                    sinkhorn_step=50, patience=5, max_iter=60, hungarian_tail=10)
+        return cls(**{**base, **overrides})
+
+
+def _map_soft(t: torch.Tensor, axis: int, tree: Any, mats: Mapping[str, torch.Tensor],
+              sizes: Mapping[str, int]) -> torch.Tensor:
+    """``t`` with ``mats[h]: (n_h, n_h)`` applied to each group ``h``'s factor of ``axis``."""
+    if isinstance(tree, Unit):
+        mat = mats[tree.group]
+        moved = t.movedim(axis, 0)
+        out = (mat.to(t.dtype) @ moved.reshape(moved.shape[0], -1)).reshape(moved.shape)
+        return out.movedim(0, axis)
+    maps = {h: GroupMap(merge=m, unmerge=m.T) for h, m in mats.items()}
+    return map_groups(t, axis, tree, maps, sizes, OUT)
+
+
+def _kernel(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """``K / mean K`` with ``K = exp(-d / s)``, ``d`` the squared distances of the rows of
+    ``x: (n, f)`` and ``y: (n, f)``, ``s = bandwidth * mean d`` (all ones when every d is 0)."""
+    d = (x.square().sum(1)[:, None] + y.square().sum(1)[None, :]).addmm_(x, y.T, alpha=-2)
+    d = d.clamp_min_(0)
+    s = bandwidth * float(d.mean())
+    if s <= 0:
+        return torch.ones_like(d)
+    k = torch.exp(d.div_(-s))
+    return k.div_(k.mean())
+
+
+class _Affinity(_CostCache):
+    """The affinities ``A_ij[g]`` of one ordered pair of models (``ref`` = model ``i``, ``other``
+    = model ``j``) under the soft pairwise matchings ``soft`` (module doc); weight matching's
+    cache of reference rows and per-block sums, its cost replaced by the kernel sum."""
+
+    def __init__(self, matcher: _WeightMatcher, ref: dict[str, torch.Tensor],
+                 other: dict[str, torch.Tensor], bandwidth: float) -> None:
+        super().__init__(matcher, ref, other, _identity(matcher.spec, matcher.device), False)
+        self.bandwidth = bandwidth
+        self.soft: dict[str, torch.Tensor] = {}
+
+    def set_soft(self, soft: dict[str, torch.Tensor]) -> None:
+        """New pairwise matchings: every group's cost is stale."""
+        self.soft = soft
+        for name in self.version:
+            self.version[name] += 1
+
+    def block(self, name: str, members: list[tuple[str, int, torch.Tensor]]) -> torch.Tensor:
+        m = self.m
+        total: torch.Tensor | None = None
+        for key, axis, rows in members:
+            b = self.other[key]
+            for ax, tree in m.trees[key].items():
+                mats = {h: self.soft[h] for h in dict.fromkeys(tree_groups(tree))
+                        if (ax != axis or h != name) and h in self.soft}
+                if mats:
+                    b = _map_soft(b, ax, tree, mats, m.sizes)
+            x = self._ref_rows(name, key, axis, rows, False)
+            k = _kernel(x, as_rows(b, axis, rows).to(x.dtype), self.bandwidth)
+            total = k if total is None else total.add_(k)
+        assert total is not None
+        return total
+
+    def affinity(self, name: str) -> torch.Tensor:
+        """``A_ij[name]``: the mean of the member kernels."""
+        return self.group(name).div_(len(self.m.members[name]))
+
+
+def _learned_params(state: FusionState) -> set[str]:
+    """The tensors matched on (weight matching's choice): parameters, not buffers."""
+    assert state.spec is not None
+    if state.spec.buffers or not state.models:
+        return {k for k in state.states[0] if k not in state.spec.buffers}
+    return {k for k, _ in state.models[0].named_parameters(remove_duplicate=False)}
+
+
+def _hard(g: torch.Tensor) -> torch.Tensor:
+    """The 0/1 matrix of the maximum-weight assignment of ``g``."""
+    cols = max_assignment(g).to(g.device)
+    out = torch.zeros_like(g)
+    out[torch.arange(g.shape[0], device=g.device), cols] = 1.0
+    return out
+
+
+class _GraduatedAssignment:
+    """The universe matchings ``U[k][g]`` of N models and the annealing loop (module doc)."""
+
+    def __init__(self, spec: PermutationSpec, states: Sequence[dict[str, torch.Tensor]],
+                 device: torch.device, params: set[str] | None, cfg: GraphMatching) -> None:
+        self.cfg = cfg
+        self.matcher = _WeightMatcher(spec, device, params)
+        self.names = [g.name for g in spec.groups if self.matcher.members[g.name]]
+        self.n = len(states)
+        dtype = next((v.dtype for v in states[0].values() if v.is_floating_point()),
+                     torch.float32)
+        self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.pairs = {(i, j): _Affinity(self.matcher, dict(states[i]), dict(states[j]),
+                                        cfg.bandwidth)
+                      for i in range(self.n) for j in range(self.n) if i != j}
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.u: list[dict[str, torch.Tensor]] = []
+        for _ in range(self.n):
+            per: dict[str, torch.Tensor] = {}
+            for name in self.names:
+                size = self.matcher.sizes[name]
+                r = torch.rand(size, size, generator=gen, dtype=torch.float64) * 2 - 1
+                per[name] = ((1 + cfg.init_noise * r) / size).to(device=device,
+                                                                   dtype=self.dtype)
+            self.u.append(per)
+        self.iterations = 0
+        self.soft_iterations = 0
+
+    def gradient(self, i: int) -> dict[str, torch.Tensor]:
+        """``G_i[g] = 1/(N-1) sum_{j != i} A_ij[g] U_j[g]`` under the current matchings."""
+        out: dict[str, torch.Tensor] = {}
+        for j in range(self.n):
+            if j != i:
+                self.pairs[(i, j)].set_soft({g: self.u[i][g] @ self.u[j][g].T
+                                             for g in self.names})
+        for g in self.names:
+            acc: torch.Tensor | None = None
+            for j in range(self.n):
+                if j != i:
+                    term = self.pairs[(i, j)].affinity(g) @ self.u[j][g]
+                    acc = term if acc is None else acc.add_(term)
+            assert acc is not None
+            out[g] = acc.div_(self.n - 1)
+        return out
+
+    def run(self, show: bool) -> list[dict[str, torch.Tensor]]:
+        """Anneal, then Hungarian; returns hard ``U[k][g]``."""
+        cfg = self.cfg
+        tau, iters, hard, count = cfg.tau, cfg.sinkhorn_iter, False, 0
+        prev = [dict(uk) for uk in self.u]
+        for e in progress(range(cfg.max_iter), "graph matching iterations", show):
+            if e >= cfg.max_iter - cfg.hungarian_tail:
+                hard = True
+            check = 0.0
+            for i in range(self.n):
+                grad = self.gradient(i)
+                new = {g: _hard(grad[g]) if hard else
+                       sinkhorn(grad[g], tau, iters, cfg.sinkhorn_tol) for g in self.names}
+                check += sum(min(float((new[g] - self.u[i][g]).square().sum()),
+                                 float((new[g] - prev[i][g]).square().sum()))
+                             for g in self.names) / self.n
+                prev[i], self.u[i] = self.u[i], new
+            self.iterations = e + 1
+            self.soft_iterations += not hard
+            if check < cfg.tol or count > cfg.patience:
+                count = 0
+                if hard:
+                    break
+                if tau > cfg.tau_min:
+                    tau *= cfg.tau_decay
+                    iters += cfg.sinkhorn_step
+                else:
+                    hard = True
+            else:
+                count += 1
+        self.final_tau = tau
+        if not hard:  # max_iter ended the schedule during annealing (hungarian_tail = 0)
+            self.u = [{g: _hard(uk[g]) for g in self.names} for uk in self.u]
+        return self.u
+
+
+def universe_perms(u: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec,
+                   device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Hard universe matchings ``U[k][g]`` (model units x universe units, 0/1) as permutations
+    into model 0's basis: ``perms[k][g][i]`` is model ``k``'s unit matched with model 0's unit
+    ``i``; groups without a matching keep the identity."""
+    out: list[dict[str, torch.Tensor]] = []
+    base = _identity(spec, device)
+    inv0 = {g: torch.argsort(m.argmax(0)) for g, m in u[0].items()}
+    for uk in u:
+        perms = dict(base)
+        for g, m in uk.items():
+            perms[g] = m.argmax(0)[inv0[g]].to(device)
+        out.append(perms)
+    return out
+
+
+class GraphObjective:
+    """``J(perms) = sum_{i != j} sum_g <A_ij[g], X_ij[g]>`` for hard matchings ``perms`` (each
+    model's permutations into a common basis, as in ``FusionReport.perms``; a group left out is
+    the identity): the objective graph matching raises, each group's affinity taken under the
+    neighbours' matchings of ``perms``.  Built once per set of states, called per ``perms``."""
+
+    def __init__(self, spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]],
+                 bandwidth: float = 1.0, params: set[str] | None = None) -> None:
+        if len(states) < 2:
+            raise InputError("GraphObjective needs the states of two or more models")
+        self.device = next(iter(states[0].values())).device
+        self.matcher = _WeightMatcher(spec, self.device, params)
+        self.names = [g.name for g in spec.groups if self.matcher.members[g.name]]
+        self.ident = _identity(spec, self.device)
+        self.n = len(states)
+        self.pairs = {(i, j): _Affinity(self.matcher, dict(states[i]), dict(states[j]),
+                                        bandwidth)
+                      for i in range(self.n) for j in range(self.n) if i != j}
+
+    def __call__(self, perms: Sequence[Mapping[str, Any]]) -> float:
+        if len(perms) != self.n:
+            raise InputError(f"GraphObjective: {len(perms)} permutation dicts for {self.n} "
+                             f"models")
+        full = [{**self.ident, **{g: torch.as_tensor(p).to(self.device) for g, p in pk.items()}}
+                for pk in perms]
+        total = 0.0
+        for (i, j), aff in self.pairs.items():
+            soft = {}
+            for g in self.names:
+                x = torch.zeros(self.matcher.sizes[g], self.matcher.sizes[g], device=self.device)
+                x[full[i][g], full[j][g]] = 1.0
+                soft[g] = x
+            aff.set_soft(soft)
+            for g in self.names:
+                total += float(aff.affinity(g)[full[i][g], full[j][g]].double().sum())
+        return total
+
+
+class AlignGraph(Pass):
+    """Graph matching of every model into a universe (graduated assignment), as permutations
+    into model 0's basis."""
+
+    name = "align-graph"
+
+    def __init__(self, config: GraphMatching) -> None:
+        self.config = config
+
+    def requires(self, state: FusionState) -> None:
+        if state.spec is None or not state.states:
+            raise PipelineError("align-graph needs the discovered groups and model states")
+        require_equal_widths(state, "GraphMatching")
+
+    def call(self, state: FusionState) -> None:
+        assert state.spec is not None
+        cfg = self.config
+        solver = _GraduatedAssignment(state.spec, state.states, state.device,
+                                      _learned_params(state), cfg)
+        state.perms = universe_perms(solver.run(state.progress), state.spec, state.device)
+        state.report.notes.append(
+            f"graph matching: {solver.iterations} iterations ({solver.soft_iterations} Sinkhorn, "
+            f"tau {cfg.tau:g} -> {solver.final_tau:g}, then Hungarian), "
+            f"{len(solver.names)} groups, {solver.n} models")
