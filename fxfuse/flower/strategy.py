@@ -209,11 +209,12 @@ class FusionStrategy(FedAvg):
         updates: list[ClientUpdate] = []
         rejected: list[Rejection] = []
         by_name: dict[str, Message] = {}
+        per_node: dict[int, int] = {}
         for msg in replies:
-            name = f"node {msg.metadata.src_node_id}"
-            if name in by_name:  # several partitions served by one node
-                name = f"{name} #{sum(n.startswith(name) for n in by_name) + 1}"
-            by_name[name] = msg
+            node = msg.metadata.src_node_id
+            per_node[node] = per_node.get(node, 0) + 1
+            name = f"node {node}" + (f" #{per_node[node]}" if per_node[node] > 1 else "")
+            by_name[name] = msg  # "#2", "#3": further partitions served by the same node
             if msg.has_error():
                 rejected.append(Rejection(name, f"replied with an error: {msg.error.reason}"))
                 continue
