@@ -188,6 +188,7 @@ def fuse(
     data: Any = None,
     target: int | nn.Module | None = None,
     anchor: int | None = None,
+    depth: Any = None,
 ) -> nn.Module:
     """Fuse ``models`` (one architecture, at any widths) into one model of the same class.
 
@@ -211,7 +212,16 @@ def fuse(
     ``weights=[0, 1]`` gives model 1 re-expressed at the target's widths: exactly its function
     where its maps are hard copies (the target a whole multiple wider) and no normalisation
     depends on the width.
+
+    **Different depths** (:mod:`fxfuse.depth`).  When models of one class have different
+    parameter names (more blocks or layers), or ``depth=`` (a
+    :class:`~fxfuse.depth.DepthAlignment`, also for different classes) is given, every
+    model is first re-expressed at the target's depth: shallower ones expanded with exact
+    identity blocks, deeper ones collapsed onto the target's blocks by fitting on ``data``
+    (refused without it); the report's notes list every insertion and collapse.  ``weights=[0,
+    1]`` then gives model 1 at the target's depth, computing its function exactly.
     """
+    models, report = _at_target_depth(models, example_inputs, target, depth, data, report)
     check_models(models)
     target_model, target_index = resolve_target(models, target)
     anchor_index = resolve_anchor(models, target_model, target_index, anchor)
@@ -230,3 +240,35 @@ def fuse(
     Pipeline(passes if passes is not None else default_passes(align, repair, data)).run(state)
     assert state.fused is not None
     return state.fused
+
+
+# -- heterogeneous depth (issue 18): models re-expressed at the target's depth first -----------
+def _at_target_depth(models: Sequence[nn.Module], example_inputs: Any,
+                     target: int | nn.Module | None, depth: Any, data: Any,
+                     report: FusionReport | None) -> tuple[Sequence[nn.Module], FusionReport]:
+    """``models`` as given, or (parameter names differ, or ``depth`` given) at the target's depth
+    by :func:`fxfuse.depth.align_depth`, its notes added to the report."""
+    report = report if report is not None else FusionReport()
+    if isinstance(models, nn.Module) or len(models) < 2 or not all(
+            isinstance(m, nn.Module) for m in models):
+        return models, report  # check_models says what is wrong
+    group = [*models, *([target] if isinstance(target, nn.Module) else [])]
+    names = [list(m.state_dict()) for m in group]
+    automatic = all(type(m) is type(group[0]) for m in group) and any(
+        n != names[0] for n in names)  # one class, other layers: a depth difference
+    if depth is None and not automatic:
+        return models, report
+    import dataclasses
+
+    from .depth import DepthAlignment, align_depth
+
+    config = depth if depth is not None else DepthAlignment()
+    if not isinstance(config, DepthAlignment):
+        raise InputError(f"depth must be a fxfuse.DepthAlignment(...) or None, got "
+                         f"{type(config).__name__}")
+    if config.data is None and data is not None:
+        config = dataclasses.replace(config, data=data)
+    out, depth_report = align_depth(models, example_inputs,
+                                    target=0 if target is None else target, config=config)
+    report.notes.extend(depth_report.notes())
+    return out, report

@@ -345,3 +345,25 @@ def test_iteration_counts_share_one_architecture_no_depth_handling() -> None:
     assert [m.action for m in report.models] == ["kept", "kept"]
     seq = block_sequence(copy.deepcopy(models[1]), torch.randn(2, 3, 16, 16))
     assert len(seq) == 8 and seq.depth == 3  # stem, 6 tied Euler steps, head
+
+
+# -- through fxfuse.fuse ---------------------------------------------------------------------------
+def test_fuse_handles_depth_automatically_and_reports_insertions() -> None:
+    deep_f, shallow_f, x, _ = EXPANSIONS["mlp-2-to-4"]
+    deep, shallow = deep_f(), shallow_f()
+    report = fxfuse.FusionReport()
+    exact = fxfuse.fuse([deep, shallow], x, weights=[0, 1], target=0, report=report,
+                        progress=False)
+    assert len(exact.features) == 8
+    with torch.no_grad():
+        assert rel(shallow(x), exact(x)) <= 1e-5
+    assert sum("inserted block" in n for n in report.notes) == 2
+    fused = fxfuse.fuse([deep, shallow], x, depth=DepthAlignment(similarity="weights"),
+                        progress=False)
+    assert type(fused) is MLP and len(fused.features) == 8
+    with pytest.raises(fxfuse.InputError, match="needs data"):
+        fxfuse.fuse([deep, shallow], x, target=1, progress=False)
+    data = [torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))]
+    short = fxfuse.fuse([deep, shallow], x, target=1, data=data, depth=DepthAlignment(fit_steps=20),
+                        progress=False)
+    assert len(short.features) == 4

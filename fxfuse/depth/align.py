@@ -130,7 +130,8 @@ def _stage_error(short: BlockSequence, deep: BlockSequence, k: int) -> DepthErro
     for st in short.stages():
         if st[-1].shape_out not in deep_shapes:
             return DepthError(
-                f"model {k}: stage {st[0].stage} (blocks {st[0].index}..{st[-1].index}, output "
+                f"model {k} ({type(short.model).__name__}) vs {type(deep.model).__name__}: "
+                f"stage {st[0].stage} (blocks {st[0].index}..{st[-1].index}, output "
                 f"shape {st[-1].shape_out}) has no stage of that shape in the deeper model "
                 f"(stages end in {deep_shapes}): the streams can not be put in correspondence; "
                 f"fuse models of one width per stage (OptimalTransport aligns different widths), "
