@@ -50,6 +50,29 @@ def test_fuse_writes_a_checked_model(tmp_path: Path, out: str) -> None:
         torch.testing.assert_close(fused(x), a(x), rtol=1e-5, atol=1e-6)  # self-fusion
 
 
+def test_fuse_checkpoints_of_different_widths_with_ot(tmp_path: Path) -> None:
+    """Each checkpoint its own --factory-args; --align ot into --target 1's widths."""
+    paths, widths = [], ([64, 32], [32, 16])
+    for i, hidden in enumerate(widths):
+        model = models.zoo.mlp(hidden=hidden, seed=i)
+        paths.append(tmp_path / f"m{i}.pt")
+        torch.save(model.state_dict(), paths[-1])
+    out = tmp_path / "fused.pt"
+    args = ["fuse", "models.zoo:mlp", *map(str, paths), "--input-shape", "2,1,28,28",
+            "--factory-args", '{"hidden": [64, 32]}', "--factory-args", '{"hidden": [32, 16]}',
+            "--out", str(out), "--quiet"]
+    res = run(*args, "--align", "ot", "--target", "1")
+    assert res.returncode == 0, res.stderr
+    assert "align-ot" in res.stdout and "widths differ" in res.stdout
+    state = torch.load(out, weights_only=True)
+    assert state["features.0.weight"].shape == (32, 784)
+    res = run(*args[:-3], "--out", str(tmp_path / "wm.pt"), "--quiet")  # default: weight matching
+    assert res.returncode != 0 and "OptimalTransport" in res.stderr
+    assert not (tmp_path / "wm.pt").exists()
+    res = run(*args, "--align", "ot", "--target", "2")
+    assert res.returncode == 2 and "--target" in res.stderr
+
+
 def test_fuse_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
     pa, _ = _checkpoints(tmp_path)
     other = tmp_path / "vgg.pt"

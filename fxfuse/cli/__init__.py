@@ -114,7 +114,7 @@ def add_fuse(sub: _SubParsers) -> None:
     f.add_argument("--factory-args", action="append", type=JsonObject(), metavar="JSON",
                    help="keyword arguments for the factory as a JSON object: once for every "
                         "CHECKPOINT, or once per CHECKPOINT in order, so each checkpoint can "
-                        "have its own widths (e.g. '{\"width\": 2}'; default: none)")
+                        "have its own widths, e.g. '{\"width\": 2}' (default: none)")
     f.add_argument("--target", type=Integer(0), metavar="INDEX",
                    help="which CHECKPOINT's architecture (class and widths) the fused model has, "
                         "counting from 0; checkpoints of other widths need --align ot "
@@ -251,11 +251,11 @@ FUSE_CONFLICTS: tuple[Conflict, ...] = (
              lambda a: a.factory_args is not None
              and len(a.factory_args) not in (1, len(a.checkpoints)),
              "give --factory-args once (for every CHECKPOINT) or once per CHECKPOINT, in order",
-             ("--factory-args", "{}", "--factory-args", "{}")),
+             ("--factory-args", "{}", "--factory-args", "{}", "--factory-args", "{}")),
     Conflict(("--target", "CHECKPOINT"),
              lambda a: a.target is not None and a.target >= len(a.checkpoints),
              "--target is an index into the CHECKPOINTs, counting from 0: give a smaller one",
-             ("--target", "0")),
+             ("--target", "2")),
     Conflict(("--align", "--data"),
              lambda a: _needs_data("align", a.align) and a.data is None,
              "--align activation needs --data mnist or --data FILE", ("--align", "activation")),
