@@ -249,3 +249,38 @@ def test_the_client_helper_refuses_a_bad_training_step_and_a_wrong_model() -> No
     wider = client_app(lambda ctx, cfg: make_model(hidden=24), lambda m, c, cfg: 3)
     with pytest.raises(Exception, match="does not load into this client's model"):
         wider(instruction(5), ctx)
+
+
+def make_bn_model(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+        m[1].running_mean.normal_()
+        m[1].running_var.uniform_(0.5, 2.0)
+        return m.eval()
+
+
+@pytest.mark.parametrize("alignment", ["joint", "to-global"])
+def test_repair_runs_on_the_servers_calibration_data(tmp_path: Path, task_identity: None,
+                                                     alignment: str) -> None:
+    calib = [torch.randn(32, 12, generator=torch.Generator().manual_seed(2))]
+    strategy = FusionStrategy(make_bn_model, X, repair=fxfuse.ResetBatchNorm(), data=calib,
+                              alignment=alignment, client_init="local")
+    start_round(strategy, 1, make_bn_model(9).state_dict(), [1, 2, 3])
+    sts = [make_bn_model(s).state_dict() for s in (1, 2, 3)]
+    arrays, _ = strategy.aggregate_train(1, [reply(i + 1, s, 10 * (i + 1))
+                                             for i, s in enumerate(sts)])
+    assert arrays is not None
+    got = arrays.to_torch_state_dict()
+    # the fused BatchNorm statistics are those of the fused model on the calibration data
+    fused = make_bn_model()
+    fused.load_state_dict(got)
+    with torch.no_grad():
+        h = fused[0](calib[0])
+    torch.testing.assert_close(got["1.running_mean"], h.mean(0), rtol=1e-4, atol=1e-4)
+    if alignment == "joint":
+        expected = fxfuse.fuse([make_bn_model(s) for s in (1, 2, 3)], X, weights=[10, 20, 30],
+                               repair=fxfuse.ResetBatchNorm(), data=calib,
+                               progress=False).state_dict()
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-5)
