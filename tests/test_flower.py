@@ -251,13 +251,13 @@ def test_the_client_helper_refuses_a_bad_training_step_and_a_wrong_model() -> No
         wider(instruction(5), ctx)
 
 
-def make_bn_model(seed: int = 0) -> nn.Module:
+def make_bn_model(seed: int = 0) -> nn.Sequential:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        m = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
-        m[1].running_mean.normal_()
-        m[1].running_var.uniform_(0.5, 2.0)
-        return m.eval()
+        bn = nn.BatchNorm1d(16)
+        torch.nn.init.normal_(bn.running_mean)
+        torch.nn.init.uniform_(bn.running_var, 0.5, 2.0)
+        return nn.Sequential(nn.Linear(12, 16), bn, nn.ReLU(), nn.Linear(16, 3)).eval()
 
 
 @pytest.mark.parametrize("alignment", ["joint", "to-global"])
