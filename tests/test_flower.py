@@ -255,8 +255,9 @@ def make_bn_model(seed: int = 0) -> nn.Sequential:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         bn = nn.BatchNorm1d(16)
-        torch.nn.init.normal_(bn.running_mean)
-        torch.nn.init.uniform_(bn.running_var, 0.5, 2.0)
+        assert bn.running_mean is not None and bn.running_var is not None
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
         return nn.Sequential(nn.Linear(12, 16), bn, nn.ReLU(), nn.Linear(16, 3)).eval()
 
 
