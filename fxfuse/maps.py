@@ -170,6 +170,28 @@ def perm_maps(perms: Mapping[str, torch.Tensor]) -> dict[str, GroupMap]:
     return {g: GroupMap(index=p) for g, p in perms.items()}
 
 
+def rebase(maps: list[dict[str, GroupMap]], anchor: int) -> list[dict[str, GroupMap]]:
+    """Every model's maps into model ``anchor``'s own basis instead of the one they were found
+    in: where the anchor's map of a group is the permutation ``P_a``, each model's ``M`` becomes
+    ``P_a^T M`` and ``U`` becomes ``U P_a`` (for permutations, ``index_k[argsort(index_a)]``), so
+    the anchor's maps are the identity.  Groups whose anchor map is not a permutation are kept."""
+    out = [dict(mk) for mk in maps]
+    for g, ma in maps[anchor].items():
+        if ma.index is None:
+            continue
+        inv = torch.argsort(ma.index)
+        if torch.equal(inv, torch.arange(inv.numel(), device=inv.device)):
+            continue
+        for k, mk in enumerate(maps):
+            m = mk[g]
+            if m.index is not None:
+                out[k][g] = GroupMap(index=m.index[inv.to(m.index.device)])
+            else:
+                merge, unmerge = m.dense()
+                out[k][g] = GroupMap(merge=merge[inv.cpu()], unmerge=unmerge[:, inv.cpu()])
+    return out
+
+
 def fused_sizes(spec: PermutationSpec, maps: Maps) -> dict[str, int]:
     """Group sizes of the fused model (a map's ``m``, the spec's size where no map is given)."""
     return {g.name: maps[g.name].shape[0] if g.name in maps else g.size for g in spec.groups}

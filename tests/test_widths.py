@@ -85,9 +85,6 @@ def test_fuse_names_a_structural_difference_not_a_shape() -> None:
     a, b = MLP(784, (32, 32), 10).eval(), MLP(784, (32, 32), 12).eval()
     with pytest.raises(fxfuse.ArchitectureMismatchError, match="head.weight:0.*10 fixed"):
         fxfuse.fuse([a, b], X, align=fxfuse.OptimalTransport(), progress=False)
-    deeper = MLP(784, (32, 32, 32), 10).eval()
-    with pytest.raises(fxfuse.ArchitectureMismatchError, match="parameter 'features.4.weight'"):
-        fxfuse.fuse([a, deeper], X, align=fxfuse.OptimalTransport(), progress=False)
 
 
 @pytest.mark.parametrize("align", [fxfuse.WeightMatching(), fxfuse.ActivationMatching(data=[X]),
@@ -243,3 +240,15 @@ def test_importance_moves_mass() -> None:
     assert report.maps is not None
     merge, _ = report.maps[1]["features.0"].dense()
     assert int((merge[:, 3] > 0).sum()) >= 12  # 9/16 of 32 fused units draw on unit 3
+
+
+def test_weight_matching_into_an_anchor_other_than_model_0() -> None:
+    """Permutation methods are found in model 0's basis and taken into the anchor's: with
+    target=1 (anchor 1), weights=[0, 1] gives model 1 itself, not a permuted copy."""
+    a, b = mlp((24, 12), 0), mlp((24, 12), 1)
+    report = fxfuse.FusionReport()
+    fused = fxfuse.fuse([a, b], X, target=1, weights=[0, 1], progress=False, report=report)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in fused.state_dict().items())
+    assert report.perms is not None and all(
+        torch.equal(p, torch.arange(p.numel())) for p in report.perms[1].values())
+    assert any("anchor" in n for n in report.notes)

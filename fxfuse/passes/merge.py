@@ -18,6 +18,7 @@ import torch
 
 from ..core import merge_states
 from ..errors import ArchitectureMismatchError, PipelineError, VerificationError
+from ..maps import GroupMap, rebase
 from ..permute import rel_diff
 from ..trace import eval_mode, nonfinite_key
 from .base import FusionState, Pass
@@ -42,11 +43,31 @@ class MergeWeights(Pass):
                 f"averaging without alignment needs every model at the target's widths, but "
                 f"{width_mismatch(state)}; use align=fxfuse.OptimalTransport() for models of "
                 f"different widths")
+        if maps is not None and state.anchor not in (None, 0):
+            maps = self._to_anchor_basis(state, maps)
         specs = state.specs if state.specs is not None else state.spec
         merged = merge_states(specs, state.states, maps, state.weights)
         fused = copy.deepcopy(state.target_model).to(state.device)
         fused.load_state_dict(merged)
         state.fused = fused
+
+    @staticmethod
+    def _to_anchor_basis(state: FusionState, maps: list[dict[str, GroupMap]]
+                         ) -> list[dict[str, GroupMap]]:
+        """Maps found in model 0's basis (permutation methods) taken into the anchor's, where
+        the fused units are the anchor's (``fuse(..., anchor=)``); state and report follow."""
+        assert state.anchor is not None
+        if all(m.is_permutation and torch.equal(m.index.cpu(), torch.arange(m.index.numel()))
+               for m in maps[state.anchor].values() if m.index is not None):
+            return maps
+        maps = rebase(maps, state.anchor)
+        state.maps = maps
+        if state.perms is not None:
+            state.perms = [{g: m.index for g, m in mk.items() if m.index is not None}
+                           for mk in maps]
+        state.report.notes.append(f"merge: maps taken into models[{state.anchor}]'s basis "
+                                  f"(the anchor)")
+        return maps
 
     def ensures(self, state: FusionState) -> None:
         assert state.fused is not None
