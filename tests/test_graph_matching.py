@@ -20,7 +20,7 @@ from fxfuse.align.graph import GraphMatching, GraphObjective
 from fxfuse.passes import FusionReport
 from fxfuse.permute import rel_diff
 from fxfuse.solvers.assignment import max_assignment
-from fxfuse.solvers.sinkhorn import sinkhorn
+from fxfuse.solvers.sinkhorn import WarmSinkhorn, sinkhorn
 
 from .test_fuse import outputs, permuted_copies
 
@@ -191,13 +191,37 @@ def test_matchings_of_four_models_are_cycle_consistent() -> None:
 # -- Sinkhorn ------------------------------------------------------------------------------------
 def test_sinkhorn_is_doubly_stochastic_and_anneals_to_the_assignment() -> None:
     s = torch.randn(12, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    warm = sinkhorn(s, 1.0, 500, tol=1e-9)
-    assert torch.allclose(warm.sum(0), torch.ones(12, dtype=torch.float64), atol=1e-9)
-    assert torch.allclose(warm.sum(1), torch.ones(12, dtype=torch.float64), atol=1e-8)
+    ones = torch.ones(12, dtype=torch.float64)
+    warm, _ = sinkhorn(s, 1.0, 500, tol=1e-10)
+    assert torch.allclose(warm.sum(1), ones, atol=1e-12)
+    assert torch.allclose(warm.sum(0), ones, atol=1e-9)
     assert float(warm.max()) < 0.9  # soft at tau = 1
-    cold = sinkhorn(s, 0.002, 2000, tol=1e-9)
+    # the log-domain reference: alternate logsumexp normalisations
+    log = s / 1.0
+    for _ in range(2000):
+        log = log - torch.logsumexp(log, dim=0, keepdim=True)
+        log = log - torch.logsumexp(log, dim=1, keepdim=True)
+    assert torch.allclose(warm, log.exp(), atol=1e-8)
+    cold, _ = sinkhorn(s, 0.002, 5000, tol=1e-9)  # scores / tau up to ~2000: absorbed, finite
+    assert bool(torch.isfinite(cold).all())
     assert torch.equal(cold.argmax(1), max_assignment(s))
     assert float(cold.max(1).values.min()) > 0.99
+
+
+def test_warm_started_sinkhorn_gives_the_same_matrix_in_fewer_iterations() -> None:
+    gen = torch.Generator().manual_seed(1)
+    s = torch.randn(64, 64, generator=gen, dtype=torch.float64)
+    moved = s + 0.01 * torch.randn(64, 64, generator=gen, dtype=torch.float64)
+    solver = WarmSinkhorn()
+    solver.solve("g", s, 0.2, 5000, tol=1e-10)
+    want, _ = sinkhorn(moved, 0.2, 5000, tol=1e-10)
+    assert torch.allclose(solver.solve("g", moved, 0.2, 5000, tol=1e-10), want, atol=1e-8)
+    few_cold, _ = sinkhorn(moved, 0.2, 20, tol=0)
+    few_warm = WarmSinkhorn()
+    few_warm.solve("g", s, 0.2, 5000, tol=1e-10)
+    err_cold = float((few_cold.sum(0) - 1).abs().max())
+    err_warm = float((few_warm.solve("g", moved, 0.2, 20, tol=0).sum(0) - 1).abs().max())
+    assert err_warm < err_cold / 10
 
 
 # -- config, recipes, bad input --------------------------------------------------------------------

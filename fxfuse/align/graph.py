@@ -62,7 +62,7 @@ from ..ir.layout import Unit
 from ..maps import OUT, GroupMap, map_groups
 from ..passes.base import FusionState, Pass, progress
 from ..solvers.assignment import max_assignment
-from ..solvers.sinkhorn import sinkhorn
+from ..solvers.sinkhorn import WarmSinkhorn
 from .weights import _CostCache, _identity, _WeightMatcher
 from .widths import require_equal_widths
 
@@ -244,6 +244,7 @@ class _GraduatedAssignment:
             self.u.append(per)
         self.iterations = 0
         self.soft_iterations = 0
+        self.sinkhorn = WarmSinkhorn()
 
     def gradient(self, i: int) -> dict[str, torch.Tensor]:
         """``G_i[g] = 1/(N-1) sum_{j != i} A_ij[g] U_j[g]`` under the current matchings."""
@@ -274,7 +275,8 @@ class _GraduatedAssignment:
             for i in range(self.n):
                 grad = self.gradient(i)
                 new = {g: _hard(grad[g]) if hard else
-                       sinkhorn(grad[g], tau, iters, cfg.sinkhorn_tol) for g in self.names}
+                       self.sinkhorn.solve((i, g), grad[g], tau, iters, cfg.sinkhorn_tol)
+                       for g in self.names}
                 check += sum(min(float((new[g] - self.u[i][g]).square().sum()),
                                  float((new[g] - prev[i][g]).square().sum()))
                              for g in self.names) / self.n

@@ -1,34 +1,72 @@
-"""Sinkhorn normalisation: the doubly-stochastic matrix nearest a score matrix at a temperature.
+"""Sinkhorn normalisation: the doubly-stochastic matrix nearest a score matrix at a temperature,
+warm-started from the duals of the previous solve of the same problem.
 
 For scores ``s: (n, n)`` and temperature ``tau > 0``, Sinkhorn finds
 
-    S = diag(a) exp(s / tau) diag(b),   S 1 = 1,   S^T 1 = 1
+    S = diag(exp f) exp(s / tau) diag(exp g),   S 1 = 1,   S^T 1 = 1
 
-by alternating row and column normalisation, here in the log domain (``log S`` minus the
-``logsumexp`` of its rows, then of its columns), so a small ``tau`` (large ``s / tau``) does not
-overflow.  As ``tau -> 0`` ``S`` tends to the maximum-weight permutation of ``s`` (the entropic
-regularisation of the assignment problem, weight ``tau``), which is what graduated assignment
-anneals towards (Gold & Rangarajan 1996; GAMF, Liu et al. 2022).
+by alternating column and row normalisation.  As ``tau -> 0`` ``S`` tends to the maximum-weight
+permutation of ``s`` (the entropic regularisation of the assignment problem, weight ``tau``): what
+graduated assignment anneals towards (Gold & Rangarajan 1996; GAMF, Liu et al. 2022).
 
-The iterations stop at ``max_iter`` or, checked every :data:`CHECK_EVERY` iterations, once every
-row sum is within ``tol`` of 1 (the columns sum to 1 exactly after each column step).
+Numerics (Schmitzer's stabilised scaling): the potentials ``f, g`` live in the log domain, the
+iterations run on ``K = exp(s / tau + f 1^T + 1 g^T)`` in float64 as scalings ``u, v``
+(``v = 1 / K^T u``, ``u = 1 / K v``: two matrix-vector products per iteration instead of two
+``logsumexp`` passes over the matrix), and are absorbed into ``f, g`` (``K`` rebuilt) whenever a
+scaling leaves ``[e^-30, e^30]``, so a small ``tau`` neither overflows nor underflows.
+
+``S`` is unique, so where the iterations start changes the time, not the answer:
+:class:`WarmSinkhorn` starts each solve from the column potential of the previous solve of the
+same key (rescaled to the new temperature).  The iterations stop at ``max_iter`` or once every
+column sum is within ``tol`` of 1 (rows sum to 1 exactly after each row step).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 
-CHECK_EVERY = 10
+_ABSORB = 30.0
 
 
-def sinkhorn(scores: torch.Tensor, tau: float, max_iter: int, tol: float = 1e-3) -> torch.Tensor:
-    """The doubly-stochastic ``S`` of ``scores: (n, n)`` at temperature ``tau`` (module doc)."""
-    log = scores / tau
-    for it in range(max_iter):
-        log = log - torch.logsumexp(log, dim=1, keepdim=True)
-        log = log - torch.logsumexp(log, dim=0, keepdim=True)
-        if (it + 1) % CHECK_EVERY == 0 and tol > 0:
-            rows = torch.logsumexp(log, dim=1).exp()
-            if float((rows - 1).abs().max()) <= tol:
-                break
-    return log.exp()
+def sinkhorn(scores: torch.Tensor, tau: float, max_iter: int, tol: float = 1e-3,
+             g0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, g * tau)``: the doubly-stochastic ``S`` of ``scores: (n, n)`` at temperature ``tau``
+    (module doc, in ``scores``' dtype) and its column potential in score units, to warm-start
+    the next solve; ``g0``: such a potential (None: zeros)."""
+    s = scores.double() / tau
+    n = s.shape[1]
+    g = torch.zeros(n, dtype=torch.float64, device=s.device) if g0 is None else g0.double() / tau
+    f = -torch.logsumexp(s + g[None, :], dim=1)
+    k = torch.exp(s + f[:, None] + g[None, :])
+    u = torch.ones(s.shape[0], dtype=torch.float64, device=s.device)
+    v = torch.ones(n, dtype=torch.float64, device=s.device)
+    for _ in range(max_iter):
+        ktu = k.T @ u
+        if tol > 0 and float((v * ktu - 1).abs().max()) <= tol:
+            break
+        v = 1.0 / ktu.clamp_min(1e-300)
+        u = 1.0 / (k @ v).clamp_min(1e-300)
+        if float(max(u.log().abs().max(), v.log().abs().max())) > _ABSORB:
+            f, g = f + u.log(), g + v.log()
+            k = torch.exp(s + f[:, None] + g[None, :])
+            u, v = torch.ones_like(u), torch.ones_like(v)
+    out = u[:, None] * k * v[None, :]
+    return out.to(scores.dtype), (g + v.log()) * tau
+
+
+class WarmSinkhorn:
+    """Sinkhorn solves of a sequence of score matrices per key, each started from the column
+    potential of the key's previous solve (module doc).  Keys are independent."""
+
+    def __init__(self) -> None:
+        self._g: dict[Hashable, torch.Tensor] = {}
+
+    def solve(self, key: Hashable, scores: torch.Tensor, tau: float, max_iter: int,
+              tol: float = 1e-3) -> torch.Tensor:
+        g0 = self._g.get(key)
+        if g0 is not None and g0.numel() != scores.shape[1]:
+            g0 = None
+        out, self._g[key] = sinkhorn(scores, tau, max_iter, tol, g0)
+        return out
