@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .align import ActivationMatching, GraphMatching, OptimalTransport, WeightMatching
+from .align.interp import NeuronInterpolation, neuron_interpolation
 from .combine import Router, RouteReport, adaptive_selection
 from .core import (
     align_states,
@@ -68,6 +69,8 @@ __all__ = [
     "InputError",
     "NoExactIdentityError",
     "OptimalTransport",
+    "NeuronInterpolation",
+    "neuron_interpolation",
     "Member",
     "PermutationError",
     "PermutationSpec",

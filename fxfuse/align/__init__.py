@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..methods import register_method
 from .activations import ActivationMatching, AlignActivations
 from .graph import AlignGraph, GraphMatching
+from .interp import InterpolateNeurons, NeuronInterpolation, neuron_interpolation
 from .ot import AlignOptimalTransport, OptimalTransport
 from .weights import AlignWeights, WeightMatching
 
@@ -20,6 +21,11 @@ register_method("ot", "align", OptimalTransport, lambda c: [AlignOptimalTranspor
                 "optimal transport (Singh & Jaggi): models of any widths onto the anchor's units")
 register_method("graph", "align", GraphMatching, lambda c: [AlignGraph(c)],
                 "graph matching (GAMF): second-order weight affinity, N models via a universe")
+register_method("neuron-interpolation", "align", NeuronInterpolation,
+                lambda c: [InterpolateNeurons(c)],
+                "neuron interpolation (Luenam et al.): fit the fused model level by level, any "
+                "widths (align + merge)")
 
 __all__ = ["ActivationMatching", "AlignActivations", "AlignGraph", "AlignOptimalTransport",
-           "AlignWeights", "GraphMatching", "OptimalTransport", "WeightMatching"]
+           "AlignWeights", "GraphMatching", "InterpolateNeurons", "NeuronInterpolation",
+           "OptimalTransport", "WeightMatching", "neuron_interpolation"]
