@@ -232,6 +232,17 @@ class _WeightMatcher:
                     break
         return costs.perms
 
+    def spread(self, states: list[dict[str, torch.Tensor]],
+               perms: list[dict[str, torch.Tensor]]) -> float:
+        """``sum_k ||P_k(theta_k) - mean||^2`` over the matched tensors: N models' weight-matching
+        objective (``1/N`` of the sum of their pairwise squared distances)."""
+        aligned = [apply_perms(s, self.spec, p) for s, p in zip(states, perms)]
+        total = 0.0
+        for key in {key for ms in self.members.values() for key, _, _ in ms}:
+            stack = torch.stack([a[key].double() for a in aligned])
+            total += float((stack - stack.mean(0)).square().sum())
+        return total
+
     def _distance2(self, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
                    perms: dict[str, torch.Tensor]) -> float:
         """``sum_t ||A_t - P(B_t)||^2`` over the tensors the matching reads."""
@@ -402,9 +413,23 @@ class AlignWeights(Pass):
                   if state.spec.buffers or not state.models else
                   {k for k, _ in state.models[0].named_parameters(remove_duplicate=False)})
         matcher = _WeightMatcher(state.spec, state.device, params)
+        if len(state.states) == 2 or cfg.start != "both":
+            state.perms = self._align(state, matcher, cfg.start)
+            return
+        # N models: the whole MergeMany run from Git Re-Basin's start and from both starts, the
+        # one whose models end closer together kept (a tie keeps the first), so never farther
+        # apart than the identity start alone; with two models match() already does this
+        runs = [self._align(state, matcher, start) for start in ("init", "both")]
+        state.perms = min(runs, key=lambda perms: matcher.spread(state.states, perms))
+
+    def _align(self, state: FusionState, matcher: _WeightMatcher, start: str
+               ) -> list[dict[str, torch.Tensor]]:
+        """Every model matched to model 0, then MergeMany rounds for N > 2."""
+        assert state.spec is not None
+        cfg = self.config
         ident = _identity(state.spec, state.device)
         perms = [ident] + [matcher.match(state.states[0], s, ident, cfg.max_iter, cfg.seed + k,
-                                         state.progress, cfg.tol, cfg.start)
+                                         state.progress, cfg.tol, start)
                            for k, s in enumerate(state.states[1:], start=1)]
         n = len(state.states)
         if n > 2:
@@ -417,10 +442,10 @@ class AlignWeights(Pass):
                     mean = {key: torch.stack([aligned[j][key] for j in range(n) if j != k]).mean(0)
                             for key in keys}
                     new = matcher.match(mean, state.states[k], perms[k], cfg.max_iter,
-                                        cfg.seed + k, False, cfg.tol, cfg.start)
+                                        cfg.seed + k, False, cfg.tol, start)
                     if any(not torch.equal(new[g], perms[k][g]) for g in new):
                         perms[k] = new
                         changed = True
                 if not changed:
                     break
-        state.perms = perms
+        return perms
