@@ -152,6 +152,14 @@ _register(
     "ShuffleNetV2-style: chunk split, depthwise branches, cat, channel shuffle; stride-2 and stride-1 units.",
 )
 _register(
+    "shufflenetv2_lib",
+    zoo.shufflenetv2_lib,
+    IMG32,
+    {"conv", "batchnorm", "depthwise", "concat", "split", "shuffle", "reshape", "maxpool"},
+    "ShuffleNet V2 as libraries build it: stages of 1 downsampling + 3 / 7 / 3 split units, "
+    "view/transpose/contiguous/view shuffle (groups 2), small widths.",
+)
+_register(
     "convnext",
     zoo.convnext,
     IMG32,

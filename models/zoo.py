@@ -31,7 +31,7 @@ from .mlp import mlp, mlp_classifier
 from .mobilenet import mobilenetv2, mobilenetv2_lib
 from .node import node_net
 from .resnet import bottleneck_resnet, resnet20, resnet20_ln, resnet50
-from .shufflenet import shufflenet
+from .shufflenet import shufflenet, shufflenetv2_lib
 from .squeezenet import squeezenet
 from .transformer import llama_lm, sdpa_net
 from .vgg import vgg, vgg_bn
@@ -63,6 +63,7 @@ __all__ = [
     "rmsnorm_mlp",
     "se_net",
     "shufflenet",
+    "shufflenetv2_lib",
     "squeezenet",
     "swiglu_mlp",
     "tied_block_net",
