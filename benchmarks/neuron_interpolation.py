@@ -46,6 +46,7 @@ from torch import nn  # noqa: E402
 import fxfuse  # noqa: E402
 from benchmarks._report import (  # noqa: E402
     RESULTS_PATH,
+    command_line,
     fxfuse_revision,
     load_average,
     machine_line,
@@ -212,7 +213,7 @@ def render(tables: list[tuple[Table, bool]], total: float, load_start: str, revi
         BEGIN,
         "## Neuron-interpolation fusion (issue 16): MNIST MLP / CNN, digits ViT, widths",
         "",
-        f"Command: `{COMMAND}`",
+        command_line(COMMAND),
         "",
         f"- Date: {datetime.date.today().isoformat()}; {'tiny smoke run' if tiny else 'full run'}"
         f"; commit {revision_note(revision)}.",
