@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import InputError, SpecError
 from .groups.spec import PermutationSpec
-from .maps import GroupMap, apply_maps, perm_maps
+from .maps import GroupMap, apply_maps, perm_maps, rebase
 from .permute import with_metadata
 
 State = dict[str, torch.Tensor]
@@ -39,32 +39,51 @@ VERSION = 1
 
 
 def align_states(
-    spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], config: Any, *,
-    data: Any = None, factory: Callable[[], nn.Module] | None = None,
+    spec: PermutationSpec | Sequence[PermutationSpec], states: Sequence[Mapping[str, torch.Tensor]],
+    config: Any, *, data: Any = None,
+    factory: Callable[[], nn.Module] | Sequence[Callable[[], nn.Module]] | None = None,
     example_inputs: Any = None, device: str | torch.device = "cpu", progress: bool = False,
+    anchor: int = 0,
 ) -> list[Maps]:
-    """Each state's maps into the basis of ``states[0]``, by the registered align ``config``.
-    Methods that run the model (activation matching) need ``factory`` (a model of the
-    architecture; the states are loaded into fresh instances) and ``data``."""
+    """Each state's maps into the basis of ``states[anchor]`` (default 0), by the registered
+    align ``config``.  Methods that run the model (activation matching, OT's activation cost)
+    need ``factory`` (a model of the architecture; the states are loaded into fresh instances)
+    and ``data``.  Models of different widths: ``spec`` is one spec per state (each model's own,
+    paired by structure, :mod:`fxfuse.pairing`), ``factory`` one per state too, and the maps go
+    to ``states[anchor]``'s widths (a width-changing method such as ``OptimalTransport``)."""
     from .methods import passes_for, with_data
+    from .pairing import pair_specs, same_widths
     from .passes.base import FusionState
     from .trace import as_input_tuple
 
     dev = torch.device(device)
-    models = _models_from(factory, states) if factory is not None else []
+    specs = [spec] * len(states) if isinstance(spec, PermutationSpec) else list(spec)
+    if len(specs) != len(states):
+        raise InputError(f"align_states: {len(specs)} specs for {len(states)} states")
+    if not 0 <= anchor < len(states):
+        raise InputError(f"align_states: anchor={anchor} is out of range for {len(states)} states")
+    target = specs[anchor]
+    per_model = None
+    if any(not same_widths(s, target) for s in specs):
+        pair_specs(target, specs, [f"states[{k}]" for k in range(len(specs))])
+        per_model = specs
+    factories = None if factory is None else (
+        [factory] * len(states) if callable(factory) else list(factory))
+    models = [] if factories is None else [
+        _models_from(f, [s])[0] for f, s in zip(factories, states)]
     state = FusionState(models=models, example_inputs=as_input_tuple(example_inputs)
                         if example_inputs is not None else (), weights=[1.0 / len(states)] *
-                        len(states), device=dev, progress=progress, spec=spec,
+                        len(states), device=dev, progress=progress, spec=target, specs=per_model,
+                        anchor=anchor,
                         states=[{k: v.detach().to(dev) for k, v in s.items()} for s in states])
     for p in passes_for(with_data(config, data), "align"):
         p.requires(state)
         p.call(state)
         p.ensures(state)
-    if state.maps is not None:
-        return state.maps
-    if state.perms is None:
+    if state.maps is None and state.perms is None:
         raise InputError(f"{type(config).__name__} produced no alignment")
-    return [perm_maps(p) for p in state.perms]
+    maps = state.maps if state.maps is not None else [perm_maps(p) for p in state.perms or []]
+    return rebase(maps, anchor) if anchor != 0 else maps
 
 
 def _models_from(factory: Callable[[], nn.Module], states: Sequence[Mapping[str, torch.Tensor]]

@@ -89,8 +89,10 @@ def test_recipes_round_trip_the_built_in_methods_and_refuse_bad_ones() -> None:
     back = recipe_from_json(text)
     assert back["align"] == WeightMatching(tol=0.0, max_iter=7)
     assert back["repair"].eps == 1e-4 and "data" not in config_to_dict(back["repair"])
-    with pytest.raises(InputError, match="unknown method 'ot'"):
-        recipe_from_json('{"align": {"method": "ot"}}')
+    with pytest.raises(InputError, match="unknown method 'no-such-method'"):
+        recipe_from_json('{"align": {"method": "no-such-method"}}')
+    ot = recipe_from_json(recipe_to_json(align=fxfuse.OptimalTransport(reg=0.1), repair=None))
+    assert ot["align"] == fxfuse.OptimalTransport(reg=0.1)
     with pytest.raises(InputError, match="no parameter 'lr'"):
         recipe_from_json('{"align": {"method": "weight", "lr": 1}}')
     with pytest.raises(InputError, match="keys among"):

@@ -252,3 +252,19 @@ def test_weight_matching_into_an_anchor_other_than_model_0() -> None:
     assert report.perms is not None and all(
         torch.equal(p, torch.arange(p.numel())) for p in report.perms[1].values())
     assert any("anchor" in n for n in report.notes)
+
+
+def test_functional_core_on_states_of_different_widths() -> None:
+    """align_states / merge_states with one spec per state (a server holding state dicts):
+    the same fused state as fxfuse.fuse."""
+    wide, narrow = mlp((32, 16), 0), mlp((16, 8), 1)
+    specs = [fxfuse.find_groups(m, X) for m in (wide, narrow)]
+    states = [m.state_dict() for m in (wide, narrow)]
+    maps = fxfuse.align_states(specs, states, fxfuse.OptimalTransport())
+    merged = fxfuse.merge_states(specs, states, maps, [0.5, 0.5])
+    want = fxfuse.fuse([wide, narrow], X, align=fxfuse.OptimalTransport(), progress=False)
+    assert all(torch.equal(v, merged[k]) for k, v in want.state_dict().items())
+    with pytest.raises(fxfuse.ArchitectureMismatchError, match="OptimalTransport"):
+        fxfuse.align_states(specs, states, fxfuse.WeightMatching())
+    into_narrow = fxfuse.align_states(specs, states, fxfuse.OptimalTransport(), anchor=1)
+    assert into_narrow[0]["features.0"].shape == (16, 32)
