@@ -187,6 +187,8 @@ def test_bad_input_is_a_typed_error_and_nothing_is_written() -> None:
     with pytest.raises(fxfuse.InputError, match="kmeans"):
         neuron_interpolation([model, other, model], model, [x],
                              NeuronInterpolation(grouping="hungarian"))
+    with pytest.raises(fxfuse.InputError, match="fewer than the target's 24 units"):
+        neuron_interpolation([model, other], model, [x[:12]])
     wide = nn.Sequential(nn.Linear(12, 80), nn.ReLU(), nn.Linear(80, 16), nn.BatchNorm1d(16),
                          nn.ReLU(), nn.Linear(16, 5)).eval()
     with pytest.raises(fxfuse.InputError, match="more groups than there are neurons"):

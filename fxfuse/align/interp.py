@@ -749,6 +749,11 @@ def _group_level(level: Level, levels: Sequence[Level], gms: Sequence[fx.GraphMo
         s = importance_scores(gms[k], lv, sizes[k], x, y, cfg.importance, cfg.conductance_steps)
         mass.append(shares[k] * s / s.sum())
     d = feats[0].shape[1]
+    if cfg.grouping == "kmeans" and sum(f.shape[0] for f in feats) >= m and d < m:
+        raise InputError(f"level {level.index} ({level.output}): {x.shape[0]} fusion samples give "
+                         f"each unit {d} values, fewer than the target's {m} units of group "
+                         f"{g!r}: K-means can not tell {m} groups apart; give at least "
+                         f"{math.ceil(m * x.shape[0] / max(d, 1))} samples or a narrower target")
     if any(f.shape[1] != d for f in feats):
         raise ArchitectureMismatchError(f"level {level.index} ({level.output}): the parents' "
                                         f"units have different numbers of values per unit "
