@@ -221,6 +221,16 @@ def test_shallower_target_without_data_is_refused() -> None:
         align_depth([deep, shallow], x, target=1)
 
 
+def test_a_shallower_target_the_deep_model_can_not_collapse_onto_is_refused() -> None:
+    deep = build(lambda: MLP(784, (64, 64, 32)), 0)  # its last hidden width is 32
+    target = build(lambda: MLP(784, (64,)), 1)
+    data = [torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))]
+    before = states(deep, target)
+    with pytest.raises(DepthError, match=r"stage \d"):
+        align_depth([deep, target], MLP_X, target=1, config=DepthAlignment(data=data))
+    assert unchanged((deep, target), before)
+
+
 def test_shallower_target_collapses_by_fitting_on_data() -> None:
     deep = build(lambda: MLP(64, (32, 32, 32), num_classes=10), 0)
     shallow = build(lambda: MLP(64, (32, 32), num_classes=10), 1)

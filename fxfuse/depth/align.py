@@ -125,7 +125,24 @@ def _inputs(data: Any, max_batches: int) -> list[torch.Tensor] | None:
     return [batch_inputs(b, torch.device("cpu"))[0] for b in limited(data, max_batches)]
 
 
-def _stage_error(short: BlockSequence, deep: BlockSequence, k: int) -> DepthError:
+def _stage_error(short: BlockSequence, deep: BlockSequence, k: int, allowed: torch.Tensor,
+                 expanding: bool) -> DepthError:
+    who = (f"model {k} ({type(short.model).__name__})" if expanding
+           else f"the target ({type(short.model).__name__})")
+    other = "the target" if expanding else f"model {k} ({type(deep.model).__name__})"
+    j = 0
+    for i, b in enumerate(short.blocks):  # earliest monotone pairing: where does it run out?
+        nxt = next((jj for jj in range(j, len(deep)) if bool(allowed[i, jj])), None)
+        if nxt is None:
+            return DepthError(
+                f"{who}: block {i} ({b.kind} {b.name!r}, stage {b.stage}: {b.shape_in} -> "
+                f"{b.shape_out}) has no block of the same layers and shapes in {other} after "
+                f"its block {j - 1}: the streams can not be put in correspondence at stage "
+                f"{b.stage}, so {other} can not be "
+                f"{'expanded from' if expanding else 'collapsed onto'} it; fuse models of one "
+                f"width per stage (OptimalTransport aligns different widths), or give "
+                f"DepthAlignment(map=...)")
+        j = nxt + 1
     deep_shapes = [s[-1].shape_out for s in deep.stages()]
     for st in short.stages():
         if st[-1].shape_out not in deep_shapes:
@@ -182,7 +199,7 @@ def _solve(short: BlockSequence, deep: BlockSequence, expanding: bool, config: D
     if phi is None:
         relaxed = match_levels(sim, allowed, torch.ones(n, dtype=torch.bool))
         if relaxed is None:  # no pairing of equal blocks at all: the streams differ
-            raise _stage_error(short, deep, k)
+            raise _stage_error(short, deep, k, allowed, expanding)
         missing = [j for j in range(n) if j not in relaxed and not bool(free[j])]
         raise NoExactIdentityError(
             f"model {k}: expanding its {m} blocks to the target's {n} needs block "

@@ -13,3 +13,5 @@ class DepthError(ArchitectureMismatchError):
 class NoExactIdentityError(DepthError):
     """A level that would have to be inserted has no exact identity (a post-norm block, a width
     change, an op without an identity rule); the message names the level and the op."""
+
+    why: str = ""  # the reason alone (no advice), for messages that list several blocks
