@@ -24,6 +24,7 @@ from models.mlp import MLP
 from models.node import NODENet, node_net
 from models.resnet import ResNetCifar
 from models.transformer import SDPABlockNet
+from models.vit import vit
 
 
 def rel(ref: torch.Tensor, got: torch.Tensor) -> float:
@@ -53,6 +54,7 @@ EXPANSIONS: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], to
                                 lambda: build(lambda: ResNetCifar(depth=14), 1), IMG_X, 3),
     "transformer-2-to-4": (lambda: build(lambda: SDPABlockNet(depth=4), 0),
                            lambda: build(lambda: SDPABlockNet(depth=2), 1), TOK_X, 2),
+    "vit-mha-2-to-4": (lambda: vit(depth=4, seed=0), lambda: vit(depth=2, seed=1), IMG_X, 2),
 }
 
 

@@ -4,7 +4,8 @@ Two kinds of block (:mod:`fxfuse.depth.blocks`):
 
 * **residual** ``y = tail(x + branch(x))``: the branch is made to add exactly zero by zeroing the
   parameters of its last op that has them (``Linear`` / conv: ``W = 0, b = 0``; a norm:
-  ``gamma = 0, beta = 0``; a layer scale ``gamma * h``: ``gamma = 0``), walking back through ops
+  ``gamma = 0, beta = 0``; a layer scale ``gamma * h``: ``gamma = 0``; ``nn.MultiheadAttention``:
+  its output projection), walking back through ops
   with ``f(0) = 0`` (ReLU, GELU, SiLU, dropout, reshapes, a scalar ``dt * f``).  The stream operand
   must be the block's input (through ``nn.Identity`` / dropout: no projection shortcut), and every
   op on the stream after the add must be the identity there: ``ReLU`` when the stream is
@@ -55,6 +56,11 @@ ZERO_KEEPING_FUNCTIONS: frozenset[Any] = frozenset({
     *PASS_FUNCTIONS})
 ZERO_KEEPING_METHODS = frozenset({"view", "reshape", "transpose", "permute", "flatten",
                                   "contiguous", "clone", "relu", "neg", "squeeze", "unsqueeze"})
+# modules whose (first) output is exactly zero once these tensors are zero: attention's output
+# projection (a leaf nn.MultiheadAttention returns (output, weights); the branch reads [0])
+ZERO_OUTPUT_TENSORS: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.MultiheadAttention: ("out_proj.weight", "out_proj.bias"),
+}
 # modules whose output is exactly zero once their tensors (weight, bias) are zero (eval mode)
 ZEROABLE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
@@ -222,6 +228,16 @@ def _zero_branch(seq: BlockSequence, block: Block, node: fx.Node, out: State,
             raise _fail(block, f"the branch ends at {_describe(node, seq)}, which has no "
                                f"parameters to zero")
         return keys
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0 \
+            and isinstance(node.args[0], fx.Node):
+        inner = _module(seq, node.args[0])
+        names = ZERO_OUTPUT_TENSORS.get(type(inner)) if inner is not None else None
+        if names:
+            keys = [f"{node.args[0].target}.{k}" for k in names
+                    if f"{node.args[0].target}.{k}" in state]
+            for k in keys:
+                out[k] = torch.zeros_like(state[k])
+            return keys
     if node.op == "call_function" and node.target in (operator.mul, torch.mul):
         for a in node.args[:2]:
             if isinstance(a, fx.Node) and a.op == "get_attr" and str(a.target) in state:
