@@ -171,14 +171,18 @@ def part_demo(args: argparse.Namespace, revision: str) -> list[str]:
     cfg = fxfuse.GraphMatching.short() if args.quick else fxfuse.GraphMatching()
     methods: dict[str, Any] = {"naive average": None, "weight matching": fxfuse.WeightMatching(),
                                "graph matching": cfg}
-    maps, secs = {}, {}
+    maps: dict[str, Any] = {}
+    secs: dict[str, float] = {}
+    notes: list[str] = []
     for name, align in methods.items():
         if align is None:
             maps[name], secs[name] = None, 0.0
             continue
-        start = time.perf_counter()
-        maps[name] = fxfuse.align_states(spec, states, align)
-        secs[name] = time.perf_counter() - start
+        report = fxfuse.FusionReport()
+        fxfuse.fuse(models, example, align=align, progress=False, report=report)
+        maps[name] = report.maps
+        secs[name] = next(t for n, t in report.timings if n.startswith("align"))
+        notes += [n for n in report.notes if n.startswith("graph matching")]
     ends = [accuracy(m, tx, ty) for m in models]
     ws = [round(0.1 * i, 1) for i in range(1, 10)]
     acc: dict[str, dict[float, float]] = {}
@@ -218,8 +222,9 @@ def part_demo(args: argparse.Namespace, revision: str) -> list[str]:
         f"split), model B on the other {sizes[1]}; init seeds 0 / 1; {DEMO_BUDGET.describe()} "
         f"(`fxfuse.bench.train_client`, cached; {train_s:.0f} s of training in this run). "
         f"Scored on the {len(ty)} MNIST test images.",
-        f"- Alignment found once per method (`fxfuse.align_states`; graph matching: "
-        f"`{cfg!r}`), merged at each weighting (`fxfuse.merge_states`, weights w / 1 - w).",
+        f"- Alignment found once per method (`fxfuse.fuse(report=...)`: `report.maps`, the align "
+        f"pass's time; graph matching: `{cfg!r}`: {'; '.join(notes)}), merged at each weighting "
+        f"(`fxfuse.merge_states`, weights w / 1 - w).",
         f"- Demo (pygmtools docs, its own downloaded checkpoints): endpoints "
         f"{DEMO_REFERENCE['endpoints'][0]} / {DEMO_REFERENCE['endpoints'][1]}, naive "
         f"{DEMO_REFERENCE['naive']}, graph matching {DEMO_REFERENCE['graph']} at 0.5/0.5, best "
@@ -262,7 +267,9 @@ def cycle_error(pairwise: dict[tuple[int, int], dict[str, torch.Tensor]], n: int
 
 
 def consistency_rows(models: list[nn.Module], example: torch.Tensor,
-                     graph: fxfuse.GraphMatching) -> list[str]:
+                     graph_perms: list[dict[str, torch.Tensor]]) -> list[str]:
+    """Independent pairwise weight matching of every pair beside graph matching's maps (from
+    its scoreboard row, ``graph_perms``; its time is that row's)."""
     n = len(models)
     independent: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     start = time.perf_counter()
@@ -274,15 +281,11 @@ def consistency_rows(models: list[nn.Module], example: torch.Tensor,
         independent[(i, j)], independent[(j, i)] = pw[(0, 1)], pw[(1, 0)]
     t_wm = time.perf_counter() - start
     err_wm, cycles = cycle_error(independent, n)
-    start = time.perf_counter()
-    r = fxfuse.FusionReport()
-    fxfuse.fuse(models, example, align=graph, progress=False, report=r)
-    t_gm = time.perf_counter() - start
-    assert r.perms is not None
-    err_gm, _ = cycle_error(_pairwise(r.perms), n)
+    err_gm, _ = cycle_error(_pairwise(graph_perms), n)
     return [f"| independent pairwise weight matching ({n * (n - 1) // 2} pairs) | {cycles} | "
             f"{100 * err_wm:.1f}% | {t_wm:.1f} s |",
-            f"| graph matching (one universe) | {cycles} | {100 * err_gm:.1f}% | {t_gm:.1f} s |"]
+            f"| graph matching (one universe; its row above) | {cycles} | {100 * err_gm:.1f}% "
+            f"| - |"]
 
 
 def part_federated(args: argparse.Namespace, revision: str) -> list[str]:
@@ -291,10 +294,17 @@ def part_federated(args: argparse.Namespace, revision: str) -> list[str]:
 
     graph = fxfuse.GraphMatching.short() if args.quick else fxfuse.GraphMatching()
 
-    def graph_matching(ctx: Context) -> nn.Module:
+    found: dict[str, list[dict[str, torch.Tensor]]] = {}  # init -> the row's permutations
+
+    def graph_matching(ctx: Context) -> tuple[nn.Module, str]:
         require_one_architecture(ctx)
-        return fxfuse.fuse(ctx.models, ctx.example, align=graph, weights=ctx.weights,
-                           progress=False)
+        report = fxfuse.FusionReport()
+        fused = fxfuse.fuse(ctx.models, ctx.example, align=graph, weights=ctx.weights,
+                            progress=False, report=report)
+        assert report.perms is not None
+        found[ctx.init] = report.perms
+        note = next(n for n in report.notes if n.startswith("graph matching"))
+        return fused, note.split(" (")[0].replace("graph matching: ", "")
 
     chosen = {"vanilla average": METHODS["vanilla average"],
               "weight matching": METHODS["weight matching"], "graph matching": graph_matching,
@@ -323,7 +333,11 @@ def part_federated(args: argparse.Namespace, revision: str) -> list[str]:
                 *render_table(table), "",
                 "| matchings | 3-cycles | units not returning | time |", "|---|---:|---:|---:|"]
         for init, clients in table.clients.items():
-            rows = consistency_rows([c.model for c in clients], data.train_x[:2], graph)
+            if init not in found:
+                out.append(f"| {init} init: graph matching's row failed (see the table) | - | - "
+                           f"| - |")
+                continue
+            rows = consistency_rows([c.model for c in clients], data.train_x[:2], found.pop(init))
             out += [row.replace("| ", f"| {init} init: ", 1) for row in rows]
         out.append("")
     out += [load_line(args.load_start, time.perf_counter() - args.started), "",
