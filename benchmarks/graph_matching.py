@@ -407,7 +407,7 @@ def part_scale(args: argparse.Namespace, revision: str) -> list[str]:
             d = res.data
             if method == "weight":
                 base = d
-            ratio = f"{d['align_s'] / base['align_s']:.1f}x" if base else "-"
+            ratio = f"{d['cpu_s'] / base['cpu_s']:.1f}x" if base else "-"
             it = d["note"].split(" iterations")[0].replace("graph matching: ", "") or "-"
             rows.append(f"| {name} ({d['groups']} groups, widest {d['widest']}) | {method} | "
                         f"{d['align_s']:.2f} s | {d['cpu_s']:.1f} s | {ratio} | {it} | "
@@ -415,15 +415,16 @@ def part_scale(args: argparse.Namespace, revision: str) -> list[str]:
     return [*header("scale", "alignment time and memory at real widths",
                     "python benchmarks/graph_matching.py scale --write", revision),
             "- Two random inits (seeds 0 / 1) per model, each method in a fresh child process "
-            "(cold); `align` = the align pass's wall time in `FusionReport.timings`, CPU = the "
-            "whole fuse call's process CPU time; memory = peak RSS of the fuse call above the "
+            "(cold), one thread; `align` = the align pass's wall time in `FusionReport.timings`, "
+            "CPU = the whole fuse call's process CPU time (the figure to compare: wall time "
+            "waits for cores other jobs hold); memory = peak RSS of the fuse call above the "
             "RSS before it (`ru_maxrss`); distance = `sum_t ||A_t - P(B_t)||^2` over the "
             "parameters after alignment / before (lower: closer; weight matching minimises it, "
             "graph matching does not). Methods: `WeightMatching()`, `GraphMatching.short()`, "
             f"`GraphMatching()` (the paper's schedule). Child limit {args.timeout:g} s "
             f"({4 * args.timeout:g} s for ResNet-50).",
             load_line(args.load_start, time.perf_counter() - args.started), "",
-            "| model | method | align (wall) | fuse CPU | vs weight matching | iterations "
+            "| model | method | align (wall) | fuse CPU | CPU vs weight matching | iterations "
             "| memory | distance after / before |", "|---|---|---:|---:|---:|---:|---:|---:|",
             *rows, "", MARK["scale"][1]]
 
