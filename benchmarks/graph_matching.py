@@ -173,13 +173,16 @@ def part_demo(args: argparse.Namespace, revision: str) -> list[str]:
                                "graph matching": cfg}
     maps: dict[str, Any] = {}
     secs: dict[str, float] = {}
+    cpus: dict[str, float] = {"naive average": 0.0}
     notes: list[str] = []
     for name, align in methods.items():
         if align is None:
             maps[name], secs[name] = None, 0.0
             continue
         report = fxfuse.FusionReport()
+        cpu0 = time.process_time()
         fxfuse.fuse(models, example, align=align, progress=False, report=report)
+        cpus[name] = time.process_time() - cpu0
         maps[name] = report.maps
         secs[name] = next(t for n, t in report.timings if n.startswith("align"))
         notes += [n for n in report.notes if n.startswith("graph matching")]
@@ -193,14 +196,14 @@ def part_demo(args: argparse.Namespace, revision: str) -> list[str]:
             fused.load_state_dict(fxfuse.merge_states(spec, states, maps[name], [w, 1 - w]))
             acc[name][w] = accuracy(fused, tx, ty)
         print(f"  {name}: " + " ".join(f"{acc[name][w]:.2f}" for w in ws), file=sys.stderr)
-    rows = [f"| {name} | {secs[name]:.2f} s | " + " | ".join(
+    rows = [f"| {name} | {secs[name]:.2f} s | {cpus[name]:.2f} s | " + " | ".join(
         f"**{acc[name][w]:.2f}**" if acc[name][w] == max(acc[name].values()) else
         f"{acc[name][w]:.2f}" for w in ws) + " |" for name in methods]
     gain = acc["graph matching"][0.5] - acc["naive average"][0.5]
     ref_gain = DEMO_REFERENCE["graph"] - DEMO_REFERENCE["naive"]
     best_w = max(ws, key=lambda w: acc["graph matching"][w])
     best = acc["graph matching"][best_w]
-    t_gm = secs["graph matching"]
+    t_gm = max(secs["graph matching"], cpus["graph matching"])
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "**miss**"
@@ -210,9 +213,10 @@ def part_demo(args: argparse.Namespace, revision: str) -> list[str]:
         f"(demo: {ref_gain:+.2f}): {verdict(gain >= ref_gain)}.",
         f"- Best graph-matching weighting: {best:.2f}% at {best_w:g}/{1 - best_w:g}, endpoints "
         f"{ends[0]:.2f} / {ends[1]:.2f}: {verdict(best > max(ends))} (above both endpoints).",
-        f"- Graph-matching alignment time: {t_gm:.2f} s (demo: {DEMO_REFERENCE['seconds']} s, "
-        f"dense affinity + spectral matching): {verdict(t_gm < DEMO_REFERENCE['seconds'] / 4)} "
-        f"(goal read as < 1/4 of it).",
+        f"- Graph-matching time: align pass {secs['graph matching']:.2f} s wall, whole fuse call "
+        f"{cpus['graph matching']:.2f} s CPU (demo: {DEMO_REFERENCE['seconds']} s, dense "
+        f"affinity + spectral matching): {verdict(t_gm < DEMO_REFERENCE['seconds'] / 4)} (goal "
+        f"read as the larger of the two < 1/4 of it).",
     ]
     return [
         *header("demo", "the pygmtools demo's CNNs on label-skewed MNIST",
@@ -232,8 +236,8 @@ def part_demo(args: argparse.Namespace, revision: str) -> list[str]:
         f"on a CPU. Not the same models: only the gains compare.",
         load_line(args.load_start, time.perf_counter() - args.started), "",
         f"Endpoints: model A {ends[0]:.2f}%, model B {ends[1]:.2f}% test accuracy.", "",
-        "| method (w = weight of model A) | align time | " + " | ".join(f"{w:g}" for w in ws)
-        + " |", "|---|---:|" + "---:|" * len(ws), *rows, "", *goals, "", MARK["demo"][1]]
+        "| method (w = weight of model A) | align (wall) | fuse CPU | " + " | ".join(
+            f"{w:g}" for w in ws) + " |", "|---|---:|---:|" + "---:|" * len(ws), *rows, "", *goals, "", MARK["demo"][1]]
 
 
 # -- 2. five Dirichlet clients on the shared harness --------------------------------------------
