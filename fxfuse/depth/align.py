@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..trace import as_input_tuple
 from .blocks import BlockSequence, block_sequence
 from .errors import DepthError, NoExactIdentityError
-from .expand import collapse, expand
+from .expand import NEIGHBOURS, collapse, expand
 from .identity import HINT, has_identity
 from .match import match_levels
 from .similarity import activation_similarity, weight_similarity
@@ -49,7 +49,9 @@ class DepthAlignment:
     ``similarity``: ``"cka"`` (needs data), ``"weights"``, or ``"auto"`` (CKA with data).
     ``max_batches``: batches read from ``data``.  ``fit_steps`` / ``fit_lr``: Adam steps and
     rate per collapsed block.  ``tolerance``: relative output error an expansion may show (it is
-    exact up to float rounding)."""
+    exact up to float rounding).  ``collapse_into``: where unmatched blocks of a deeper model go
+    when collapsing: ``"previous"`` / ``"next"`` matched block, or ``"best"`` (both fitted, the
+    lower loss on the data kept)."""
 
     data: Any = field(default=None, compare=False, repr=False, metadata={"data": True})
     map: tuple[tuple[int, ...] | None, ...] | None = None
@@ -58,6 +60,7 @@ class DepthAlignment:
     fit_steps: int = 300
     fit_lr: float = 1e-3
     tolerance: float = 1e-5
+    collapse_into: str = "best"
 
     def __post_init__(self) -> None:
         if self.similarity not in SIMILARITIES:
@@ -67,6 +70,9 @@ class DepthAlignment:
                 not self.tolerance >= 0:
             raise InputError("DepthAlignment: max_batches >= 1, fit_steps >= 0, fit_lr > 0 and "
                              "tolerance >= 0 are required")
+        if self.collapse_into not in NEIGHBOURS:
+            raise InputError(f"DepthAlignment(collapse_into={self.collapse_into!r}): expected one "
+                             f"of {NEIGHBOURS}")
         if self.map is not None:
             object.__setattr__(self, "map", tuple(
                 None if m is None else tuple(int(j) for j in m) for m in self.map))
@@ -254,7 +260,8 @@ def align_depth(models: Sequence[nn.Module], example_inputs: Any,
             action = "expanded"
         elif len(seq) > len(template):
             phi, how = _solve(template, seq, False, config, batches, given, k)
-            new, lines = collapse(seq, template, phi, batches, config.fit_steps, config.fit_lr)
+            new, lines = collapse(seq, template, phi, batches, config.fit_steps, config.fit_lr,
+                                  config.collapse_into)
             action = "collapsed"
         else:
             raise DepthError(f"model {k} has as many blocks ({len(seq)}) as the target but "

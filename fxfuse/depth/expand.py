@@ -164,21 +164,41 @@ def _fit(sub: nn.Module, h: torch.Tensor, t: torch.Tensor, steps: int, lr: float
     return before, after
 
 
+NEIGHBOURS = ("best", "previous", "next")
+
+
+def _spans(phi: Sequence[int], n: int, into: Sequence[str]) -> list[tuple[int, int]]:
+    """Each target block's span ``[start, end)`` of deep blocks, given where every run of
+    unmatched deep blocks between two matched ones goes (``into[r]``: "previous" / "next")."""
+    starts, ends = list(phi), [j + 1 for j in phi]
+    starts[0], ends[-1] = 0, n  # unmatched blocks at either end have one neighbour
+    for r in range(len(phi) - 1):
+        if phi[r + 1] - phi[r] > 1:
+            if into[r] == "previous":
+                ends[r] = phi[r + 1]
+            else:
+                starts[r + 1] = phi[r] + 1
+    return list(zip(starts, ends))
+
+
 def collapse(deep: BlockSequence, template: BlockSequence, phi: Sequence[int],
-             batches: Sequence[torch.Tensor] | None, steps: int = 200, lr: float = 1e-3
-             ) -> tuple[nn.Module, list[str]]:
+             batches: Sequence[torch.Tensor] | None, steps: int = 200, lr: float = 1e-3,
+             into: str = "best") -> tuple[nn.Module, list[str]]:
     """``deep`` re-expressed in the shallower ``template`` architecture (module doc) and one
-    line per collapse."""
+    line per collapse.  ``into``: where a run of unmatched deep blocks between two matched ones
+    goes: the ``"previous"`` or ``"next"`` matched block, or ``"best"``: both are fitted and the
+    lower fitted loss on the data wins (stated in the line)."""
+    if into not in NEIGHBOURS:
+        raise InputError(f"collapse: into must be one of {NEIGHBOURS}, got {into!r}")
     what = f"collapsing {type(deep.model).__name__} to {type(template.model).__name__}"
-    n = len(deep.blocks)
-    spans = [(0 if i == 0 else j, phi[i + 1] if i + 1 < len(phi) else n)
-             for i, j in enumerate(phi)]
-    merged = [(i, s, e) for i, (s, e) in enumerate(spans) if e - s > 1]
-    if merged and not batches:
-        names = ", ".join(repr(deep.blocks[s].name) for _, s, _ in merged)
-        raise InputError(f"{what}: merging blocks ({names} and their neighbours) into one needs "
-                         f"data to fit the merged block on; pass data= (batches of inputs) or "
-                         f"choose the deeper model as the target")
+    n, m = len(deep.blocks), len(phi)
+    runs = [r for r in range(m - 1) if phi[r + 1] - phi[r] > 1]
+    first = _spans(phi, n, ["previous"] * max(m - 1, 0))
+    if any(e - s > 1 for s, e in first) and not batches:
+        names = ", ".join(repr(deep.blocks[j].name) for j in range(n) if j not in phi)
+        raise InputError(f"{what}: merging blocks ({names}) into their neighbours needs data to "
+                         f"fit the merged blocks on; pass data= (batches of inputs) or choose the "
+                         f"deeper model as the target")
     model = copy.deepcopy(template.model)
     state: State = {k: v.detach().clone() for k, v in template.model.state_dict().items()}
     src = deep.model.state_dict()
@@ -186,25 +206,57 @@ def collapse(deep: BlockSequence, template: BlockSequence, phi: Sequence[int],
         _copy_block(src, deep.blocks[j], state, template.blocks[i], what)
     _copy_free(deep, template, src, state, what)
     model.load_state_dict(state)
-    lines = []
-    if merged:
-        gm = symbolic_trace(model, stack_traces=False)
-        wanted = {deep.blocks[s].input for _, s, _ in merged} | {
-            deep.blocks[e - 1].output for _, _, e in merged}
-        acts = _capture(deep, wanted, batches or [])
-        for i, s, e in merged:
-            sub = block_module(gm, template.blocks[i])
+    if not batches or all(e - s == 1 for s, e in first):
+        return model, []
+    candidates = {tuple(_spans(phi, n, ["previous" if r != q else side for r in range(m - 1)]))
+                  for q in runs for side in ("previous", "next")} | {tuple(first)}
+    wanted = {deep.blocks[s].input for c in candidates for s, _ in c} | {
+        deep.blocks[e - 1].output for c in candidates for _, e in c}
+    acts = _capture(deep, wanted, batches)
+    gm = symbolic_trace(model, stack_traces=False)
+    fitted: dict[tuple[int, int, int], tuple[float, float, State]] = {}
+
+    def fit(i: int, s: int, e: int) -> tuple[float, float, State]:
+        """Block ``i`` fitted to deep blocks ``s .. e-1`` from the copied start (memoised)."""
+        if (i, s, e) not in fitted:
+            block = template.blocks[i]
             h, t = acts[deep.blocks[s].input], acts[deep.blocks[e - 1].output]
-            if h.shape[1:] != template.blocks[i].shape_in or t.shape[1:] != \
-                    template.blocks[i].shape_out:
+            if h.shape[1:] != block.shape_in or t.shape[1:] != block.shape_out:
                 raise DepthError(f"{what}: blocks {s}..{e - 1} map {tuple(h.shape[1:])} -> "
                                  f"{tuple(t.shape[1:])} but the target's block {i} "
-                                 f"({template.blocks[i].name!r}) maps "
-                                 f"{template.blocks[i].shape_in} -> "
-                                 f"{template.blocks[i].shape_out}: give another level map")
-            before, after = _fit(sub, h, t, steps, lr)
-            lines.append(f"collapsed blocks {s}..{e - 1} "
-                         f"({', '.join(repr(deep.blocks[k].name) for k in range(s, e))}) into "
-                         f"block {i} ({template.blocks[i].name!r}), fitted on "
-                         f"{h.shape[0]} samples: relative loss {before:.4g} -> {after:.4g}")
+                                 f"({block.name!r}) maps {block.shape_in} -> "
+                                 f"{block.shape_out}: give another level map")
+            model.load_state_dict({**model.state_dict(), **{k: state[k] for k in block.keys}})
+            before, after = _fit(block_module(gm, block), h, t, steps, lr)
+            now = model.state_dict()
+            fitted[(i, s, e)] = (before, after, {k: now[k].clone() for k in block.keys})
+        return fitted[(i, s, e)]
+
+    choice = {r: "previous" if into == "best" else into for r in runs}
+    notes: dict[int, str] = {}
+    if into == "best":
+        for r in runs:
+            prev = _spans(phi, n, ["previous"] * (m - 1))
+            nxt = _spans(phi, n, ["previous" if q != r else "next" for q in range(m - 1)])
+            loss_prev = fit(r, *prev[r])[1]
+            loss_next = fit(r + 1, *nxt[r + 1])[1]
+            choice[r] = "previous" if loss_prev <= loss_next else "next"
+            notes[r] = (f" (into the {choice[r]} block: fitted loss {loss_prev:.4g} as part of "
+                        f"block {r}, {loss_next:.4g} as part of block {r + 1})")
+    spans = _spans(phi, n, [choice.get(r, "previous") for r in range(m - 1)])
+    lines = []
+    final: State = {}
+    for i, (s, e) in enumerate(spans):
+        if e - s == 1:
+            continue
+        before, after, tensors = fit(i, s, e)
+        final.update(tensors)
+        why = "".join(notes[r] for r in runs if r in notes and i in (r, r + 1) and (
+            (choice[r] == "previous" and i == r) or (choice[r] == "next" and i == r + 1)))
+        lines.append(f"collapsed blocks {s}..{e - 1} "
+                     f"({', '.join(repr(deep.blocks[k].name) for k in range(s, e))}) into "
+                     f"block {i} ({template.blocks[i].name!r}), fitted on "
+                     f"{acts[deep.blocks[s].input].shape[0]} samples: relative loss "
+                     f"{before:.4g} -> {after:.4g}{why}")
+    model.load_state_dict({**state, **final})
     return model, lines
