@@ -5,12 +5,21 @@ Python scalars/shapes, tuples of those for multi-output ops).
 Modules with a registered axis rule (all standard ``torch.nn`` layers, plus user-registered
 classes) are kept as leaves; everything else is traced through, so a weight-tied block called
 ``k`` times appears as ``k`` ``call_module`` nodes with the same target.
+
+Opaque calls are seen through where they are plain Python over torch ops: a module without a
+rule (a ``torch.nn`` one too) is traced into, and a function a library marked with
+``torch.fx.wrap`` is traced on its own and inlined.  What can not be traced (Python control flow
+on tensor values, iteration over a tensor) stays one opaque node, a ``call_module`` of that
+module or a ``call_function`` of that function, for discovery to probe
+(:mod:`fxfuse.rules.probe`); only a failure in the root module's own ``forward`` stops symbolic
+tracing.  ``gm.meta["fxfuse.opaque"]`` names each opaque call's node and why it is opaque.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import itertools
 import operator
 import os
@@ -27,6 +36,7 @@ from .errors import InputError, TraceError, quote_error
 from .rules import lookup
 
 VALUE = "fxfuse.value"
+OPAQUE = "fxfuse.opaque"  # gm.meta: node name -> why the call could not be traced into
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
@@ -37,14 +47,47 @@ class TensorMeta:
 
 
 class _Tracer(fx.Tracer):
+    """fx tracing with fxfuse's leaves: modules with a rule.  Every other module is traced
+    into; one that can not be (its ``forward`` raised on proxies) is rolled back and kept as an
+    opaque ``call_module`` node (``self.opaque``: node name -> why)."""
+
     def __init__(self, stack_traces: bool) -> None:
         super().__init__()
         self.record_stack_traces = stack_traces
+        self.opaque: dict[str, str] = {}
+        self._proxy_cache: dict[str, Any] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return lookup(type(m)) is not None
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        self._proxy_cache = parameter_proxy_cache  # to forget proxies of rolled-back nodes
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
         if lookup(type(m)) is not None:
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
+            return super().call_module(m, forward, args, kwargs)
+        before = len(self.graph.nodes)
+        stack, calls = dict(self.module_stack), dict(self.num_calls)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:  # not traceable: roll back, keep the call as one node
+            made = list(self.graph.nodes)[before:]
+            for n in reversed(made):
+                self.graph.erase_node(n)
+            gone = set(made)
+            if self._proxy_cache is not None:
+                for k in [k for k, p in self._proxy_cache.items() if p.node in gone]:
+                    del self._proxy_cache[k]
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            self.num_calls.clear()
+            self.num_calls.update(calls)
+            proxy = self.create_proxy("call_module", self.path_of_module(m), args, kwargs)
+            self.opaque[proxy.node.name] = (f"{type(m).__name__}.forward can not be traced "
+                                            f"symbolically ({quote_error(exc, 160)})")
+            return proxy
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -67,6 +110,7 @@ def symbolic_trace(model: nn.Module, stack_traces: bool = True) -> fx.GraphModul
     tracer = _Tracer(stack_traces)
     try:
         graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:
         raise TraceError(
             f"torch.fx.symbolic_trace could not trace {type(model).__name__}: "
@@ -75,7 +119,104 @@ def symbolic_trace(model: nn.Module, stack_traces: bool = True) -> fx.GraphModul
             f"registered rule (@fxfuse.axis_rule(MyModule)), or rewrite it without Python "
             f"control flow on tensor values."
         ) from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    opaque = dict(tracer.opaque)
+    opaque.update(inline_wrapped_functions(gm, stack_traces))
+    gm.meta[OPAQUE] = opaque
+    return gm
+
+
+def _is_wrapped_function(target: Any) -> bool:
+    """A plain Python function outside torch called as one node (``torch.fx.wrap``)."""
+    return (inspect.isfunction(target) and lookup(target) is None
+            and not (getattr(target, "__module__", None) or "torch").startswith("torch"))
+
+
+def _function_module(fn: Callable[..., Any], args: Any, kwargs: Any, nodes: list[fx.Node]
+                     ) -> nn.Module:
+    """A module whose ``forward(a0, .., ak)`` calls ``fn`` with the call's arguments, ``ai``
+    standing for the call's i-th argument node (fx traces a root's positional parameters)."""
+    names = [f"a{i}" for i in range(len(nodes))]
+    index = {n: i for i, n in enumerate(nodes)}
+
+    class _Call(nn.Module):
+        def call(self, *xs: Any) -> Any:
+            def sub(v: Any) -> Any:
+                return xs[index[v]] if isinstance(v, fx.Node) else v
+            a = fx.node.map_aggregate(args, sub)
+            kw = fx.node.map_aggregate(kwargs, sub)
+            return fn(*a, **kw)  # type: ignore[arg-type]
+
+    scope: dict[str, Any] = {}
+    exec(f"def forward(self, {', '.join(names)}):\n    return self.call({', '.join(names)})\n",
+         scope)
+    _Call.forward = scope["forward"]  # type: ignore[method-assign]
+    return _Call()
+
+
+def _inline_one(gm: fx.GraphModule, node: fx.Node, stack_traces: bool, k: int) -> str | None:
+    """Trace ``node``'s function on its own and put its graph in place of ``node``; the reason
+    it stays opaque, or None once inlined."""
+    nodes: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), nodes.append)
+    nodes = list(dict.fromkeys(nodes))
+    wrapper = _function_module(node.target, node.args, node.kwargs, nodes)  # type: ignore[arg-type]
+    tracer = _Tracer(stack_traces)
+    try:
+        sub = tracer.trace(wrapper)
+    except Exception as exc:
+        name = getattr(node.target, "__qualname__", str(node.target))
+        return f"{name} can not be traced symbolically ({quote_error(exc, 160)})"
+    if tracer.opaque or any(n.op == "call_module" for n in sub.nodes):
+        return f"{getattr(node.target, '__qualname__', node.target)} calls modules"
+    out = next(n for n in sub.nodes if n.op == "output").args[0]
+    users = list(node.users)
+    if not isinstance(out, fx.Node) and not (
+            isinstance(out, (tuple, list)) and all(isinstance(o, fx.Node) for o in out)
+            and all(u.target is operator.getitem and isinstance(u.args[1], int) for u in users)):
+        return f"{getattr(node.target, '__qualname__', node.target)} returns a structure"
+    placeholders = [n for n in sub.nodes if n.op == "placeholder"]
+    val_map: dict[fx.Node, Any] = dict(zip(placeholders, nodes))
+    for n in sub.nodes:
+        if n.op == "get_attr":  # constants the function made (torch.tensor(...))
+            value: Any = tracer.root
+            for part in str(n.target).split("."):
+                value = getattr(value, part)
+            name = f"_fxfuse_inlined_{k}_{str(n.target).replace('.', '_')}"
+            setattr(gm, name, value)
+            n.target = name
+    with gm.graph.inserting_before(node):
+        copied = gm.graph.graph_copy(sub, val_map)
+    if isinstance(copied, fx.Node):
+        node.replace_all_uses_with(copied)
+    else:
+        for u in users:
+            u.replace_all_uses_with(copied[u.args[1]])  # type: ignore[index, arg-type]
+            gm.graph.erase_node(u)
+    gm.graph.erase_node(node)
+    return None
+
+
+def inline_wrapped_functions(gm: fx.GraphModule, stack_traces: bool, depth: int = 8
+                             ) -> dict[str, str]:
+    """See through functions marked with ``torch.fx.wrap``: each call is traced on its own and
+    inlined (nested ones too, ``depth`` levels).  Returns the calls that stay opaque (node name
+    -> why)."""
+    opaque: dict[str, str] = {}
+    k = 0
+    for _ in range(depth):
+        todo = [n for n in gm.graph.nodes if n.op == "call_function"
+                and _is_wrapped_function(n.target) and n.name not in opaque]
+        if not todo:
+            break
+        for node in todo:
+            why = _inline_one(gm, node, stack_traces, k)
+            k += 1
+            if why is not None:
+                opaque[node.name] = why
+    if k:
+        gm.graph.lint()
+        gm.recompile()
+    return opaque
 
 
 def nonfinite_key(state: Any) -> str | None:

@@ -343,3 +343,109 @@ add(torch.tensor, lambda x: x + torch.tensor([1.0, 2.0, 3.0, 4.0]), X2)
 add(torch.linspace, lambda x: x + torch.linspace(0, 1, 4), X2)
 add(torch.roll, lambda x: torch.roll(x, (1, 2), (2, 3)), X4)
 add("roll", lambda x: x.roll(1, -1), X4)
+
+# -- einsum: one rule for every equation ---------------------------------------------------------
+EINSUMS: list[tuple[str, tuple[torch.Tensor, ...]]] = [
+    ("bhqd,bhkd->bhqk", (rnd(2, 3, 4, 5), rnd(2, 3, 6, 5))),  # attention scores
+    ("bhqk,bhkd->bhqd", (rnd(2, 3, 4, 6), rnd(2, 3, 6, 5))),  # attention output
+    ("bij,bjk", (rnd(2, 3, 4), rnd(2, 4, 5))),  # implicit output
+    ("ii->i", (rnd(4, 4),)),  # diagonal
+    ("...ij,jk->...ik", (rnd(2, 3, 4), rnd(4, 5))),  # ellipsis batch
+    ("b...d,d->b...", (rnd(2, 3, 5, 4), rnd(4))),  # ellipsis kept, d summed
+    ("ij->", (rnd(3, 4),)),  # full sum
+    ("ij,ij->ij", (rnd(3, 4), rnd(1, 4))),  # broadcast size-1 operand axis
+    ("i,j->ij", (rnd(3), rnd(4))),  # outer product
+    ("bnd,hd->bnh", (rnd(2, 3, 4), rnd(6, 4))),  # a projection
+]
+for eq, xs in EINSUMS:
+    add(torch.einsum, lambda *a, _e=eq: torch.einsum(_e, *a), xs)
+add(torch.einsum, lambda a, b: torch.einsum("ij,jk->ik", [a, b]), (rnd(3, 4), rnd(4, 5)))
+
+# -- indexing: windows of an axis (slices that partition an axis act as a split) ----------------
+QKV = rnd(2, 5, 12)
+add(operator.getitem, lambda x: x[:, :, :4] * x[:, :, 4:8] + x[:, :, 8:], QKV)  # fused qkv
+add(operator.getitem, lambda x: x[..., :4] @ x[..., 4:8].transpose(-1, -2) @ x[..., 8:], QKV)
+add(operator.getitem, lambda x: x[:, 0], QKV)  # class token: trailing axis implicit
+add(operator.getitem, lambda x: x[..., 2], QKV)
+add(operator.getitem, lambda x: x[1:, ::3], QKV)  # strided: cut
+add(operator.getitem, lambda x: x[:, 1:3] * x[:, :2], X4)  # overlapping windows
+add(torch.narrow, lambda x: torch.narrow(x, -1, 4, 4) * torch.narrow(x, -1, 0, 4), QKV)
+add("narrow", lambda x: x.narrow(2, 8, 4), QKV)
+add(torch.select, lambda x: torch.select(x, 1, 0), QKV)
+add("select", lambda x: x.select(-1, 3), QKV)
+
+# -- indexing by tensors, differences, tensors made from another's dtype --------------------------
+IDX = torch.randint(0, 5, (2, 3, 12), generator=g)
+add(torch.gather, lambda x, i: torch.gather(x, 1, i), (QKV, IDX))
+add("gather", lambda x, i: x.gather(-1, i[:, :, :6] % 12), (QKV, IDX))
+add(torch.index_select, lambda x, i: torch.index_select(x, 1, i), (QKV, IDX[0, 0, :4]))
+add("index_select", lambda x, i: x.index_select(-1, i), (QKV, IDX[0, 0]))
+add(operator.getitem, lambda x, i: x[:, i], (QKV, IDX[0, :2, :4]))  # trailing axis implicit
+add(operator.getitem, lambda x, i: x[i, :, i], (QKV, IDX[0, :2, :4] % 2))  # not adjacent
+add(operator.getitem, lambda x, i: x[..., i], (QKV, IDX[0, 0, :7]))
+add(torch.diff, lambda x: torch.diff(x, dim=1), QKV)
+add("diff", lambda x, p: x.diff(dim=-1, prepend=p), (QKV, rnd(2, 5, 1)))
+for m in ("new_ones", "new_zeros", "new_empty"):
+    add(m, lambda x, _m=m: x * 2 + getattr(x, _m)(12).fill_(1.0), QKV)
+add("new_full", lambda x: x + x.new_full((12,), 2.0), QKV)
+add("new_tensor", lambda x: x + x.new_tensor([1.0] * 12), QKV)
+for f in (torch.triu, torch.tril):
+    add(f, lambda x, _f=f: _f(x, 1), rnd(2, 3, 4, 4))
+for m in ("triu", "tril"):
+    add(m, lambda x, _m=m: getattr(x, _m)(), rnd(2, 3, 4, 4))
+
+# -- what the export path makes of ordinary code (each case must produce its op) ------------------
+MASK = (torch.rand(2, 5, 12, generator=g) > 0.5)
+add_export(aten.einsum.default, lambda a, b: torch.einsum("bhqd,bhkd->bhqk", a, b),
+           (rnd(2, 3, 4, 5), rnd(2, 3, 6, 5)))
+add_export(aten.narrow.default, lambda x: torch.narrow(x, -1, 4, 4) * x[..., :4], QKV)
+add_export(aten.to.device, lambda x: x.to(x.device, torch.float64) * 2, QKV)
+add_export(aten.pad.default, lambda x: F.pad(x, (0, 0, 1, 2), mode="reflect"), QKV)
+add_export(aten.constant_pad_nd.default, lambda x: torch.constant_pad_nd(x, (0, 0, 1, 2)), QKV)
+for t, fn in ((aten.le.Tensor, torch.le), (aten.lt.Tensor, torch.lt), (aten.ne.Tensor, torch.ne)):
+    add_export(t, lambda x, y, _f=fn: _f(x, y).float() * x, (QKV, rnd(5, 12)))
+for t, fn in ((aten.__and__.Tensor, operator.and_), (aten.__or__.Tensor, operator.or_),
+              (aten.__xor__.Tensor, operator.xor)):
+    add_export(t, lambda x, m, _f=fn: torch.where(_f(x > 0, m), x, 0.0), (QKV, MASK))
+for t, fn in ((aten.bitwise_and.Tensor, torch.bitwise_and), (aten.bitwise_or.Tensor, torch.bitwise_or),
+              (aten.bitwise_xor.Tensor, torch.bitwise_xor)):
+    add_export(t, lambda x, m, _f=fn: torch.where(_f(x > 0, m), x, 0.0), (QKV, MASK))
+add_export(aten.bitwise_not.default, lambda x: torch.where(torch.bitwise_not(x > 0), x, 0.0), QKV)
+for t, fn in ((aten.logical_and.default, torch.logical_and), (aten.logical_or.default, torch.logical_or),
+              (aten.logical_xor.default, torch.logical_xor)):
+    add_export(t, lambda x, m, _f=fn: torch.where(_f(x > 0, m), x, 0.0), (QKV, MASK))
+add_export(aten.min.other, lambda x, y: torch.min(x, y), (QKV, rnd(5, 12)))
+add_export(aten.max.other, lambda x, y: torch.max(x, y), (QKV, rnd(5, 12)))
+add_export(aten.where.ScalarOther, lambda x: torch.where(x > 0, x, 0.0), QKV)
+add_export(aten.where.ScalarSelf, lambda x: torch.where(x > 0, 1.0, x), QKV)
+add_export(aten.where.Scalar, lambda x: x * torch.where(x > 0, 1.0, 0.0), QKV)
+add_export(aten.cumsum.default, lambda x: torch.cumsum(x, 1), QKV)
+add_export(aten.any.dim, lambda x: x * (x > 1).any(1, keepdim=True), QKV)
+add_export(aten.all.dim, lambda x: x * (x > -3).all(-1, keepdim=True), QKV)
+add_export(aten.clamp_min.default, lambda x: torch.clamp_min(x, 0.1), QKV)
+add_export(aten.clamp_max.default, lambda x: torch.clamp_max(x, 0.1), QKV)
+add_export(aten.expand_as.default, lambda x, y: x.expand_as(y) * y, (rnd(1, 12), QKV))
+add_export(aten.scalar_tensor.default, lambda x: x * torch.scalar_tensor(2.0), QKV)
+add_export(aten.gather.default, lambda x, i: torch.gather(x, 1, i), (QKV, IDX))
+add_export(aten.index_select.default, lambda x, i: torch.index_select(x, 1, i), (QKV, IDX[0, 0, :4]))
+add_export(aten.index.Tensor, lambda x, i: x[:, i], (QKV, IDX[0, :2, :4]))
+add_export(aten.index.Tensor, lambda x, i: x[i, :, i], (QKV, IDX[0, :2, :4] % 2))
+add_export(aten.diff.default, lambda x: torch.diff(x, dim=1), QKV)
+for t, m in ((aten.new_ones.default, "new_ones"), (aten.new_zeros.default, "new_zeros"),
+             (aten.new_empty.default, "new_empty")):
+    add_export(t, lambda x, _m=m: x * 2 + getattr(x, _m)(12).fill_(1.0), QKV)
+add_export(aten.new_full.default, lambda x: x + x.new_full((12,), 2.0), QKV)
+add_export(aten.triu.default, lambda x: torch.triu(x, 1), rnd(2, 3, 4, 4))
+add_export(aten.tril.default, lambda x: torch.tril(x), rnd(2, 3, 4, 4))
+
+# -- max / min in their three forms, and fields of named results ---------------------------------
+add(torch.max, lambda x: torch.max(x, 1).values * 2, X4)
+add(torch.max, lambda x: torch.max(x, -1, keepdim=True)[1] * x, X4)
+add(torch.max, lambda x, y: torch.max(x, y), (pos(*X3), pos(6, 1)))
+add(torch.max, lambda x: x * torch.max(x), X4)
+add(torch.min, lambda x: torch.min(x, 0).values, X4)
+add("max", lambda x: x.max(dim=2).indices * 2, X4)
+add("min", lambda x: x.min(-1)[0], X4)
+add(builtins.getattr, lambda x: torch.max(x, 1).values, X4)
+add_export(aten.max.dim, lambda x: torch.max(x, 1).values * 2, X4)
+add_export(aten.min.dim, lambda x: torch.min(x, -1)[0], X4)

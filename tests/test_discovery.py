@@ -294,9 +294,11 @@ class WithUserModule(nn.Module):
 def test_user_registered_rule_for_own_module() -> None:
     model = WithUserModule()
     x = torch.randn(3, 8)
-    with pytest.raises(fxfuse.TraceError):
-        fxfuse.find_groups(model, x, tracer="symbolic")  # Python control flow in ChannelScale
-    assert fxfuse.find_groups(model, x).tracer == "torch.export"  # auto falls back
+    with pytest.raises(fxfuse.UnsupportedOpError):  # Python control flow: opaque, no rule
+        fxfuse.find_groups(model, x, strict=True, tracer="symbolic")
+    probed = fxfuse.find_groups(model, x, tracer="symbolic")  # kept opaque, and probed
+    assert [p.node for p in probed.probed] == ["s"] and not probed.cuts
+    assert groups_of(probed, "s.weight") == groups_of(probed, "a.weight") != []
 
     @fxfuse.axis_rule(ChannelScale)
     def channel_scale_rule(op):  # type: ignore[no-untyped-def]
@@ -304,8 +306,9 @@ def test_user_registered_rule_for_own_module() -> None:
         return [Same(x[0], y[0]), Same(x[1], y[1]), Same(w[0], y[1])]
 
     try:
-        spec = fxfuse.find_groups(model, x)
+        spec = fxfuse.find_groups(model, x, strict=True)
         assert groups_of(spec, "s.weight") == groups_of(spec, "a.weight") != []
+        assert not spec.probed  # the rule, not a measurement
         fxfuse.verify(model, spec, x)
     finally:
         from fxfuse.rules import registry
@@ -416,3 +419,42 @@ def test_explain_names_the_rules_that_joined_a_group() -> None:
     text = spec.explain(name)
     assert "layer1.0.norm1.running_var:0" in text
     assert "layer1_0_norm1 (BatchNorm2d)" in text and "layer1_0_conv2 (Conv2d)" in text
+
+
+# -- issue 15: einsum, sliced fused projections, class-token indexing ------------------------------
+class EinsumSlicedAttention(nn.Module):
+    """Attention written as libraries write it: a fused qkv projection split by slicing, einsum
+    for scores and values, the class token taken by ``x[:, 0]`` for the head."""
+
+    def __init__(self, c: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.c, self.heads = c, heads
+        self.embed = nn.Linear(6, c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, t, c = h.shape
+        qkv = self.qkv(h)
+        q, k, v = qkv[..., :c], qkv[..., c:2 * c], qkv[..., 2 * c:]
+        q, k, v = (z.reshape(b, t, self.heads, c // self.heads) for z in (q, k, v))
+        a = torch.einsum("bqhd,bkhd->bhqk", q, k).softmax(-1)
+        h = h + self.proj(torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, t, c))
+        return self.head(h[:, 0])
+
+
+@pytest.mark.parametrize("tracer", ["symbolic", "export"])
+def test_einsum_attention_with_sliced_qkv_and_class_token(tracer: str) -> None:
+    model = randomize_constants(EinsumSlicedAttention(), seed=1)
+    x = torch.randn(2, 5, 6)
+    spec = fxfuse.find_groups(model, x, tracer=tracer)
+    assert not spec.cuts and not spec.probed
+    rows = spec.axes[("qkv.weight", 0)].layout  # q + k + v blocks, each heads x head_dim
+    assert isinstance(rows, Sum) and len(rows.parts) == 3, rows
+    q, k, v = rows.parts
+    assert q == k and q != v  # q and k are contracted together; v has its own head_dim
+    assert spec.groups_of("embed.weight", 0) == spec.groups_of("head.weight", 1) != []
+    assert spec.groups_of("proj.weight", 1) == spec.axes[("qkv.weight", 0)].groups[-2:]
+    fxfuse.verify(model, spec, x)

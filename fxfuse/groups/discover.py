@@ -10,6 +10,7 @@ unmentioned is fixed too.  Only this module mutates the atom table.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import InputError, TraceError, UnsupportedOpError
+from ..errors import FxFuseError, InputError, TraceError, UnsupportedOpError, quote_error
 from ..ir.layout import Atom, AtomTable, Layout, Prod, Reason, Sum
 from ..rules import (
     AxisRef,
@@ -26,13 +27,17 @@ from ..rules import (
     Free,
     NewAxis,
     OpView,
+    RuleDoesNotApply,
+    RuleError,
     Same,
     TensorHandle,
     canonical,
     lookup,
     target_name,
 )
+from ..rules.probe import ProbeResult, probe
 from ..trace import (
+    OPAQUE,
     VALUE,
     TensorMeta,
     as_input_tuple,
@@ -68,6 +73,9 @@ class Discovery:
     # (state_dict key, axis) -> the roles its uses gave it (fxfuse.groups.roles)
     roles: dict[tuple[str, int], set[str | None]] = field(default_factory=dict)
     buffers: frozenset[str] = frozenset()  # state_dict keys that are buffers, not parameters
+    # calls without a rule whose relations were measured (fxfuse.rules.probe), kind "probed"
+    probed: list[Reason] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what discovery chose, and why
 
     def input_nodes(self) -> list[fx.Node]:
         """The placeholders that are model inputs (not lifted parameters/buffers)."""
@@ -113,8 +121,10 @@ class _Handles:
 
 class _Driver:
     def __init__(self, model: nn.Module, gm: fx.GraphModule, strict: bool, fix_io: bool,
-                 lifted: dict[str, str] | None = None) -> None:
+                 lifted: dict[str, str] | None = None, probe: bool = True) -> None:
         self.gm = gm
+        self.probe = probe
+        self.probed: list[Reason] = []  # calls whose relations were measured, not from a rule
         self.lifted = lifted or {}  # export graphs: placeholder name -> parameter/buffer name
         self.strict = strict
         self.fix_io = fix_io
@@ -237,27 +247,87 @@ class _Driver:
         src = source_line(node)
         target = canonical(node.target)
         rule = lookup(type(module) if module is not None else target)
-        if rule is None:
-            msg = (f"no axis rule for {opname}{_module_path(node)}; the groups through it stay "
-                   f"fixed. Register one "
-                   f"with @fxfuse.axis_rule({_recipe(node, self.gm)}) (see fxfuse.rules)")
-            if self.strict:
-                where = f" at {src}" if src else ""
-                raise UnsupportedOpError(f"node {node.name!r}: {msg}{where}")
-            self._cut(hs, Reason("no-rule", node.name, opname, msg, src))
-            return
         op = OpView(target, args, kwargs, outs, out_value, module, params)
-        base = Reason("rule", node.name, opname, "", src)
-        try:
-            relations = rule(op)
-            self._apply(relations, hs.handles, hs.shapes, base)
-            self._record_use(node, relations, hs.sources, out_value, module, params)
-        except Exception as exc:  # a rule that can not handle this call: never guess
-            if self.strict:
-                raise UnsupportedOpError(
-                    f"node {node.name!r}: the axis rule for {opname} failed: {exc}") from exc
-            self._cut(hs, Reason("no-rule", node.name, opname, f"axis rule failed ({exc}); fixed",
-                                 src))
+        declined = ""
+        if rule is not None:
+            base = Reason("rule", node.name, opname, "", src)
+            try:
+                relations = rule(op)
+            except RuleDoesNotApply as exc:
+                declined = str(exc) or "the rule does not describe this call"
+            except FxFuseError:
+                raise
+            except Exception as exc:
+                raise self._rule_error(node, opname, rule, src, quote_error(exc)) from exc
+            else:
+                try:
+                    self._apply(relations, hs.handles, hs.shapes, base)
+                except (TypeError, AttributeError, IndexError) as exc:
+                    raise self._rule_error(node, opname, rule, src, quote_error(exc)) from exc
+                self._record_use(node, relations, hs.sources, out_value, module, params)
+                return
+        what = (f"the axis rule for {opname}{_module_path(node)} does not apply ({declined})"
+                if declined else f"no axis rule for {opname}{_module_path(node)}")
+        msg = (f"{what}; the groups through it stay fixed. Register one with "
+               f"@fxfuse.axis_rule({_recipe(node, self.gm)}) (see fxfuse.rules)")
+        if self.strict:
+            where = f" at {src}" if src else ""
+            raise UnsupportedOpError(f"node {node.name!r}: {msg}{where} (strict mode does not "
+                                     f"probe ops without a rule)")
+        if self.probe:
+            result = self._probe(node, module, op)
+            if result.found:
+                self.table.at(node.name, f"probed {opname}")
+                self.probed.append(Reason("probed", node.name, opname,
+                                          "measured: " + "; ".join(result.holds), src))
+                failed = "; ".join(result.fails) or "some axes relate as no rule says"
+                cut = Reason("no-rule", node.name, opname, f"{what}; probed: {failed}", src)
+                self._apply(result.relations, hs.handles, hs.shapes, cut, cut_kind="no-rule")
+                self._record_use(node, result.relations, hs.sources, out_value, module, params)
+                if any(isinstance(r, Cut) for r in result.relations):
+                    self.cuts.append(cut)
+                return
+            msg = f"{what} ({result.reason}); the groups through it stay fixed. " + msg.split(
+                "stay fixed. ", 1)[1]
+        self._cut(hs, Reason("no-rule", node.name, opname, msg, src))
+
+    def _probe(self, node: fx.Node, module: nn.Module | None, op: OpView) -> ProbeResult:
+        """Measure the relations of a call without a rule (:mod:`fxfuse.rules.probe`)."""
+        params = {name: h for name, h in op.params.items()
+                  if module is not None and self._in_state(module, name)}
+        inputs = [*op.tensors(), *params.values()]
+        copy_ = copy.deepcopy(module).eval() if module is not None else None
+
+        def call(values: dict[int, torch.Tensor]) -> Any:
+            a, kw = _fill(op.args, values), _fill(op.kwargs, values)
+            if copy_ is not None:
+                state = {name: values[h.index] for name, h in params.items()}
+                return torch.func.functional_call(copy_, state, tuple(a), kw)
+            if node.op == "call_method":
+                return getattr(a[0], str(node.target))(*a[1:], **kw)
+            return node.target(*a, **kw)  # type: ignore[operator]
+
+        labels = {h.index: f"arg{i}" for i, h in enumerate(op.tensors())}
+        labels.update({h.index: name for name, h in params.items()})
+        labels.update({h.index: "out" if len(op.outs) == 1 else f"out{i}"
+                       for i, h in enumerate(op.outs)})
+        return probe(call, inputs, op.outs, labels=labels)
+
+    def _in_state(self, module: nn.Module, name: str) -> bool:
+        t = module.get_parameter(name) if name in dict(module.named_parameters(
+            remove_duplicate=False)) else module.get_buffer(name)
+        return id(t) in self.key_of
+
+    @staticmethod
+    def _rule_error(node: fx.Node, opname: str, rule: Any, src: str | None, what: str
+                    ) -> RuleError:
+        name = getattr(rule, "__qualname__", repr(rule))
+        where = f" at {src}" if src else ""
+        return RuleError(
+            f"the axis rule {getattr(rule, '__module__', '')}.{name} failed on node "
+            f"{node.name!r} ({opname}){where}: {what}. This is a bug in the rule: a rule that "
+            f"does not describe a call must raise fxfuse.rules.RuleDoesNotApply (see "
+            f"fxfuse.rules.registry)")
 
     def _cut(self, hs: _Handles, why: Reason) -> None:
         self.cuts.append(why)
@@ -328,7 +398,7 @@ class _Driver:
                 self.table.fix(lay, why)
 
     def _apply(self, relations: list[Any], handles: list[tuple[Layout, ...]],
-               shapes: list[tuple[int, ...]], base: Reason) -> None:
+               shapes: list[tuple[int, ...]], base: Reason, cut_kind: str = "rule") -> None:
         mentioned: set[tuple[int, int]] = set()
         local: dict[str, Atom] = {}
 
@@ -338,7 +408,7 @@ class _Driver:
                 return handles[e.tensor][e.axis]
             if isinstance(e, NewAxis):
                 if e.key not in local:
-                    local[e.key] = self.table.new(e.size, e.key)
+                    local[e.key] = self.table.new(e.size, e.key if e.named else None)
                 return local[e.key]
             if isinstance(e, Prod):
                 return Prod(tuple(lay(p) for p in e.parts))
@@ -350,7 +420,7 @@ class _Driver:
             if isinstance(r, Same):
                 self.table.unify(lay(r.a), lay(r.b), base)
             elif isinstance(r, Cut):
-                self.table.fix(lay(r.a), Reason("rule", base.node, base.op, r.why, base.source))
+                self.table.fix(lay(r.a), Reason(cut_kind, base.node, base.op, r.why, base.source))
             elif isinstance(r, Free):
                 lay(r.a)
             else:
@@ -358,9 +428,24 @@ class _Driver:
         for i, lays in enumerate(handles):
             for d, lo in enumerate(lays):
                 if shapes[i][d] > 1 and (i, d) not in mentioned:
-                    why = Reason("rule", base.node, base.op,
+                    why = Reason(cut_kind, base.node, base.op,
                                  f"the rule does not relate axis {d} of tensor #{i}", base.source)
                     self.table.fix(lo, why)
+
+
+def _fill(v: Any, values: dict[int, torch.Tensor]) -> Any:
+    """``v`` (a rule's view of the arguments) with every tensor handle replaced by its value."""
+    if isinstance(v, TensorHandle):
+        return values[v.index]
+    if isinstance(v, list):
+        return [_fill(u, values) for u in v]
+    if isinstance(v, tuple) and not hasattr(v, "_fields"):
+        return tuple(_fill(u, values) for u in v)
+    if isinstance(v, dict):
+        return {k: _fill(u, values) for k, u in v.items()}
+    if isinstance(v, slice):
+        return slice(_fill(v.start, values), _fill(v.stop, values), _fill(v.step, values))
+    return v
 
 
 def _param_origins(key: str, ndim: int) -> Origins:
@@ -396,46 +481,88 @@ def _recipe(node: fx.Node, gm: fx.GraphModule) -> str:
 TRACERS = ("auto", "symbolic", "export")
 
 
+def _symbolic(model: nn.Module, inputs: tuple[Any, ...], strict: bool, fix_io: bool,
+              probe: bool) -> Discovery:
+    gm = symbolic_trace(model, stack_traces=strict)
+    record_values(gm, inputs)
+    driver = _Driver(model, gm, strict, fix_io, probe=probe)
+    driver.run()
+    cuts, probed = driver.cuts, driver.probed
+    if cuts or probed:  # name the user's source lines: trace again, recording stack traces
+        sources = {n.name: source_line(n) for n in symbolic_trace(model).graph.nodes}
+        cuts = [replace(c, source=sources.get(c.node)) for c in cuts]
+        probed = [replace(c, source=sources.get(c.node)) for c in probed]
+    return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes, driver.aliases,
+                     cuts, roles=driver.roles, buffers=driver.buffers, probed=probed)
+
+
+def _export(model: nn.Module, inputs: tuple[Any, ...], strict: bool, fix_io: bool,
+            probe: bool) -> Discovery:
+    gm, lifted = export_trace(model, inputs)
+    driver = _Driver(model, gm, strict, fix_io, lifted, probe=probe)
+    driver.run()
+    return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes, driver.aliases,
+                     driver.cuts, tracer="torch.export", lifted=lifted, roles=driver.roles,
+                     buffers=driver.buffers, probed=driver.probed)
+
+
+def opaque_cuts(disc: Discovery) -> list[Reason]:
+    """The cuts at calls symbolic tracing could not see into (``fxfuse.opaque``)."""
+    opaque = disc.gm.meta.get(OPAQUE, {})
+    return [c for c in disc.cuts if c.node in opaque]
+
+
+def _covered(disc: Discovery) -> int:
+    """Parameter axes (size > 1) that some group permutes."""
+    table = disc.table
+    return sum(len(disc.aliases[key]) for key, lays in disc.param_axes.items() for lay in lays
+               if table.atoms_in(table.resolve(lay)))
+
+
 def discover(
     model: nn.Module, example_inputs: Any, *, strict: bool = False, fix_io: bool = True,
-    tracer: str = "auto",
+    tracer: str = "auto", probe: bool = True,
 ) -> Discovery:
     """Trace ``model``, record its values on ``example_inputs`` and relate every axis.
 
-    ``tracer``: ``"symbolic"`` (``torch.fx.symbolic_trace``, Python-level ops), ``"export"``
-    (``torch.export``, ATen-level ops, for models symbolic tracing can not handle: most Hugging
-    Face models) or ``"auto"`` (symbolic, then export if that fails).  One rule table serves
-    both levels (:mod:`fxfuse.rules.aten`).
+    ``tracer``: ``"symbolic"`` (``torch.fx.symbolic_trace``, Python-level ops, opaque calls
+    seen through where they are plain Python), ``"export"`` (``torch.export``, ATen-level ops,
+    for models symbolic tracing can not handle: most Hugging Face models) or ``"auto"``
+    (symbolic; export if that fails, and also when the symbolic trace has cuts at calls it
+    could not see into, keeping the one with fewer cuts, then more permuted parameter axes,
+    and saying so in ``notes``).  One rule table serves both levels (:mod:`fxfuse.rules.aten`).
+    ``probe``: measure the relations of ops without a rule (:mod:`fxfuse.rules.probe`; never in
+    strict mode).
     """
     if tracer not in TRACERS:
         raise InputError(f"tracer must be one of {TRACERS}, got {tracer!r}")
     inputs = as_input_tuple(example_inputs)
-    if tracer != "export":
-        try:
-            gm = symbolic_trace(model, stack_traces=strict)
-        except TraceError as exc:
-            if tracer == "symbolic":
-                raise
-            symbolic_error = exc
-        else:
-            record_values(gm, inputs)
-            driver = _Driver(model, gm, strict, fix_io)
-            driver.run()
-            cuts = driver.cuts
-            if cuts:  # name the user's source lines: trace again, recording stack traces
-                sources = {n.name: source_line(n) for n in symbolic_trace(model).graph.nodes}
-                cuts = [replace(c, source=sources.get(c.node)) for c in cuts]
-            return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes,
-                             driver.aliases, cuts, roles=driver.roles,
-                             buffers=driver.buffers)
+    probe = probe and not strict
+    if tracer == "export":
+        return _export(model, inputs, strict, fix_io, probe)
     try:
-        gm, lifted = export_trace(model, inputs)
+        sym = _symbolic(model, inputs, strict, fix_io, probe)
     except TraceError as exc:
-        if tracer == "auto":
-            raise TraceError(f"{symbolic_error} Then: {exc}") from exc
-        raise
-    driver = _Driver(model, gm, strict, fix_io, lifted)
-    driver.run()
-    return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes, driver.aliases,
-                     driver.cuts, tracer="torch.export", lifted=lifted, roles=driver.roles,
-                     buffers=driver.buffers)
+        if tracer == "symbolic":
+            raise
+        try:
+            return _export(model, inputs, strict, fix_io, probe)
+        except TraceError as exc2:
+            raise TraceError(f"{exc} Then: {exc2}") from exc2
+    opaque = opaque_cuts(sym)
+    if tracer == "symbolic" or not opaque:
+        return sym
+    try:
+        exp = _export(model, inputs, strict, fix_io, probe)
+    except TraceError as exc:
+        sym.notes.append(f"trace: the symbolic trace has {len(opaque)} cut(s) at calls it can "
+                         f"not see into; torch.export could not do better ({quote_error(exc)})")
+        return sym
+    better = (len(exp.cuts), -_covered(exp)) < (len(sym.cuts), -_covered(sym))
+    kept, other = (exp, sym) if better else (sym, exp)
+    kept.notes.append(
+        f"trace: the symbolic trace has {len(sym.cuts)} cut(s), {len(opaque)} at calls it can not "
+        f"see into ({', '.join(sorted({c.op for c in opaque}))}); torch.export has "
+        f"{len(exp.cuts)}; kept {kept.tracer} ({_covered(kept)} parameter axes permuted, "
+        f"{other.tracer} {_covered(other)})")
+    return kept

@@ -117,6 +117,10 @@ class PermutationSpec:
     # "conflict"; fxfuse.groups.roles); permutations do not need it
     roles: dict[tuple[str, int], str] = field(default_factory=dict)
     buffers: frozenset[str] = frozenset()  # state_dict keys that are buffers (not parameters)
+    # calls without a rule whose relations were measured on the op (fxfuse.rules.probe), and
+    # what discovery chose (which trace it kept, and why)
+    probed: list[CutRecord] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
 
     # -- queries --------------------------------------------------------------------------------
     def group(self, name: str) -> Group:
@@ -133,6 +137,14 @@ class PermutationSpec:
         if g.joined_by:
             lines.append("joined by the axis rules at:")
             lines += [f"  {j}" for j in g.joined_by]
+        nodes = {j.split(" (", 1)[0] for j in g.joined_by}
+        probed = [p for p in self.probed if p.node in nodes]
+        if probed:
+            lines.append("probed: relations measured on ops without a rule (not from a rule; "
+                         "strict=True refuses them, fxfuse.verify checks the model):")
+            for p in probed:
+                src = f" at {p.source}" if p.source else ""
+                lines.append(f"  node {p.node}: {p.op}{src}: {p.reason}")
         return "\n".join(lines)
 
     def groups_of(self, key: str, axis: int) -> list[str]:
@@ -207,6 +219,13 @@ class PermutationSpec:
             for c in self.cuts:
                 src = f"  at {c.source}" if c.source else ""
                 lines.append(f"  node {c.node}: {c.op}{src}")
+        if self.probed:
+            lines.append("probed (relations measured on ops without a rule; strict=True refuses "
+                         "them):")
+            for c in self.probed:
+                src = f"  at {c.source}" if c.source else ""
+                lines.append(f"  node {c.node}: {c.op}{src}")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     # -- JSON -----------------------------------------------------------------------------------
@@ -228,6 +247,9 @@ class PermutationSpec:
                             for n, trees in self.activations.items()},
             "roles": [[k, a, r] for (k, a), r in self.roles.items()],
             "buffers": sorted(self.buffers),
+            **({"probed": [{"node": c.node, "op": c.op, "reason": c.reason, "source": c.source}
+                           for c in self.probed]} if self.probed else {}),
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -253,12 +275,15 @@ class PermutationSpec:
                            for n, trees in d.get("activations", {}).items()}
             roles = {(str(k), int(a)): str(r) for k, a, r in d.get("roles", [])}
             buffers = frozenset(str(k) for k in d.get("buffers", []))
+            probed = [CutRecord(c["node"], c["op"], c["reason"], c.get("source"))
+                      for c in d.get("probed", [])]
+            notes = tuple(str(n) for n in d.get("notes", []))
         except SpecError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise SpecError(f"malformed PermutationSpec JSON: {type(exc).__name__}: {exc}") from exc
         spec = cls(groups, axes, cuts, d.get("model", ""), d.get("tracer", ""), activations,
-                   roles, buffers)
+                   roles, buffers, probed, notes)
         spec.lint()
         return spec
 
@@ -453,8 +478,9 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
                 activations[node.name] = tuple(
                     to_tree(lay_, names.get, table.atom_size) for lay_ in node_lays)
     roles = {ka: r for ka, r in finish_roles(disc.roles, disc.aliases).items() if ka in axes}
+    probed = [CutRecord(r.node, r.op, r.detail, r.source) for r in _unique(disc.probed)]
     return PermutationSpec(groups, axes, cuts, model_name, disc.tracer, activations, roles,
-                           disc.buffers)
+                           disc.buffers, probed, tuple(disc.notes))
 
 
 def _unique(reasons: list[Reason]) -> list[Reason]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import attention, elementwise, layers, shape  # noqa: F401,E402  (register the rules)
+from . import attention, einsum, elementwise, indexing, layers, shape  # noqa: F401,E402  (register the rules)
 from .aten import canonical  # noqa: E402
 from .registry import (
     AxisRef,
@@ -12,9 +12,12 @@ from .registry import (
     OpView,
     Relation,
     Rule,
+    RuleDoesNotApply,
+    RuleError,
     Same,
     TensorHandle,
     axis_rule,
+    decline,
     lookup,
     rule_table,
     same,
@@ -29,10 +32,13 @@ __all__ = [
     "OpView",
     "Relation",
     "Rule",
+    "RuleDoesNotApply",
+    "RuleError",
     "Same",
     "TensorHandle",
     "axis_rule",
     "canonical",
+    "decline",
     "lookup",
     "rule_table",
     "same",

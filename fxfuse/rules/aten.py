@@ -11,6 +11,7 @@ other rule.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 
 from .elementwise import broadcast_relations
 from .layers import channel_norm_relations, embedding_relations
-from .registry import Cut, Free, OpView, Relation, Same, axis_rule
+from .registry import Cut, Free, OpView, Relation, Same, axis_rule, decline
+from .shape import window_relations
 
 aten = torch.ops.aten
 
@@ -76,6 +78,21 @@ ALIASES: dict[Any, Any] = {
     aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
     aten.max_pool2d.default: F.max_pool2d, aten.avg_pool2d.default: F.avg_pool2d,
     aten.max_pool1d.default: F.max_pool1d, aten.avg_pool1d.default: F.avg_pool1d,
+    # what the export path makes of ordinary code: casts and moves, padding, masks (comparisons
+    # and logical ops), position ids (cumsum)
+    aten.to.device: "to", aten.pad.default: F.pad,
+    aten.constant_pad_nd.default: F.pad, aten.le.Tensor: torch.le, aten.lt.Tensor: torch.lt,
+    aten.ne.Tensor: torch.ne, aten.__and__.Tensor: operator.and_,
+    aten.__or__.Tensor: operator.or_, aten.__xor__.Tensor: operator.xor,
+    aten.bitwise_and.Tensor: operator.and_, aten.bitwise_or.Tensor: operator.or_,
+    aten.bitwise_xor.Tensor: operator.xor, aten.bitwise_not.default: operator.invert,
+    aten.logical_and.default: torch.logical_and, aten.logical_or.default: torch.logical_or,
+    aten.logical_xor.default: torch.logical_xor, aten.min.other: torch.minimum,
+    aten.max.other: torch.maximum, aten.where.ScalarOther: torch.where,
+    aten.where.ScalarSelf: torch.where, aten.where.Scalar: torch.where,
+    aten.cumsum.default: torch.cumsum, aten.any.dim: torch.amax, aten.all.dim: torch.amin,
+    aten.clamp_min.default: torch.clamp, aten.clamp_max.default: torch.clamp,
+    aten.expand_as.default: "expand_as",
 }
 
 
@@ -87,14 +104,14 @@ def canonical(target: Any) -> Any:
 @axis_rule(aten.embedding.default)
 def aten_embedding_rule(op: OpView) -> list[Relation]:
     """``aten.embedding(weight, indices)``: the weight comes first at this level."""
-    return embedding_relations(op.args[1], op.out, op.args[0])
+    return embedding_relations(op.tensor(1, "indices"), op.out, op.tensor(0, "weight"))
 
 
 @axis_rule(aten.batch_norm.default)
 def aten_batch_norm_rule(op: OpView) -> list[Relation]:
     """``(input, weight, bias, running_mean, running_var, ...)``; extra outputs (saved
     statistics, empty in eval mode) follow the channels too."""
-    x = op.args[0]
+    x = op.tensor(0, "input")
     per_channel = [op.arg(i, "") for i in (1, 2, 3, 4)]
     y = op.outs[0]
     rels = channel_norm_relations(x, y, per_channel)
@@ -104,27 +121,41 @@ def aten_batch_norm_rule(op: OpView) -> list[Relation]:
     return rels
 
 
-@axis_rule(aten.slice.Tensor)
-def aten_slice_rule(op: OpView) -> list[Relation]:
-    """``aten.slice(x, dim, start, end, step)``: a full slice is a view; anything else picks
-    positions along ``dim`` (RoPE's rotate_half does this to the head dimension)."""
-    x, y = op.args[0], op.out
-    dim = op.arg(1, "dim", 0) % x.ndim
-    full = y.shape[dim] == x.shape[dim] and op.arg(4, "step", 1) == 1
-    rels: list[Relation] = [Same(x[d], y[d]) for d in range(x.ndim) if d != dim]
-    if full:
-        rels.append(Same(x[dim], y[dim]))
+@axis_rule(aten.slice.Tensor, torch.narrow, "narrow", aten.narrow.default)
+def slice_rule(op: OpView) -> list[Relation]:
+    """``aten.slice(x, dim, start, end, step)`` and ``narrow(x, dim, start, length)``: a
+    contiguous window is a block of its axis (:func:`~fxfuse.rules.shape.window_relations`),
+    so slices that partition an axis act as a split; a strided one is cut."""
+    x, y = op.tensor(0, "input"), op.out
+    dim = op.arg(1, "dim", 0)
+    if not isinstance(dim, int) or x.ndim != y.ndim or not x.ndim:
+        raise decline(f"slicing dim {dim!r} of a {x.ndim}-d tensor")
+    dim %= x.ndim
+    if op.target is aten.slice.Tensor:
+        start, stop, step = op.arg(2, "start"), op.arg(3, "end"), op.arg(4, "step", 1)
     else:
-        why = "slicing picks positions along this axis"
-        rels += [Cut(x[dim], why), Cut(y[dim], why)]
+        start, length = op.arg(2, "start"), op.arg(3, "length")
+        stop, step = (start + length if isinstance(start, int) and isinstance(length, int)
+                      else None), 1
+        if stop is None:
+            raise decline("narrow with a tensor start")
+    if not all(isinstance(v, (int, type(None))) for v in (start, stop, step)):
+        raise decline("slice bounds that are not integers")
+    rels: list[Relation] = [Same(x[d], y[d]) for d in range(x.ndim) if d != dim]
+    rels += window_relations(op, x, dim, start, stop, step, y, dim, "slice")
     return rels
 
 
-@axis_rule(aten.select.int)
-def aten_select_rule(op: OpView) -> list[Relation]:
-    x, y = op.args[0], op.out
-    dim = op.arg(1, "dim") % x.ndim
-    rels: list[Relation] = [Cut(x[dim], "indexing picks positions along this axis")]
+@axis_rule(aten.select.int, torch.select, "select")
+def select_rule(op: OpView) -> list[Relation]:
+    """``select(x, dim, i)`` reads one position of ``dim``; the others may move freely."""
+    x, y = op.tensor(0, "input"), op.out
+    dim, i = op.arg(1, "dim"), op.arg(2, "index")
+    if not isinstance(dim, int) or not isinstance(i, int) or y.ndim != x.ndim - 1:
+        raise decline("select with a non-integer dim or index")
+    dim %= x.ndim
+    rels: list[Relation] = window_relations(op, x, dim, i % x.shape[dim], i % x.shape[dim] + 1,
+                                            1, None, 0, "select")
     rels += [Same(x[d], y[d if d < dim else d - 1]) for d in range(x.ndim) if d != dim]
     return rels
 
@@ -132,7 +163,7 @@ def aten_select_rule(op: OpView) -> list[Relation]:
 @axis_rule(aten.addmm.default)
 def aten_addmm_rule(op: OpView) -> list[Relation]:
     """``addmm(bias, m1, m2) = bias + m1 @ m2`` (Hugging Face's ``Conv1D``: weight is (in, out))."""
-    bias, m1, m2 = op.args[0], op.args[1], op.args[2]
+    bias, m1, m2 = op.tensor(0, "input"), op.tensor(1, "mat1"), op.tensor(2, "mat2")
     y = op.out
     rels: list[Relation] = [Same(m1[1], m2[0]), Same(m1[0], y[0]), Same(m2[1], y[1])]
     rels += broadcast_relations([bias], y)
@@ -151,7 +182,7 @@ CONSTANT = "a tensor made inside forward (a constant): not permuted"
 @axis_rule(torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.tensor,
            torch.linspace, aten.arange.default, aten.arange.start, aten.arange.start_step,
            aten.zeros.default, aten.ones.default, aten.full.default, aten.empty.memory_format,
-           aten.lift_fresh_copy.default, aten.linspace.default)
+           aten.lift_fresh_copy.default, aten.linspace.default, aten.scalar_tensor.default)
 def constant_rule(op: OpView) -> list[Relation]:
     rels: list[Relation] = [Cut(a, CONSTANT) for t in op.outs for a in t.axes()]
     return rels + [Cut(a, CONSTANT) for t in op.tensors() for a in t.axes()]

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..ir.layout import Prod, Sum
 from .elementwise import broadcast_relations
-from .registry import Cut, OpView, Relation, Same, TensorHandle, axis_rule, same
+from .registry import Cut, OpView, Relation, Same, TensorHandle, axis_rule, decline, same
 
 POSITIONS = "causal attention depends on token positions"
 
@@ -30,7 +30,9 @@ def _batch(t: TensorHandle, keep: int) -> TensorHandle:
 
 @axis_rule(F.scaled_dot_product_attention)
 def sdpa_rule(op: OpView) -> list[Relation]:
-    q, k, v = op.arg(0, "query"), op.arg(1, "key"), op.arg(2, "value")
+    q, k, v = op.tensor(0, "query"), op.tensor(1, "key"), op.tensor(2, "value")
+    if min(q.ndim, k.ndim, v.ndim) < 2:
+        raise decline("attention of 1-d tensors")
     mask, causal = op.arg(3, "attn_mask"), op.arg(5, "is_causal", False)
     gqa = op.arg(7, "enable_gqa", False)
     y = op.out
@@ -58,14 +60,15 @@ def sdpa_rule(op: OpView) -> list[Relation]:
 @axis_rule(nn.MultiheadAttention)
 def multihead_attention_rule(op: OpView) -> list[Relation]:
     m = op.module
-    assert isinstance(m, nn.MultiheadAttention)
+    if not isinstance(m, nn.MultiheadAttention):
+        raise decline("not a torch MultiheadAttention module")
     w_in, b_in = op.param("in_proj_weight"), op.param("in_proj_bias")
     w_out, b_out = op.param("out_proj.weight"), op.param("out_proj.bias")
     if w_in is None or w_out is None or m.bias_k is not None or not m._qkv_same_embed_dim:
-        return []  # separate q/k/v projections or bias_kv: not described here, so cut
+        raise decline("separate q/k/v projections or bias_k/bias_v are not described")
     q, k, v = op.arg(0, "query"), op.arg(1, "key"), op.arg(2, "value")
     if not all(isinstance(t, TensorHandle) for t in (q, k, v)) or q.ndim != 3:
-        return []  # unbatched input: cut
+        raise decline("unbatched input")
     outs = op.outs
     y = outs[0]
     heads, hd = m.num_heads, m.head_dim
@@ -91,5 +94,5 @@ def multihead_attention_rule(op: OpView) -> list[Relation]:
             elif mask.ndim == 2:
                 rels += [Same(mask[0], q[s_ax]), Same(mask[1], k[s_ax])]
             else:
-                return []
+                raise decline(f"a {mask.ndim}-d {name}")
     return rels

@@ -18,7 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ir.layout import Sum
-from .registry import Free, OpView, Relation, Same, TensorHandle, axis_rule, register_many
+from .registry import (
+    Cut,
+    Free,
+    OpView,
+    Relation,
+    Same,
+    TensorHandle,
+    axis_rule,
+    decline,
+    register_many,
+)
 
 UNARY_FUNCTIONS = [
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
@@ -69,13 +79,13 @@ def broadcast_relations(inputs: list[TensorHandle], y: TensorHandle) -> list[Rel
     for t in inputs:
         off = y.ndim - t.ndim
         if off < 0:
-            return []
+            raise decline(f"an input of shape {t.shape} does not broadcast to {y.shape}")
         for d in range(t.ndim):
             if t.shape[d] == y.shape[d + off]:
                 rels.append(Same(t[d], y[d + off]))
                 fed[d + off] = True
             elif t.shape[d] != 1:
-                return []
+                raise decline(f"an input of shape {t.shape} does not broadcast to {y.shape}")
     rels += [Free(y[d]) for d in range(y.ndim) if not fed[d]]
     return rels
 
@@ -90,7 +100,7 @@ register_many([*UNARY_FUNCTIONS, *BINARY_FUNCTIONS, *METHODS, *MODULES], element
 @axis_rule(nn.PReLU, F.prelu)
 def prelu_rule(op: OpView) -> list[Relation]:
     """PReLU's weight has 1 or C entries; C acts on axis 1 of the input."""
-    x, y = op.args[0], op.out
+    x, y = op.tensor(0, "input"), op.out
     w = op.param("weight") if op.module is not None else op.arg(1, "weight")
     rels = broadcast_relations([x], y)
     if w is not None and w.shape[0] > 1:
@@ -99,11 +109,13 @@ def prelu_rule(op: OpView) -> list[Relation]:
 
 
 def _dims(dim: object, ndim: int) -> list[int]:
-    if dim is None:
+    if dim is None or (isinstance(dim, (list, tuple)) and not dim):
         return list(range(ndim))
-    if isinstance(dim, int):
+    if isinstance(dim, int) and ndim:
         return [dim % ndim]
-    return sorted(d % ndim for d in dim)  # type: ignore[attr-defined]
+    if isinstance(dim, (list, tuple)) and ndim and all(isinstance(d, int) for d in dim):
+        return sorted(d % ndim for d in dim)
+    raise decline(f"reduction over dim={dim!r} of a {ndim}-d tensor")
 
 
 @axis_rule(
@@ -112,7 +124,7 @@ def _dims(dim: object, ndim: int) -> list[int]:
     "nansum", "nanmean",
 )
 def reduction_rule(op: OpView) -> list[Relation]:
-    x, y = op.args[0], op.out
+    x, y = op.tensor(0, "input"), op.out
     reduced = _dims(op.arg(1, "dim"), x.ndim)
     keep = y.ndim == x.ndim
     rels: list[Relation] = []
@@ -127,13 +139,35 @@ def reduction_rule(op: OpView) -> list[Relation]:
     return rels
 
 
+@axis_rule(torch.max, torch.min, "max", "min", torch.ops.aten.max.dim, torch.ops.aten.min.dim)
+def max_min_rule(op: OpView) -> list[Relation]:
+    """``max(x)`` reduces everything, ``max(x, y)`` is elementwise, ``max(x, dim)`` returns
+    (values, indices) over ``dim``: the values do not depend on its order but the indices are
+    positions along it, so ``dim`` is cut (``amax`` is the values alone); the kept axes pass."""
+    if isinstance(op.arg(1, "other"), TensorHandle):
+        return broadcast_relations(op.tensors(), op.out)
+    x, dim = op.tensor(0, "input"), op.arg(1, "dim")
+    if dim is None:
+        return [Free(a) for a in x.axes()]
+    if not isinstance(dim, int) or not x.ndim:
+        raise decline(f"max/min over dim={dim!r}")
+    dim %= x.ndim
+    rels: list[Relation] = [Cut(x[dim], "max/min returns indices: positions along this axis")]
+    for y in op.outs:
+        keep = y.ndim == x.ndim
+        rels += [Same(x[d], y[d if keep or d < dim else d - 1]) for d in range(x.ndim) if d != dim]
+    return rels
+
+
 @axis_rule(
     F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax",
     nn.Softmax, nn.LogSoftmax, torch.cumsum, "cumsum",
 )
 def along_axis_rule(op: OpView) -> list[Relation]:
     """Softmax along ``dim`` permutes with it; other axes are elementwise."""
-    x, y = op.args[0], op.out
+    x, y = op.tensor(0, "input"), op.out
+    if x.ndim != y.ndim:
+        raise decline(f"output of shape {y.shape} for an input of shape {x.shape}")
     if op.target in (torch.cumsum, "cumsum"):  # a prefix sum is not equivariant along its axis
         d = op.arg(1, "dim") % x.ndim
         return [Same(x[i], y[i]) for i in range(x.ndim) if i != d]
@@ -143,7 +177,7 @@ def along_axis_rule(op: OpView) -> list[Relation]:
 @axis_rule(F.glu, nn.GLU)
 def glu_rule(op: OpView) -> list[Relation]:
     """``glu(x) = a * sigmoid(b)`` with ``x = cat(a, b)``: the halves share one permutation."""
-    x, y = op.args[0], op.out
+    x, y = op.tensor(0, "input"), op.out
     dim = (op.module.dim if isinstance(op.module, nn.GLU) else op.arg(1, "dim", -1)) % x.ndim
     rels: list[Relation] = [Same(x[dim], Sum((y[dim], y[dim])))]
     rels += [Same(x[d], y[d]) for d in range(x.ndim) if d != dim]

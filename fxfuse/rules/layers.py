@@ -24,7 +24,7 @@ from torch import nn
 
 from ..ir.layout import Prod
 from .elementwise import broadcast_relations
-from .registry import Cut, Free, OpView, Relation, Same, TensorHandle, axis_rule, same
+from .registry import Cut, Free, OpView, Relation, Same, TensorHandle, axis_rule, decline, same
 
 SPATIAL = "the kernel mixes neighbouring positions along this axis"
 
@@ -32,6 +32,8 @@ SPATIAL = "the kernel mixes neighbouring positions along this axis"
 def linear_relations(
     x: TensorHandle, y: TensorHandle, w: TensorHandle, b: TensorHandle | None
 ) -> list[Relation]:
+    if x.ndim < 1 or w.ndim != 2 or y.ndim != x.ndim:
+        raise decline(f"linear of a {x.ndim}-d input with a {w.ndim}-d weight")
     rels: list[Relation] = [Same(x[-1], w[1]), *same(y[-1], w[0], *([b[0]] if b else []))]
     rels += [Same(x[d], y[d]) for d in range(x.ndim - 1)]
     return rels
@@ -39,14 +41,14 @@ def linear_relations(
 
 @axis_rule(nn.Linear)
 def linear_module_rule(op: OpView) -> list[Relation]:
-    w = op.param("weight")
-    assert w is not None
-    return linear_relations(op.args[0], op.out, w, op.param("bias"))
+    return linear_relations(op.tensor(0, "input"), op.out, op.required_param("weight"),
+                            op.param("bias"))
 
 
 @axis_rule(F.linear)
 def linear_function_rule(op: OpView) -> list[Relation]:
-    return linear_relations(op.args[0], op.out, op.arg(1, "weight"), op.arg(2, "bias"))
+    return linear_relations(op.tensor(0, "input"), op.out, op.tensor(1, "weight"),
+                            op.arg(2, "bias"))
 
 
 def conv_relations(
@@ -54,6 +56,8 @@ def conv_relations(
 ) -> list[Relation]:
     y = op.out
     c = x.ndim - k - 1  # channel axis (0 for unbatched input)
+    if c not in (0, 1) or y.ndim != x.ndim or w.ndim != k + 2 or not isinstance(groups, int):
+        raise decline(f"a {k}-d convolution of a {x.ndim}-d input")
     rels: list[Relation] = []
     out_axes = [w[0], *([b[0]] if b else [])]
     if groups == 1:
@@ -72,9 +76,10 @@ def conv_relations(
 
 def _conv_module_rule(k: int):  # type: ignore[no-untyped-def]
     def conv_module_rule(op: OpView) -> list[Relation]:
-        w = op.param("weight")
-        assert w is not None and isinstance(op.module, nn.modules.conv._ConvNd)
-        return conv_relations(op, k, op.args[0], w, op.param("bias"), op.module.groups)
+        w = op.required_param("weight")
+        if not isinstance(op.module, nn.modules.conv._ConvNd):
+            raise decline("not a torch convolution module")
+        return conv_relations(op, k, op.tensor(0, "input"), w, op.param("bias"), op.module.groups)
 
     return conv_module_rule
 
@@ -82,7 +87,8 @@ def _conv_module_rule(k: int):  # type: ignore[no-untyped-def]
 def _conv_function_rule(k: int):  # type: ignore[no-untyped-def]
     def conv_function_rule(op: OpView) -> list[Relation]:
         groups = op.arg(6, "groups", 1)
-        return conv_relations(op, k, op.args[0], op.arg(1, "weight"), op.arg(2, "bias"), groups)
+        return conv_relations(op, k, op.tensor(0, "input"), op.tensor(1, "weight"),
+                              op.arg(2, "bias"), groups)
 
     return conv_function_rule
 
@@ -98,6 +104,8 @@ def channel_norm_relations(
     x: TensorHandle, y: TensorHandle, per_channel: list[TensorHandle | None]
 ) -> list[Relation]:
     """BatchNorm/InstanceNorm: per-channel tensors share axis 1; other axes pass through."""
+    if x.ndim < 2 or y.shape != x.shape:
+        raise decline(f"channel normalisation of a {x.ndim}-d input")
     rels: list[Relation] = [Same(x[d], y[d]) for d in range(x.ndim) if d != 1]
     rels += same(x[1], y[1], *(t[0] for t in per_channel if t is not None))
     return rels
@@ -109,20 +117,22 @@ def channel_norm_relations(
 )
 def batchnorm_module_rule(op: OpView) -> list[Relation]:
     names = ("weight", "bias", "running_mean", "running_var")
-    return channel_norm_relations(op.args[0], op.out, [op.param(n) for n in names])
+    return channel_norm_relations(op.tensor(0, "input"), op.out, [op.param(n) for n in names])
 
 
 @axis_rule(F.batch_norm, F.instance_norm)
 def batchnorm_function_rule(op: OpView) -> list[Relation]:
     names = ("running_mean", "running_var", "weight", "bias")  # same order in both signatures
     per_channel = [op.arg(i, n) for i, n in enumerate(names, start=1)]
-    return channel_norm_relations(op.args[0], op.out, per_channel)
+    return channel_norm_relations(op.tensor(0, "input"), op.out, per_channel)
 
 
 def trailing_norm_relations(
     x: TensorHandle, y: TensorHandle, k: int, params: list[TensorHandle | None]
 ) -> list[Relation]:
     """LayerNorm/RMSNorm over the last ``k`` axes."""
+    if not 0 < k <= x.ndim or y.shape != x.shape:
+        raise decline(f"normalisation of the last {k} axes of a {x.ndim}-d input")
     rels: list[Relation] = []
     for d in range(x.ndim):
         j = d - (x.ndim - k)
@@ -132,22 +142,26 @@ def trailing_norm_relations(
 
 @axis_rule(nn.LayerNorm, nn.RMSNorm)
 def layernorm_module_rule(op: OpView) -> list[Relation]:
-    assert isinstance(op.module, (nn.LayerNorm, nn.RMSNorm))
+    if not isinstance(op.module, (nn.LayerNorm, nn.RMSNorm)):
+        raise decline("not a torch LayerNorm / RMSNorm module")
     k = len(op.module.normalized_shape)
-    return trailing_norm_relations(op.args[0], op.out, k, [op.param("weight"), op.param("bias")])
+    return trailing_norm_relations(op.tensor(0, "input"), op.out, k, [op.param("weight"), op.param("bias")])
 
 
 @axis_rule(F.layer_norm, F.rms_norm)
 def layernorm_function_rule(op: OpView) -> list[Relation]:
-    k = len(op.arg(1, "normalized_shape"))
+    shape = op.arg(1, "normalized_shape")
+    k = 1 if isinstance(shape, int) else len(shape) if isinstance(shape, (list, tuple)) else -1
     params = [op.arg(2, "weight"), op.arg(3, "bias") if op.target is F.layer_norm else None]
-    return trailing_norm_relations(op.args[0], op.out, k, params)
+    return trailing_norm_relations(op.tensor(0, "input"), op.out, k, params)
 
 
 def group_norm_relations(
     op: OpView, x: TensorHandle, groups: int, params: list[TensorHandle | None]
 ) -> list[Relation]:
     y = op.out
+    if x.ndim < 2 or not isinstance(groups, int) or groups < 1 or x.shape[1] % groups:
+        raise decline(f"group norm with {groups!r} groups of a {x.ndim}-d input")
     channels = Prod((op.new("groups", groups), op.new("per_group", x.shape[1] // groups)))
     rels = same(channels, x[1], y[1], *(p[0] for p in params if p is not None))
     rels += [Same(x[d], y[d]) for d in range(x.ndim) if d != 1]
@@ -156,20 +170,23 @@ def group_norm_relations(
 
 @axis_rule(nn.GroupNorm)
 def groupnorm_module_rule(op: OpView) -> list[Relation]:
-    assert isinstance(op.module, nn.GroupNorm)
+    if not isinstance(op.module, nn.GroupNorm):
+        raise decline("not a torch GroupNorm module")
     params = [op.param("weight"), op.param("bias")]
-    return group_norm_relations(op, op.args[0], op.module.num_groups, params)
+    return group_norm_relations(op, op.tensor(0, "input"), op.module.num_groups, params)
 
 
 @axis_rule(F.group_norm)
 def groupnorm_function_rule(op: OpView) -> list[Relation]:
     params = [op.arg(2, "weight"), op.arg(3, "bias")]
-    return group_norm_relations(op, op.args[0], op.arg(1, "num_groups"), params)
+    return group_norm_relations(op, op.tensor(0, "input"), op.arg(1, "num_groups"), params)
 
 
 def embedding_relations(
     ids: TensorHandle, y: TensorHandle, w: TensorHandle
 ) -> list[Relation]:
+    if w.ndim != 2 or y.ndim != ids.ndim + 1:
+        raise decline(f"embedding of {ids.ndim}-d ids in a {w.ndim}-d table")
     rels: list[Relation] = [Same(y[-1], w[1]), Cut(w[0], "embedding rows are addressed by ids")]
     rels += [Same(ids[d], y[d]) for d in range(ids.ndim)]
     return rels
@@ -177,14 +194,12 @@ def embedding_relations(
 
 @axis_rule(nn.Embedding)
 def embedding_module_rule(op: OpView) -> list[Relation]:
-    w = op.param("weight")
-    assert w is not None
-    return embedding_relations(op.args[0], op.out, w)
+    return embedding_relations(op.tensor(0, "input"), op.out, op.required_param("weight"))
 
 
 @axis_rule(F.embedding)
 def embedding_function_rule(op: OpView) -> list[Relation]:
-    return embedding_relations(op.args[0], op.out, op.arg(1, "weight"))
+    return embedding_relations(op.tensor(0, "input"), op.out, op.tensor(1, "weight"))
 
 
 POOLS = {
@@ -200,10 +215,10 @@ POOLS = {
 
 def spatial_rule(op: OpView) -> list[Relation]:
     """Channel/batch axes pass through; spatial axes stay fixed unless globally pooled away."""
-    x, y = op.args[0], op.out
-    if x.ndim != y.ndim:
-        return []
-    k = next(k for k, ts in POOLS.items() if op.target in ts or type(op.module) in ts)
+    x, y = op.tensor(0, "input"), op.out
+    k = next((k for k, ts in POOLS.items() if op.target in ts or type(op.module) in ts), 0)
+    if x.ndim != y.ndim or not 0 < k < x.ndim:
+        raise decline(f"pooling output of shape {y.shape} for an input of shape {x.shape}")
     rels: list[Relation] = []
     for d in range(x.ndim):
         if d < x.ndim - k:
@@ -221,7 +236,9 @@ for _ts in POOLS.values():
 
 @axis_rule(F.interpolate)
 def interpolate_rule(op: OpView) -> list[Relation]:
-    x, y = op.args[0], op.out
+    x, y = op.tensor(0, "input"), op.out
+    if x.ndim < 3 or y.ndim != x.ndim:
+        raise decline(f"interpolation of a {x.ndim}-d input")
     rels: list[Relation] = [Same(x[d], y[d]) for d in range(2)]
     for d in range(2, x.ndim):
         rels += [Cut(x[d], SPATIAL), Cut(y[d], SPATIAL)]
@@ -231,10 +248,10 @@ def interpolate_rule(op: OpView) -> list[Relation]:
 @axis_rule(torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__")
 def matmul_rule(op: OpView) -> list[Relation]:
     """``(.., n, k) @ (.., k, m) -> (.., n, m)``: ``k`` is summed over, batch axes broadcast."""
-    a, b = op.args[0], op.args[1]
+    a, b = op.tensor(0, "input"), op.tensor(1, "other")
     y = op.out
     if a.ndim < 2 or b.ndim < 2:
-        return []
+        raise decline("matmul of a 1-d operand")
     rels: list[Relation] = [Same(a[-1], b[-2]), Same(a[-2], y[-2]), Same(b[-1], y[-1])]
     batch_y = TensorHandle(y.index, y.shape[:-2], y.dtype)
     for t in (a, b):

@@ -16,6 +16,12 @@ say, the output is permuted as they say.  Relations are
 Any axis of size > 1 that a rule does not mention is cut by the driver: a rule never has to be
 complete to be safe, only correct in what it claims.  :mod:`fxfuse.rules.validate` checks every rule
 numerically.
+
+A rule that does not describe a particular call (a form of the op it was not written for:
+advanced indexing, an unbatched input, a packed attention with separate projections) *declines*
+by raising :class:`RuleDoesNotApply` with the reason; the driver then treats the call as an op
+without a rule (probe it, or cut it).  Any other exception from a rule is a bug in the rule and
+surfaces as :class:`RuleError` naming the rule and the node: a rule bug is never a silent cut.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import FxFuseError
 from ..ir.layout import Prod, Sum
 
 __all__ = [
@@ -37,6 +44,8 @@ __all__ = [
     "OpView",
     "Relation",
     "Rule",
+    "RuleDoesNotApply",
+    "RuleError",
     "Same",
     "TensorHandle",
     "axis_rule",
@@ -44,6 +53,22 @@ __all__ = [
     "rule_table",
     "same",
 ]
+
+
+class RuleDoesNotApply(Exception):
+    """Raised by a rule for a call it does not describe (the message says why).  Not an error:
+    discovery treats the call as an op without a rule (probed, or cut with this reason)."""
+
+
+class RuleError(FxFuseError):
+    """An axis rule raised something other than :class:`RuleDoesNotApply`, or returned
+    something that is not a list of relations: a bug in the rule (message names the rule, the
+    node, the op and the user's source line)."""
+
+
+def decline(why: str) -> RuleDoesNotApply:
+    """``raise decline("...")`` in a rule: the rule does not describe this call."""
+    return RuleDoesNotApply(why)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +81,13 @@ class AxisRef:
 
 @dataclass(frozen=True, slots=True)
 class NewAxis:
-    """A fresh atom of ``size``, local to one op application; equal keys give the same atom."""
+    """A fresh atom of ``size``, local to one op application; equal keys give the same atom.
+    ``named``: the key names the groups the atom ends up in ("heads", "groups"); anonymous
+    atoms (the blocks around a slice) do not."""
 
     key: str
     size: int
+    named: bool = True
 
 
 Expr = AxisRef | NewAxis | Prod | Sum
@@ -132,7 +160,7 @@ class OpView:
     @property
     def out(self) -> TensorHandle:
         if len(self.outs) != 1 or not isinstance(self.out_value, TensorHandle):
-            raise TypeError(f"{self.target} does not return a single tensor")
+            raise RuleDoesNotApply("the call does not return a single tensor")
         return self.outs[0]
 
     def arg(self, i: int, name: str, default: Any = None) -> Any:
@@ -159,11 +187,26 @@ class OpView:
         walk(self.kwargs)
         return out
 
+    def tensor(self, i: int, name: str) -> TensorHandle:
+        """Tensor argument ``i`` / ``name``; a call without one there is not the call the rule
+        describes (it declines)."""
+        v = self.arg(i, name)
+        if not isinstance(v, TensorHandle):
+            raise RuleDoesNotApply(f"argument {name!r} is not a tensor ({type(v).__name__})")
+        return v
+
     def param(self, name: str) -> TensorHandle | None:
         return self.params.get(name)
 
-    def new(self, key: str, size: int) -> NewAxis:
-        return NewAxis(key, size)
+    def required_param(self, name: str) -> TensorHandle:
+        """The called module's parameter ``name``; a module without it declines."""
+        p = self.params.get(name)
+        if p is None:
+            raise RuleDoesNotApply(f"the module has no tensor {name!r}")
+        return p
+
+    def new(self, key: str, size: int, named: bool = True) -> NewAxis:
+        return NewAxis(key, size, named)
 
 
 Rule = Callable[[OpView], list[Relation]]

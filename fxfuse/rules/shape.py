@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ir.layout import Prod, Sum
-from .registry import Cut, Free, OpView, Relation, Same, TensorHandle, axis_rule, same
+from .registry import Cut, Free, OpView, Relation, Same, TensorHandle, axis_rule, decline, same
 
 
 def reshape_relations(x: TensorHandle, y: TensorHandle) -> list[Relation]:
@@ -49,7 +49,7 @@ def reshape_relations(x: TensorHandle, y: TensorHandle) -> list[Relation]:
                 py *= y.shape[j]
                 j += 1
             else:
-                return []
+                raise decline(f"shape {x.shape} is not a reshape of {y.shape}")
         rels.append(Same(Prod(tuple(x[d] for d in xs)), Prod(tuple(y[d] for d in ys))))
     return rels
 
@@ -60,7 +60,7 @@ def reshape_relations(x: TensorHandle, y: TensorHandle) -> list[Relation]:
     nn.Flatten, nn.Unflatten,
 )
 def reshape_rule(op: OpView) -> list[Relation]:
-    x = op.args[0]
+    x = op.tensor(0, "input")
     rels = reshape_relations(x, op.out)
     others = [Free(t[d]) for t in op.tensors()[1:] for d in range(t.ndim)]  # view_as(other)
     return rels + others
@@ -101,10 +101,10 @@ def _permutation_of(op: OpView, ndim: int) -> list[int] | None:
     torch.moveaxis, torch.t,
 )
 def transpose_rule(op: OpView) -> list[Relation]:
-    x, y = op.args[0], op.out
+    x, y = op.tensor(0, "input"), op.out
     perm = _permutation_of(op, x.ndim)
     if perm is None or sorted(perm) != list(range(x.ndim)):
-        return []
+        raise decline(f"arguments that are not a permutation of {x.ndim} axes")
     return [Same(x[p], y[i]) for i, p in enumerate(perm)]
 
 
@@ -135,7 +135,7 @@ def stack_rule(op: OpView) -> list[Relation]:
     torch.split, torch.chunk, torch.tensor_split, torch.unbind,
 )
 def split_rule(op: OpView) -> list[Relation]:
-    x, outs = op.args[0], op.outs
+    x, outs = op.tensor(0, "input"), op.outs
     if op.target in ("unbind", torch.unbind):
         dim = op.arg(1, "dim", 0) % x.ndim
         rels: list[Relation] = [Cut(x[dim], "unbind: outputs are addressed by position")]
@@ -151,8 +151,32 @@ def split_rule(op: OpView) -> list[Relation]:
     return rels
 
 
-def _full_slice(s: slice, n: int) -> bool:
-    return s.indices(n) == (0, n, 1)
+PICKS = "indexing picks positions along this axis"
+STRIDED = "a strided slice picks positions along this axis"
+
+
+def window_relations(op: OpView, x: TensorHandle, d: int, start: int, stop: int, step: int,
+                     y: TensorHandle | None, e: int, key: str) -> list[Relation]:
+    """``y`` (axis ``e``) reads positions ``start:stop:step`` of ``x``'s axis ``d`` (``y=None``:
+    one position, the axis dropped).  A contiguous window is one block of
+    ``x[d] = before + window + after``: permuting within each block permutes the window by its
+    own block, so consecutive windows that partition an axis (a fused qkv projection sliced
+    into q, k, v) act on it as a split does.  Positions of a strided slice are not contiguous:
+    they are cut."""
+    n = x.shape[d]
+    start, stop, step = slice(start, stop, step).indices(n)
+    stop = max(stop, start)
+    if step != 1 and stop - start > 1:
+        return [Cut(x[d], STRIDED), *([Cut(y[e], STRIDED)] if y is not None else [])]
+    if stop - start <= 0:
+        return [Free(x[d])]  # nothing is read along this axis
+    if (start, stop) == (0, n) and y is not None:
+        return [Same(x[d], y[e])]
+    stop = start + 1 if step != 1 else stop
+    window = y[e] if y is not None else op.new(f"{key}.picked", 1, named=False)
+    parts = [*([op.new(f"{key}.before", start, named=False)] if start else []), window,
+             *([op.new(f"{key}.after", n - stop, named=False)] if stop < n else [])]
+    return [Same(x[d], Sum(tuple(parts)))]
 
 
 @axis_rule(operator.getitem)
@@ -168,16 +192,22 @@ def getitem_rule(op: OpView) -> list[Relation]:
     if isinstance(src, (list, tuple)):  # an element of a tuple of tensors (split, chunk, ...)
         elem = src[idx] if isinstance(idx, int) else None
         if not isinstance(elem, TensorHandle):
-            return []
+            raise decline("an element of a tuple that is not a tensor")
         others = [Free(a) for t in src if isinstance(t, TensorHandle) and t is not elem
                   for a in t.axes()]  # elements not picked are not read
         picks: list[Relation] = [Same(elem[d], op.out[d]) for d in range(elem.ndim)]
         return picks + others
+    if not isinstance(src, TensorHandle):
+        raise decline(f"indexing a {type(src).__name__}")
     x, y = src, op.out
     index = idx if isinstance(idx, tuple) else (idx,)
-    if any(isinstance(i, (TensorHandle, list)) for i in index):
-        return []
+    if any(isinstance(i, TensorHandle) for i in index):
+        return _tensor_index(x, index, y)
+    if any(isinstance(i, (list, bool)) for i in index):
+        raise decline("indexing by a list or a bool")
     used = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if used > x.ndim or sum(1 for i in index if i is Ellipsis) > 1:
+        raise decline(f"an index of {used} axes into a {x.ndim}-d tensor")
     rels: list[Relation] = []
     i = j = 0
     for item in index:
@@ -189,34 +219,60 @@ def getitem_rule(op: OpView) -> list[Relation]:
         elif item is None:
             j += 1
         elif isinstance(item, int):
-            rels.append(Cut(x[i], "indexing picks positions along this axis"))
+            rels += window_relations(op, x, i, item % max(x.shape[i], 1), item % max(x.shape[i], 1)
+                                     + 1, 1, None, 0, f"axis{i}")
             i += 1
-        elif isinstance(item, slice):
-            if _full_slice(item, x.shape[i]):
-                rels.append(Same(x[i], y[j]))
-            else:
-                why = "slicing picks positions along this axis"
-                rels += [Cut(x[i], why), Cut(y[j], why)]
+        elif isinstance(item, slice) and all(isinstance(v, (int, type(None)))
+                                             for v in (item.start, item.stop, item.step)):
+            rels += window_relations(op, x, i, item.start, item.stop, item.step, y, j, f"axis{i}")
             i += 1
             j += 1
         else:
-            return []
-    while i < x.ndim:
+            raise decline(f"an index item {item!r}")
+    while i < x.ndim:  # trailing axes the index leaves out are taken whole
         rels.append(Same(x[i], y[j]))
         i += 1
         j += 1
     return rels
 
 
+def _tensor_index(x: TensorHandle, index: tuple[object, ...], y: TensorHandle) -> list[Relation]:
+    """``x[..., idx, :]``: index tensors among whole axes (``:`` and ``...``) are advanced
+    indexing (:func:`fxfuse.rules.indexing.advanced_index_relations`)."""
+    from .indexing import advanced_index_relations  # indexing builds on this module
+
+    per_axis: list[TensorHandle | None] = []
+    for item in index:
+        if item is Ellipsis:
+            per_axis += [None] * (x.ndim - (len(index) - 1))
+        elif isinstance(item, TensorHandle):
+            per_axis.append(item)
+        elif isinstance(item, slice) and item == slice(None):
+            per_axis.append(None)
+        else:
+            raise decline(f"advanced indexing mixed with {item!r}")
+    return advanced_index_relations(x, per_axis, y)
+
+
 @axis_rule(builtins.getattr)
 def getattr_rule(op: OpView) -> list[Relation]:
     x, name = op.args[0], op.args[1]
+    if isinstance(x, tuple) and isinstance(name, str) and hasattr(type(x), name) and not hasattr(
+            tuple, name):  # a field of a named result (sort, max, cummax)
+        elem = getattr(x, name)
+        if not isinstance(elem, TensorHandle):
+            raise decline(f"field {name!r} is not a tensor")
+        rels: list[Relation] = [Same(elem[d], op.out[d]) for d in range(elem.ndim)]
+        return rels + [Free(a) for t in x if isinstance(t, TensorHandle) and t is not elem
+                       for a in t.axes()]
+    if not isinstance(x, TensorHandle):
+        raise decline(f"attribute {name!r} of a {type(x).__name__}")
     if name in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"):
         return [Free(a) for a in x.axes()]
     if name in ("T", "mT") and x.ndim >= 2:
         perm = list(range(x.ndim))[::-1] if name == "T" else [*range(x.ndim - 2), x.ndim - 1, x.ndim - 2]
         return [Same(x[p], op.out[i]) for i, p in enumerate(perm)]
-    return []
+    raise decline(f"attribute {name!r} is not described")
 
 
 @axis_rule("size", "dim", "numel", "nelement", "ndimension", "get_device", torch.numel)
@@ -227,7 +283,7 @@ def shape_query_rule(op: OpView) -> list[Relation]:
 
 @axis_rule(F.pad)
 def pad_rule(op: OpView) -> list[Relation]:
-    x, y = op.args[0], op.out
+    x, y = op.tensor(0, "input"), op.out
     pad = op.arg(1, "pad")
     k = len(pad) // 2
     rels: list[Relation] = []
@@ -244,10 +300,11 @@ def pad_rule(op: OpView) -> list[Relation]:
 def roll_rule(op: OpView) -> list[Relation]:
     """``roll(x, shifts, dims)`` (Swin's shifted windows): rolled axes move positions, the
     others (channels) pass through."""
-    x, y = op.args[0], op.out
+    x, y = op.tensor(0, "input"), op.out
     dims = op.arg(2, "dims")
-    if dims is None:
-        return []  # rolls the flattened tensor: every axis moves
+    if dims is None:  # rolls the flattened tensor: every axis moves
+        why = "roll of the flattened tensor shifts positions along every axis"
+        return [*(Cut(a, why) for a in x.axes()), *(Cut(a, why) for a in y.axes())]
     rolled = {d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)}
     why = "roll shifts positions along this axis"
     rels: list[Relation] = []

@@ -78,11 +78,14 @@ class RuleCheck:
 
 def check_equivariance(
     fn: nn.Module | Callable[..., Any], inputs: Any, *, seed: int = 0, tolerance: float = 1e-5,
-    tracer: str = "symbolic",
+    tracer: str = "symbolic", probe: bool = False,
 ) -> RuleCheck:
+    """Check what discovery claims about ``fn`` on ``inputs``: the rules' relations, and with
+    ``probe=True`` also the relations probed on ops without a rule (:mod:`fxfuse.rules.probe`;
+    off by default, so a rule that declines is not hidden by the probe)."""
     xs = as_input_tuple(inputs)
     model = _WRAPPERS[len(xs)](fn)  # a root module is traced through, so wrap it as a leaf
-    disc = discover(model, xs, fix_io=False, tracer=tracer)
+    disc = discover(model, xs, fix_io=False, tracer=tracer, probe=probe)
     table = disc.table
     gen = torch.Generator().manual_seed(seed)
     perms: dict[str, torch.Tensor] = {}
