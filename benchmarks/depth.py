@@ -266,7 +266,7 @@ def run_node(args: argparse.Namespace) -> list[str]:
     xt, yt = pool(ds.test_x), ds.test_y
     counts = [(1, 2, 4, 8)[k % 4] for k in range(args.clients)]
     parts = split(y, args.clients, "dirichlet", alpha=0.5, seed=0)
-    budget = Budget(epochs=args.local_epochs, batch_size=64, lr=3e-3)
+    budget = Budget(epochs=args.local_epochs, batch_size=64, lr=args.node_lr)
     x0 = x[:8]
     test = (xt, yt)
     global0 = node_mnist(seed=0)
@@ -355,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=3, help="MLP training epochs")
     p.add_argument("--resnet-epochs", type=int, default=15)
     p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--node-lr", type=float, default=1e-2)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--node-samples", type=int, default=8000)
     p.add_argument("--equal-counts", type=int, nargs="*", default=[1, 8])
