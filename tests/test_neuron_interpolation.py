@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fxfuse
+import fxfuse.testing
 import models
 from fxfuse.align.interp import (
     NeuronInterpolation,
@@ -211,3 +212,18 @@ def test_registered_for_recipes_and_the_command_line() -> None:
     assert method_of(NeuronInterpolation(), "align").name == "neuron-interpolation"
     recipe = fxfuse.recipe_to_json(align=NeuronInterpolation(variant="gradient"))
     assert fxfuse.recipe_from_json(recipe)["align"] == NeuronInterpolation(variant="gradient")
+
+
+def test_a_pre_norm_residual_mlp_is_linear_at_every_level_and_fuses_back() -> None:
+    # LayerNorm -> Linear levels lose the norm's affine into the least squares; the residual
+    # stream is grouped once at the embedding and every block's write is fitted in its basis
+    entry = models.get("layernorm_mlp")
+    model = fxfuse.testing.randomize_constants(entry.factory(), seed=2)
+    x = torch.randn(300, *entry.example_inputs()[0].shape[1:],
+                    generator=torch.Generator().manual_seed(0))
+    other = _permuted(model, x)
+    fused, rep = neuron_interpolation([model, other], model, [x], NeuronInterpolation(ridge=1e-9))
+    assert all(r.method == "least squares" for r in rep.levels)
+    assert sum("grouped at level 0" in r.note for r in rep.levels) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)

@@ -21,7 +21,7 @@ built from the parents' values at the level's output (pre-activations):
   ``t_c = sum_{(k,i) in c} w_ki a_ki / sum w_ki``; a residual stream is grouped once, at its first
   write, and every later write's targets use that grouping;
 * **linear variant**: the level's producer (Linear, or a Conv on unfolded patches; a BatchNorm
-  after it is set to the identity) gets its weights by ridge least squares from the fused inputs
+  after it is set to the identity, a LayerNorm / RMSNorm right before a Linear loses its affine) gets its weights by ridge least squares from the fused inputs
   ``X`` to the targets: ``W = (X^T X + lam I)^-1 X^T T`` with ``lam = ridge * tr(X^T X) / d``
   (default ``ridge = 1e-3``; the bias column is not penalised): 400 samples against 785 inputs is
   underdetermined, the ridge picks the smallest-norm fit.  A level with no linear form (attention,
@@ -388,10 +388,17 @@ def averaged_logits(values: Sequence[torch.Tensor], shares: Sequence[float],
 
 
 # -- fitting --------------------------------------------------------------------------------------
-def _producer_module(gm: fx.GraphModule, level: Level) -> tuple[nn.Module, list[nn.Module]] | None:
-    """The level's producer and channel-wise followers, if the level has a linear form: its owned
-    parameters are exactly theirs, the producer is a Linear / Conv1d / Conv2d (groups 1, zero
-    padding by numbers) and the group is on its channel axis."""
+PRE_NORMS = (nn.LayerNorm, nn.RMSNorm)
+
+
+def _producer_module(gm: fx.GraphModule, level: Level
+                     ) -> tuple[nn.Module, list[nn.Module], list[nn.Module]] | None:
+    """The level's producer, its channel-wise followers and the norm right before it, if the
+    level has a linear form: its owned parameters are exactly theirs, the producer is a Linear /
+    Conv1d / Conv2d (groups 1, zero padding by numbers) and the group is on its channel axis.  A
+    LayerNorm / RMSNorm over the last axis that feeds only a Linear producer (a pre-norm block)
+    keeps its normalisation and loses its affine (weight 1, bias 0): the least-squares weights
+    absorb it (``W (g * x + b) + c = (W diag g) x + (W b + c)``)."""
     by_name = {n.name: n for n in gm.graph.nodes}
     prod = by_name[level.producer]
     if prod.op != "call_module":
@@ -411,10 +418,28 @@ def _producer_module(gm: fx.GraphModule, level: Level) -> tuple[nn.Module, list[
             return None
         followers.append(fmod)
         names.append(str(node.target))
+    pre: list[nn.Module] = []
+    src = prod.args[0] if prod.args else None
+    if isinstance(mod, nn.Linear) and isinstance(src, fx.Node) and src.op == "call_module" \
+            and len(src.users) == 1 and src.name in level.nodes:
+        norm = gm.get_submodule(str(src.target))
+        if isinstance(norm, PRE_NORMS) and len(tuple(norm.normalized_shape)) == 1:
+            pre.append(norm)
+            names.append(str(src.target))
     owned = {k.rsplit(".", 1)[0] for k in level.params}
     if not owned <= set(names):
         return None
-    return mod, followers
+    return mod, followers, pre
+
+
+def _drop_affine(norms: list[nn.Module]) -> None:
+    with torch.no_grad():
+        for n in norms:
+            w, b = getattr(n, "weight", None), getattr(n, "bias", None)
+            if isinstance(w, torch.Tensor):
+                w.fill_(1.0)
+            if isinstance(b, torch.Tensor):
+                b.fill_(0.0)
 
 
 def _channel_axis_ok(mod: nn.Module, level: Level, ndim: int) -> bool:
@@ -686,6 +711,7 @@ def neuron_interpolation(
         params = [named[k] for k in lv.params if k in named]
         method = ""
         if form is not None and (cfg.variant == "linear" or cfg.init == "linear"):
+            _drop_affine(form[2])
             _set_linear(form[0], form[1], _producer_input(sub, lv, inputs), t, cfg.ridge)
             method = "least squares"
         if cfg.variant == "gradient" or form is None:
