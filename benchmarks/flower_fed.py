@@ -295,7 +295,8 @@ def deployment(configs: list[tuple[int, int]]) -> list[str]:
             cfg = {"dataset": "mnist", "hidden": 128, "num-partitions": parts,
                    "local-epochs": 5, "num-server-rounds": 1, "client-init": "local",
                    "align": "weight", "calibration-size": CALIB, "output-dir": str(out),
-                   "partitions-by-server": parts != nodes, "min-nodes": nodes}
+                   "partitions-by-server": parts != nodes, "min-nodes": nodes,
+                   "round-timeout": 900}
             try:
                 fed.start()
                 res = fed.run(app, cfg, results=out / "results.json", timeout=1800)
@@ -327,7 +328,11 @@ def main() -> None:
     rev, load0, t0 = fxfuse_revision(), load_average(), time.time()
     ks = [int(k) for k in args.clients.split(",")]
     parts = set(args.parts.split(","))
-    sec = [BEGIN, "## Federated fusion on Flower (issue 20)", "",
+    begin, end, title = BEGIN, END, "## Federated fusion on Flower (issue 20)"
+    if parts == {"deploy"}:  # a re-run of the deployment part alone: its own section
+        begin, end = BEGIN.replace("fed", "fed deploy"), END.replace("fed", "fed deploy")
+        title = "### Federated fusion on Flower: deployment engine re-run (issue 20)"
+    sec = [begin, title, "",
            command_line("python -m benchmarks.flower_fed " + " ".join(sys.argv[1:])), ""]
     if "oneshot" in parts:
         sec += ["### 1. One-shot (clients from their own inits), accuracy % (aggregation time)",
@@ -338,18 +343,18 @@ def main() -> None:
         sec += ["### 2. Rounds (16 clients, Dirichlet(0.5), 1 local epoch per round), "
                 "accuracy %", "", *rounds(16, args.rounds), ""]
     if "cost" in parts:
-        sec += ["### 3. Server cost per aggregation (random MLP 784-1024-1024-10, 7.5 MB)", "",
+        sec += ["### 3. Server cost per aggregation (random MLP 784-1024-1024-10, 7.1 MB)", "",
                 *cost(ks, joint_max=4), ""]
     if "deploy" in parts:
         configs = [tuple(int(v) for v in c.split("x")) for c in args.deploy.split(",") if c]
         sec += ["### 4. Deployment engine (example app, MNIST, MLP 784-128-128-10, 5 local "
                 "epochs, one-shot)", "", *deployment(configs), ""]  # type: ignore[arg-type]
     sec += [f"Commit {revision_note(rev)}; load average {load0} at start, {load_average()} at "
-            f"end; {time.time() - t0:.0f} s in all.", END]
+            f"end; {time.time() - t0:.0f} s in all.", end]
     text = "\n".join(sec)
     print(text)
     if args.write:
-        write_section(text, BEGIN, END)
+        write_section(text, begin, end)
 
 
 if __name__ == "__main__":

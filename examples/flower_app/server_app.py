@@ -62,6 +62,7 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.perf_counter()
     strategy.start(grid=grid, initial_arrays=ArrayRecord(make_model(cfg).state_dict()),
                    num_rounds=int(cfg["num-server-rounds"]),  # type: ignore[arg-type]
+                   timeout=float(cfg["round-timeout"]),  # type: ignore[arg-type]
                    train_config=ConfigRecord(), evaluate_fn=evaluate)
     results = {"config": dict(cfg), "rounds": rounds, "seconds": time.perf_counter() - t0}
     target = out / "results.json"

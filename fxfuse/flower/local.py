@@ -4,7 +4,9 @@ SuperNodes on 127.0.0.1 (free ports), and ``flwr run`` to submit an app to it.
 Every process gets ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1`` and
 ``FLWR_HOME`` in the federation's own folder (its ``config.toml`` names only this SuperLink,
 ``insecure``); the SuperLink runs with ``--insecure --disable-runtime-dependency-installation``
-and a database file there; SuperNodes do not install dependencies either (their default).  No
+and its in-memory state (``database=`` names a SQLite file instead: measured, 16 SuperNodes
+replying at once then lose replies to "database is locked" errors and the round stalls);
+SuperNodes do not install dependencies either (their default).  No
 Ray, no simulation engine: nothing leaves the machine.  :meth:`LocalFederation.stop` (also on
 ``__exit__``, whatever happened) ends each process it started by its own id -- its process
 group, and every descendant found under it (the ServerApp / ClientApp processes Flower spawns)
@@ -102,13 +104,14 @@ class LocalFederation:
 
     def __init__(self, n_nodes: int, workdir: str | Path, *,
                  node_config: Callable[[int], Mapping[str, Any]] | None = None,
-                 start_timeout: float = 60.0) -> None:
+                 start_timeout: float = 60.0, database: str | Path | None = None) -> None:
         self.n_nodes = n_nodes
         self.workdir = Path(workdir).resolve()
         self.home = self.workdir / "flwr-home"
         self.node_config = node_config or (lambda i: {"partition-id": i,
                                                       "num-partitions": n_nodes})
         self.start_timeout = start_timeout
+        self.database = database
         self.port = 0
         self.procs: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
         self.seen: set[tuple[int, str]] = set()
@@ -143,7 +146,8 @@ class LocalFederation:
             self._spawn("superlink", [
                 self._exe("flower-superlink"), "--insecure",
                 "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-                "--port", str(self.port), "--database", str(self.workdir / "superlink.db")])
+                "--port", str(self.port),
+                *([] if self.database is None else ["--database", str(self.database)])])
             self._wait_listening(self.port, "superlink")
             for i in range(self.n_nodes):
                 self._spawn(f"supernode-{i}", [
