@@ -318,6 +318,6 @@ def test_every_rule_declines_instead_of_raising_on_calls_it_does_not_describe() 
             c = x.view(-1)[torch.tensor([True, False] * 30)]  # boolean mask
             return a + b.sum() + c.sum()
     x = torch.randn(3, 5, 4)
-    disc = discover(Odd(), x, probe=False)
-    assert len(disc.cuts) >= 3 and all(c.kind == "no-rule" for c in disc.cuts)
+    disc = discover(Odd(), x, probe=False, fix_io=False)
+    assert len(disc.cuts) >= 2 and all(c.kind == "no-rule" for c in disc.cuts)
     assert any("does not apply" in c.detail for c in disc.cuts)

@@ -274,6 +274,10 @@ class _Driver:
             where = f" at {src}" if src else ""
             raise UnsupportedOpError(f"node {node.name!r}: {msg}{where} (strict mode does not "
                                      f"probe ops without a rule)")
+        if self._from_constants(hs, outs):  # a function of constants is a constant: no cut
+            why = Reason("constant", node.name, opname, "computed from constants only")
+            self._fix_handles([hs.handles[h.index] for h in outs], why)
+            return
         if self.probe:
             result = self._probe(node, module, op)
             if result.found:
@@ -290,6 +294,13 @@ class _Driver:
             msg = f"{what} ({result.reason}); the groups through it stay fixed. " + msg.split(
                 "stay fixed. ", 1)[1]
         self._cut(hs, Reason("no-rule", node.name, opname, msg, src))
+
+    def _from_constants(self, hs: _Handles, outs: list[TensorHandle]) -> bool:
+        """Whether every input tensor of the call is a constant (all its axes fixed)."""
+        out_ids = {h.index for h in outs}
+        inputs = [lays for i, lays in enumerate(hs.handles) if i not in out_ids]
+        return bool(inputs) and all(not self.table.atoms_in(self.table.resolve(lay))
+                                    for lays in inputs for lay in lays)
 
     def _probe(self, node: fx.Node, module: nn.Module | None, op: OpView) -> ProbeResult:
         """Measure the relations of a call without a rule (:mod:`fxfuse.rules.probe`)."""

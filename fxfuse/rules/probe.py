@@ -128,8 +128,9 @@ class _Probe:
         self.refs = [self.run(x) for x in self.samples]
 
     def run(self, values: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        values = {k: v.clone() for k, v in values.items()}  # in-place ops must not leak
         with torch.no_grad():
-            got = flatten_tensors(self.call(values))
+            got = [t.clone() for t in flatten_tensors(self.call(values))]
         if [tuple(t.shape) for t in got] != [o.shape for o in self.outs]:
             raise ValueError(f"output shapes {[tuple(t.shape) for t in got]} differ from the "
                              f"recorded {[o.shape for o in self.outs]}")
