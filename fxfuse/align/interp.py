@@ -820,7 +820,10 @@ def _complete_maps(maps: list[dict[str, GroupMap]], state: FusionState
 
 class InterpolateNeurons(Pass):
     """Neuron interpolation as an align pass that also merges: sets ``state.fused`` (a model of
-    the target's class) and ``state.maps`` (each parent's groupings)."""
+    the target's class) and ``state.maps`` (each parent's groupings as many-to-one maps, for the
+    report and for REPAIR's targets; a cluster with no unit of a parent has a zero row in that
+    parent's merge).  The maps describe the grouping, not the fitted weights: re-applying them
+    with :func:`fxfuse.apply_fusion` averages the parents' weights, it does not redo the fit."""
 
     name = "neuron-interpolation"
 
