@@ -410,6 +410,8 @@ def test_public_api_is_pinned() -> None:
         "repair_states",
         "recipe_from_json", "recipe_to_json", "register_method", "save_fusion",
         "WeightScopeRegularizer", "weight_scopes",
+        "OptimalTransport", "NeuronInterpolation", "neuron_interpolation", "GraphMatching",
+        "DepthAlignment", "align_depth", "DepthError", "NoExactIdentityError",
     ])
 
 
