@@ -252,11 +252,10 @@ def _at_target_depth(models: Sequence[nn.Module], example_inputs: Any,
     if isinstance(models, nn.Module) or len(models) < 2 or not all(
             isinstance(m, nn.Module) for m in models):
         return models, report  # check_models says what is wrong
+    from .depth import needs_depth_alignment
+
     group = [*models, *([target] if isinstance(target, nn.Module) else [])]
-    names = [list(m.state_dict()) for m in group]
-    automatic = all(type(m) is type(group[0]) for m in group) and any(
-        n != names[0] for n in names)  # one class, other layers: a depth difference
-    if depth is None and not automatic:
+    if depth is None and not needs_depth_alignment(group):
         return models, report
     import dataclasses
 

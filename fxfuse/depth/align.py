@@ -117,10 +117,11 @@ def _signature(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def needs_depth_alignment(models: Sequence[nn.Module]) -> bool:
-    """Whether the models' parameters differ (names or shapes): then depth handling may apply
-    (``align_depth`` decides per model, and refuses what is not a depth difference)."""
-    first = _signature(models[0])
-    return any(_signature(m) != first for m in models[1:])
+    """Whether ``fuse`` starts depth handling by itself: the models are of one class and their
+    parameter names differ (more blocks or layers; different widths keep the names).  Models of
+    different classes are fused at another depth only when asked (``depth=``)."""
+    names = [list(m.state_dict()) for m in models]
+    return all(type(m) is type(models[0]) for m in models) and any(n != names[0] for n in names)
 
 
 def _inputs(data: Any, max_batches: int) -> list[torch.Tensor] | None:
