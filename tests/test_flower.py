@@ -285,3 +285,12 @@ def test_repair_runs_on_the_servers_calibration_data(tmp_path: Path, task_identi
                                progress=False).state_dict()
         for k in expected:
             torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-5)
+
+
+def test_a_self_merging_method_is_refused_until_the_core_returns_its_weights() -> None:
+    from fxfuse.methods import config_from_dict, methods
+
+    if "neuron-interpolation" not in {m.name for m in methods("align")}:
+        pytest.skip("neuron interpolation is not registered")
+    with pytest.raises(fxfuse.errors.InputError, match="functional core"):
+        FusionStrategy(make_model, X, align=config_from_dict({"method": "neuron-interpolation"}))

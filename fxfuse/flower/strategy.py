@@ -40,7 +40,14 @@ from ..align.weights import WeightMatching
 from ..errors import InputError, quote_error
 from ..groups import find_groups
 from ..trace import as_input_tuple
-from .aggregate import ALIGNMENTS, Aggregation, ClientUpdate, Rejection, aggregate_updates
+from .aggregate import (
+    ALIGNMENTS,
+    Aggregation,
+    ClientUpdate,
+    Rejection,
+    aggregate_updates,
+    check_align,
+)
 
 __all__ = ["INIT_KEY", "FusionStrategy", "RoundRecord"]
 
@@ -107,6 +114,7 @@ class FusionStrategy(FedAvg):
         if not callable(factory):
             raise InputError("factory must be a function returning a fresh torch.nn.Module of "
                              "the global model's architecture")
+        check_align(align)
         model = factory()
         if not isinstance(model, nn.Module):
             raise InputError(f"factory returned a {type(model).__name__}, not a "
