@@ -20,7 +20,8 @@ group named ``g`` in every model is then one group of the fused model: a model's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .errors import ArchitectureMismatchError
 from .groups.spec import PermutationSpec, tree_str
@@ -102,6 +103,42 @@ def pair_specs(target: PermutationSpec, specs: Sequence[PermutationSpec],
                 f"paired by width alignment")
 
 
+def resized(spec: PermutationSpec, state: Mapping[str, Any], label: str = "the state"
+            ) -> PermutationSpec:
+    """The spec of a model of ``spec``'s architecture at the widths of ``state`` (a state dict),
+    without building that model: each group's size is read off a member axis that is the group
+    alone, then every axis's length is checked against its layout at those sizes.  For a server
+    that holds one model factory and receives state dicts of other widths; a state that does not
+    fit raises :class:`ArchitectureMismatchError` naming the tensor and axis."""
+    import dataclasses
+
+    from .groups.spec import AxisSpec, Group, tree_size
+
+    sizes: dict[str, int] = {}
+    for key, axis in spec.axes:
+        if key not in state:
+            raise ArchitectureMismatchError(f"{label} has no tensor {key!r}")
+        layout = spec.axes[(key, axis)].layout
+        if isinstance(layout, Unit) and layout.group not in sizes:
+            sizes[layout.group] = int(state[key].shape[axis])
+    missing = [g.name for g in spec.groups if g.name not in sizes]
+    if missing:
+        raise ArchitectureMismatchError(
+            f"the size of group {missing[0]!r} in {label} can not be read off its tensors (no "
+            f"axis is that group alone); build the model at those widths and discover its spec")
+    axes: dict[tuple[str, int], AxisSpec] = {}
+    for (key, axis), a in spec.axes.items():
+        want = tree_size(a.layout, sizes)
+        got = int(state[key].shape[axis]) if axis < state[key].dim() else -1
+        if got != want:
+            raise ArchitectureMismatchError(
+                f"{label}: {key}:{axis} has length {got}, but its layout {tree_str(a.layout)} at "
+                f"the widths read off the other tensors gives {want}")
+        axes[(key, axis)] = dataclasses.replace(a, size=want)
+    groups = [Group(g.name, sizes[g.name], g.members, g.joined_by) for g in spec.groups]
+    return dataclasses.replace(spec, groups=groups, axes=axes)
+
+
 def width_table(target: PermutationSpec, specs: Sequence[PermutationSpec]) -> list[str]:
     """One line per group whose size differs between the models: ``name: n0, n1, ... -> m``."""
     lines = []
@@ -112,5 +149,5 @@ def width_table(target: PermutationSpec, specs: Sequence[PermutationSpec]) -> li
     return lines
 
 
-__all__ = ["pair_specs", "same_widths", "sizes_of", "structure_difference",
+__all__ = ["pair_specs", "resized", "same_widths", "sizes_of", "structure_difference",
            "width_table"]

@@ -268,3 +268,23 @@ def test_functional_core_on_states_of_different_widths() -> None:
         fxfuse.align_states(specs, states, fxfuse.WeightMatching())
     into_narrow = fxfuse.align_states(specs, states, fxfuse.OptimalTransport(), anchor=1)
     assert into_narrow[0]["features.0"].shape == (16, 32)
+
+
+def test_a_spec_resized_to_a_state_of_other_widths() -> None:
+    """A server with one factory reads a client's widths off its state: the resized spec is the
+    spec discovery finds on a model at those widths, and OT fuses with it as with that one."""
+    from fxfuse.pairing import resized
+
+    for wide, narrow, x in ((mlp((32, 16), 0), mlp((16, 8), 1), X),
+                            (models.zoo.resnet20(width=2), models.zoo.resnet20(width=1), IMG),
+                            (ConvBN(8), ConvBN(4), IMG)):
+        spec_w, spec_n = fxfuse.find_groups(wide, x), fxfuse.find_groups(narrow, x)
+        got = resized(spec_w, narrow.state_dict())
+        assert [(g.name, g.size) for g in got.groups] == [(g.name, g.size) for g in spec_n.groups]
+        assert {k: (a.size, a.layout) for k, a in got.axes.items()} == {
+            k: (a.size, a.layout) for k, a in spec_n.axes.items()}
+        assert structure_difference(spec_w, got) is None
+    bad = mlp((16, 8), 1).state_dict()
+    bad["head.weight"] = torch.zeros(12, 8)
+    with pytest.raises(fxfuse.ArchitectureMismatchError, match="head.weight:0 has length 12"):
+        resized(fxfuse.find_groups(mlp((32, 16), 0), X), bad, "client 3")
