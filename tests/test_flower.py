@@ -294,3 +294,29 @@ def test_a_self_merging_method_is_refused_until_the_core_returns_its_weights() -
         pytest.skip("neuron interpolation is not registered")
     with pytest.raises(fxfuse.errors.InputError, match="functional core"):
         FusionStrategy(make_model, X, align=config_from_dict({"method": "neuron-interpolation"}))
+
+
+def test_clients_of_other_widths_are_fused_into_the_servers_widths_by_ot() -> None:
+    """With OptimalTransport, a client at other widths is read off the server's spec and fused
+    into the server model's widths (joint: as fxfuse.fuse with that target; to-global: onto the
+    global model); weight matching still refuses it by name."""
+    server = make_model(0)
+    spec = fxfuse.find_groups(server, X)
+    ref = server.state_dict()
+    same, wider, narrow = make_model(1), make_model(2, hidden=32), make_model(3, hidden=8)
+    ups = [ClientUpdate("a", same.state_dict(), 10), ClientUpdate("b", wider.state_dict(), 10),
+           ClientUpdate("c", narrow.state_dict(), 20)]
+    ot = fxfuse.OptimalTransport()
+    got = aggregate_updates(ups, spec=spec, factory=make_model, reference=ref, align=ot)
+    assert not got.rejected
+    want = fxfuse.fuse([same, wider, narrow], X, align=ot, weights=[10, 10, 20],
+                       progress=False).state_dict()
+    for k, v in want.items():
+        torch.testing.assert_close(got.state[k], v)
+    onto = aggregate_updates(ups[1:], spec=spec, factory=make_model, reference=ref, align=ot,
+                             alignment="to-global", anchor=ref)
+    assert {k: v.shape for k, v in onto.state.items()} == {k: v.shape for k, v in ref.items()}
+    wm = aggregate_updates(ups, spec=spec, factory=make_model, reference=ref,
+                           align=fxfuse.WeightMatching())
+    assert [r.name for r in wm.rejected] == ["b", "c"]
+    assert "OptimalTransport" in wm.rejected[0].reason

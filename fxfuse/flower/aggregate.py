@@ -44,6 +44,7 @@ from ..errors import FxFuseError, InputError, listing, quote_error
 from ..groups.spec import PermutationSpec
 from ..maps import GroupMap
 from ..methods import method_of
+from ..pairing import resized
 from ..trace import nonfinite_key
 
 __all__ = ["ALIGNMENTS", "Aggregation", "ClientUpdate", "FederatedRoundError", "Rejection",
@@ -96,10 +97,12 @@ class Aggregation:
     average: State | None = None
 
 
-def check_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor]
-                 ) -> tuple[State | None, str | None]:
+def check_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor],
+                 spec: PermutationSpec | None = None) -> tuple[State | None, str | None]:
     """``(state, None)`` if the update fits the server's architecture (``reference``: a state dict
-    of it), its floating tensors cast to the reference's dtypes; else ``(None, reason)``."""
+    of it), its floating tensors cast to the reference's dtypes; else ``(None, reason)``.  With
+    ``spec`` (the server model's), a state of other widths fits too when its widths can be read
+    off the spec (:func:`fxfuse.pairing.resized`: same layers, other group sizes)."""
     n = update.num_examples
     if n is None:
         return None, "sent no example count (a 'num-examples' metric); it can not be weighted"
@@ -123,18 +126,32 @@ def check_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor]
         t = state[key]
         if not isinstance(t, torch.Tensor):
             return None, f"sent {key!r} as a {type(t).__name__}, not a tensor"
-        if tuple(t.shape) != tuple(ref.shape):
+        if tuple(t.shape) != tuple(ref.shape) and spec is None:
             return None, (f"does not fit the server's architecture: {key!r} has shape "
                           f"{tuple(t.shape)}, the server's model {tuple(ref.shape)} (clients of "
-                          "other widths are refused until fxfuse fuses models of different "
-                          "widths into the server's target)")
+                          "other widths are fused with align=OptimalTransport() and no "
+                          "repair)")
         if t.is_floating_point() != ref.is_floating_point():
             return None, f"sent {key!r} as {t.dtype}, the server's model holds {ref.dtype}"
         out[key] = t.to(ref.dtype) if t.dtype != ref.dtype else t
+    if spec is not None and any(out[k].shape != ref.shape for k, ref in reference.items()):
+        try:
+            resized(spec, out, "its state")
+        except FxFuseError as exc:
+            return None, f"does not fit the server's architecture at any widths: {exc}"
     bad = nonfinite_key(out)
     if bad is not None:
         return None, f"sent {bad!r} with NaN or infinite values"
     return out, None
+
+
+#: Align methods that map ``n`` units onto ``m`` (recipe names): only these take clients whose
+#: widths differ from the server model's (fused into the server model's widths).
+WIDTH_CHANGING = {"ot"}
+
+
+def _width_changing(align: Any) -> bool:
+    return align is not None and method_of(align, "align").name in WIDTH_CHANGING
 
 
 #: Align methods whose pass produces the fused weights itself (``state.fused``), which
@@ -221,22 +238,26 @@ def aggregate_updates(
         assert anchor is not None
         anchor_state = {k: v.detach().to(reference[k].dtype) for k, v in anchor.items()}
         maps = [] if align is not None else None
+    specs: list[PermutationSpec] = []
+    other_widths = _width_changing(align) and repair is None
     for u in updates:
-        state, reason = check_update(u, reference)
+        state, reason = check_update(u, reference, spec if other_widths else None)
         if state is None:
             reject(u.name, str(reason))
             continue
         n = float(u.num_examples)  # type: ignore[arg-type]  # checked above
+        own = spec if all(state[k].shape == r.shape for k, r in reference.items()) else resized(
+            spec, state, u.name)
         if alignment == "to-global":
             m_k: dict[str, GroupMap] | None = None
             if align is not None:
                 try:
-                    m_k = align_states(spec, [anchor_state, state], align, **run_kw)[1]
+                    m_k = align_states([spec, own], [anchor_state, state], align, **run_kw)[1]
                 except FxFuseError as exc:
                     reject(u.name, f"could not be aligned to the global model "
                                    f"({quote_error(exc)})")
                     continue
-            part = merge_states(spec, [state], None if m_k is None else [m_k], [n])
+            part = merge_states([own], [state], None if m_k is None else [m_k], [n])
             total = part if total is None else _add(total, part)
             if keep_states:
                 states.append(state)
@@ -244,11 +265,12 @@ def aggregate_updates(
                     maps.append(m_k)
         else:
             states.append(state)
-        if keep_average:
+        if keep_average and own is spec:  # the plain average: clients at the server's widths
             part = merge_states(None, [state], None, [n])
             plain = part if plain is None else _add(plain, part)
         names.append(u.name)
         counts.append(n)
+        specs.append(own)
         del state
     if not names:
         raise FederatedRoundError(
@@ -258,11 +280,16 @@ def aggregate_updates(
             "'num-examples' metric) and run the round again")
     weights = [c / sum(counts) for c in counts]
     if alignment == "joint":
+        at_server = [k for k, sp in enumerate(specs) if sp is spec]
+        if not at_server:
+            raise FederatedRoundError(
+                "no client of this round has the server model's widths, and the fused units are "
+                "an anchor client's: include at least one client at the server's widths")
         if align is not None and len(states) > 1:
-            maps = align_states(spec, states, align, **run_kw)
+            maps = align_states(specs, states, align, anchor=at_server[0], **run_kw)
         else:
             maps = None
-        merged = merge_states(spec, states, maps, weights)
+        merged = merge_states(specs, states, maps, weights)
     else:
         assert total is not None
         merged = _scaled(total, 1.0 / sum(counts))
