@@ -287,13 +287,25 @@ def test_repair_runs_on_the_servers_calibration_data(tmp_path: Path, task_identi
             torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-5)
 
 
-def test_a_self_merging_method_is_refused_until_the_core_returns_its_weights() -> None:
-    from fxfuse.methods import config_from_dict, methods
-
-    if "neuron-interpolation" not in {m.name for m in methods("align")}:
+def test_a_self_merging_method_runs_through_fuse_on_the_calibration_data() -> None:
+    """Neuron interpolation computes the fused weights itself: the aggregation gives exactly
+    fxfuse.fuse on models holding the clients' states (also when asked for to-global)."""
+    ni = fxfuse.NeuronInterpolation(epochs=2) if hasattr(fxfuse, "NeuronInterpolation") else None
+    if ni is None:
         pytest.skip("neuron interpolation is not registered")
-    with pytest.raises(fxfuse.errors.InputError, match="functional core"):
-        FusionStrategy(make_model, X, align=config_from_dict({"method": "neuron-interpolation"}))
+    server = make_model(0)
+    spec = fxfuse.find_groups(server, X)
+    clients = [make_model(i) for i in (1, 2, 3)]
+    ups = [ClientUpdate(str(i), m.state_dict(), 10 * (i + 1)) for i, m in enumerate(clients)]
+    calib = [torch.randn(64, 12, generator=torch.Generator().manual_seed(5))]
+    want = fxfuse.fuse(clients, X, align=ni, data=calib, weights=[10, 20, 30],
+                       progress=False).state_dict()
+    for mode in ("joint", "to-global"):
+        got = aggregate_updates(ups, spec=spec, factory=make_model, reference=server.state_dict(),
+                                align=ni, data=calib, example_inputs=X, alignment=mode,
+                                anchor=server.state_dict())
+        for k, v in want.items():
+            torch.testing.assert_close(got.state[k], v)
 
 
 def test_clients_of_other_widths_are_fused_into_the_servers_widths_by_ot() -> None:
