@@ -38,7 +38,7 @@ factors' indices, the other blocks) is mapped alike, and positions of other bloc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,6 +190,12 @@ def rebase(maps: list[dict[str, GroupMap]], anchor: int) -> list[dict[str, Group
                 merge, unmerge = m.dense()
                 out[k][g] = GroupMap(merge=merge[inv.cpu()], unmerge=unmerge[:, inv.cpu()])
     return out
+
+
+def index_perms(maps: Sequence[Mapping[str, GroupMap]]) -> list[dict[str, torch.Tensor]]:
+    """The index permutations of the maps that are permutations (the inverse of
+    :func:`perm_maps`; :attr:`FusionState.perms` of an alignment found as maps)."""
+    return [{g: m.index for g, m in mk.items() if m.index is not None} for mk in maps]
 
 
 def fused_sizes(spec: PermutationSpec, maps: Maps) -> dict[str, int]:

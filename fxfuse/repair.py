@@ -37,6 +37,7 @@ from torch import nn
 from .errors import PipelineError, TraceError
 from .maps import OUT, GroupMap, map_groups
 from .methods import register_method
+from .pairing import sizes_of
 from .passes.base import FusionState, Pass, batch_inputs, limited, progress
 from .trace import eval_mode, symbolic_trace
 
@@ -186,9 +187,8 @@ def _to_fused(stat: torch.Tensor, state: FusionState, k: int, key: str,
     axis = spec.axes.get((key, 0))
     if axis is None or not axis.groups:
         return stat
-    sizes = {g.name: g.size for g in spec.groups}
-    return map_groups(stat, 0, axis.layout, {g: maps[g] for g in axis.groups if g in maps}, sizes,
-                      OUT)
+    return map_groups(stat, 0, axis.layout, {g: maps[g] for g in axis.groups if g in maps},
+                      sizes_of(spec), OUT)
 
 
 class ResetBatchNormStats(Pass):

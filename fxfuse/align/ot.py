@@ -48,9 +48,10 @@ from ..errors import InputError, PipelineError
 from ..groups.spec import PermutationSpec, tree_groups
 from ..ir.capture import ActivationCapture
 from ..ir.coords import as_rows, group_rows
-from ..maps import OUT, GroupMap, map_groups
+from ..maps import OUT, GroupMap, index_perms, map_groups
 from ..pairing import sizes_of
 from ..passes.base import FusionState, Pass, batch_inputs, limited, on_device, progress
+from .activations import _features
 
 COSTS = ("weights", "activations")
 
@@ -207,17 +208,11 @@ class _ActivationCosts:
 
 
 def _node_rows(spec: PermutationSpec) -> dict[str, list[tuple[str, int, torch.Tensor, bool]]]:
-    """group -> [(node, axis, rows, whether other groups share the axis)]."""
-    sizes = sizes_of(spec)
-    out: dict[str, list[tuple[str, int, torch.Tensor, bool]]] = {}
-    for node, trees in spec.activations.items():
-        for axis, tree in enumerate(trees):
-            names = list(dict.fromkeys(tree_groups(tree)))
-            for g in names:
-                rows = group_rows(tree, g, sizes)
-                if rows is not None:
-                    out.setdefault(g, []).append((node, axis, rows, len(names) > 1))
-    return out
+    """group -> [(node, axis, rows, whether other groups share the axis)]: activation
+    matching's feature rows (:func:`fxfuse.align.activations._features`) with the sharing flag."""
+    return {g: [(node, axis, rows, len(set(tree_groups(spec.activations[node][axis]))) > 1)
+                for node, axis, rows in found]
+            for g, found in _features(spec, torch.device("cpu")).items() if found}
 
 
 def _activation_rows(x: torch.Tensor, axis: int, rows: torch.Tensor, pool: bool) -> torch.Tensor:
@@ -298,8 +293,7 @@ class AlignOptimalTransport(Pass):
                                       + "; ".join(moved))
         state.maps = maps
         if all(mp.is_permutation for mk in maps for mp in mk.values()):
-            state.perms = [{g: mp.index for g, mp in mk.items() if mp.index is not None}
-                           for mk in maps]
+            state.perms = index_perms(maps)
 
     def _activation_costs(self, state: FusionState) -> dict[int, dict[str, torch.Tensor]]:
         assert state.anchor is not None

@@ -101,9 +101,10 @@ def add_groups(sub: _SubParsers) -> None:
 def add_fuse(sub: _SubParsers) -> None:
     f = sub.add_parser(
         "fuse", help="fuse checkpoints of one architecture into one model",
-        description="Load two or more checkpoints of MODEL, align them (weight or activation "
-                    "matching), average them, optionally repair their statistics, verify and "
-                    "write the fused model (.onnx checked in onnxruntime, or a state_dict).")
+        description="Load two or more checkpoints of MODEL (at one or several widths), align them "
+                    "by a registered method (--align), average them, optionally repair their "
+                    "statistics, verify and write the fused model (.onnx checked in "
+                    "onnxruntime, or a state_dict).")
     f.add_argument("model", type=ModelRef(), metavar="MODEL", help=_MODEL_HELP)
     f.add_argument("checkpoints", nargs="+", type=InputFile(WEIGHT_SUFFIXES),
                    metavar="CHECKPOINT",

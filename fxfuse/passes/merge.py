@@ -18,7 +18,7 @@ import torch
 
 from ..core import merge_states
 from ..errors import ArchitectureMismatchError, PipelineError, VerificationError
-from ..maps import GroupMap, rebase
+from ..maps import GroupMap, index_perms, rebase
 from ..permute import rel_diff
 from ..trace import eval_mode, nonfinite_key
 from .base import FusionState, Pass
@@ -63,8 +63,7 @@ class MergeWeights(Pass):
         maps = rebase(maps, state.anchor)
         state.maps = maps
         if state.perms is not None:
-            state.perms = [{g: m.index for g, m in mk.items() if m.index is not None}
-                           for mk in maps]
+            state.perms = index_perms(maps)
         state.report.notes.append(f"merge: maps taken into models[{state.anchor}]'s basis "
                                   f"(the anchor)")
         return maps
