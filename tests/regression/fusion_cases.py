@@ -10,7 +10,8 @@ seeded copies, and the result is fingerprinted:
 * a few small models' fused state dicts in full (``FULL_TENSORS``).
 
 Record (from the code the outputs must match) with ``python -m tests.regression.fusion_cases``
-(``--only NAME ...``: just those models' cases, e.g. a newly added zoo model);
+(``--only NAME ...``: just those models' cases, e.g. a newly added zoo model; ``--setting NAME
+...``: just those settings' cases, for an intended change of one setting's behaviour);
 ``tests/test_fusion_regression.py`` re-runs every case and compares.
 """
 
@@ -119,20 +120,25 @@ def fingerprint(state: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     return out
 
 
-def record(only: set[str] | None = None) -> None:
-    """Record every case, or with ``only`` just those models' cases, keeping the others as they
-    are recorded (for a newly added zoo model: its cases, without re-running the rest)."""
+def record(only: set[str] | None = None, settings: set[str] | None = None) -> None:
+    """Record every case, or with ``only`` / ``settings`` just those models' / settings' cases,
+    keeping the others as they are recorded (for a newly added zoo model: its cases, without
+    re-running the rest)."""
     torch.set_num_threads(1)
     golden: dict[str, Any] = {"rtol": RTOL, "cases": {}}
     tensors: dict[str, dict[str, torch.Tensor]] = {}
-    if only is not None:
+
+    def chosen(name: str, setting: str) -> bool:
+        return (only is None or name in only) and (settings is None or setting in settings)
+
+    if only is not None or settings is not None:
         golden = json.loads(GOLDEN.read_text())
         tensors = torch.load(TENSORS, weights_only=True)
-        for case in [c for c in golden["cases"] if c.split("/")[0] in only]:
+        for case in [c for c in golden["cases"] if chosen(*c.split("/", 1))]:
             del golden["cases"][case]
             tensors.pop(case, None)
     for name, setting in cases():
-        if only is not None and name not in only:
+        if not chosen(name, setting):
             continue
         state, perms = run_case(name, setting)
         golden["cases"][f"{name}/{setting}"] = {"perms": perms, "state": fingerprint(state)}
@@ -144,6 +150,18 @@ def record(only: set[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # python -m tests.regression.fusion_cases [--only NAME ...]
-    args = sys.argv[1:]
-    record(set(args[1:]) if args[:1] == ["--only"] else None)
+    # python -m tests.regression.fusion_cases [--only NAME ...] [--setting NAME ...]
+    chosen: dict[str, set[str]] = {}
+    flag = None
+    for arg in sys.argv[1:]:
+        if arg in ("--only", "--setting"):
+            flag = arg
+            chosen[flag] = set()
+        elif flag is None:
+            sys.exit(f"unexpected argument {arg!r}: use --only NAME ... and/or --setting NAME ...")
+        else:
+            chosen[flag].add(arg)
+    unknown = chosen.get("--setting", set()) - set(SETTINGS)
+    if unknown:
+        sys.exit(f"unknown setting(s) {sorted(unknown)}: one of {', '.join(SETTINGS)}")
+    record(chosen.get("--only"), chosen.get("--setting"))
