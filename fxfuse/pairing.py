@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import ArchitectureMismatchError
+from .errors import ArchitectureMismatchError, SpecError
 from .groups.spec import PermutationSpec, tree_str
-from .ir.layout import Fixed, Prod, Sum, Tree, Unit
+from .ir.layout import NODES, Fixed, Tree, Unit
 
 
 def sizes_of(spec: PermutationSpec) -> dict[str, int]:
@@ -77,8 +77,8 @@ def _tree_difference(a: Tree, b: Tree) -> str | None:
     if isinstance(a, Fixed) and isinstance(b, Fixed):
         return None if a.n == b.n else (f"{a.n} fixed positions against {b.n}: the length of an "
                                         f"axis no group permutes differs")
-    if isinstance(a, (Prod, Sum)) and type(a) is type(b):
-        assert isinstance(b, (Prod, Sum))
+    if isinstance(a, NODES) and type(a) is type(b):
+        assert isinstance(b, NODES)
         if len(a.parts) != len(b.parts):
             return "a different number of blocks"
         for x, y in zip(a.parts, b.parts):
@@ -128,7 +128,10 @@ def resized(spec: PermutationSpec, state: Mapping[str, Any], label: str = "the s
             f"axis is that group alone); build the model at those widths and discover its spec")
     axes: dict[tuple[str, int], AxisSpec] = {}
     for (key, axis), a in spec.axes.items():
-        want = tree_size(a.layout, sizes)
+        try:
+            want = tree_size(a.layout, sizes)
+        except SpecError as exc:  # interleaved blocks read off at different widths
+            raise ArchitectureMismatchError(f"{label}: {key}:{axis}: {exc}") from exc
         got = int(state[key].shape[axis]) if axis < state[key].dim() else -1
         if got != want:
             raise ArchitectureMismatchError(

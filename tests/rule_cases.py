@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxfuse.rules.elementwise import BINARY_FUNCTIONS, METHODS, MODULES, UNARY_FUNCTIONS
+from fxfuse.rules.shape import channel_shuffle
 from models.leaf import GatedMixer
 
 g = torch.Generator().manual_seed(0)
@@ -449,3 +450,22 @@ add("min", lambda x: x.min(-1)[0], X4)
 add(builtins.getattr, lambda x: torch.max(x, 1).values, X4)
 add_export(aten.max.dim, lambda x: torch.max(x, 1).values * 2, X4)
 add_export(aten.min.dim, lambda x: torch.min(x, -1)[0], X4)
+
+# -- a channel shuffle of a concatenation, read as one op (fxfuse.groups.shuffle) ----------------
+def _lib_shuffle(x: torch.Tensor, g: int = 2) -> torch.Tensor:
+    """As libraries write it: view (b, g, c/g, h, w), transpose, contiguous, view back."""
+    b, c, h, w = x.shape
+    return torch.transpose(x.view(b, g, c // g, h, w), 1, 2).contiguous().view(b, -1, h, w)
+
+
+add(channel_shuffle, lambda a, b: _lib_shuffle(torch.cat((a, b), 1)), (X4, rnd(2, 6, 3, 4)))
+add(channel_shuffle, lambda a, b: channel_shuffle(torch.cat((a, b), 1), 1, 2),
+    (X4, rnd(2, 6, 3, 4)))
+add(channel_shuffle, lambda a, b, c: torch.cat((a, b, c), 1).reshape(2, 3, 4, 12).permute(
+    0, 2, 1, 3).reshape(2, 12, 12), (rnd(2, 4, 12), rnd(2, 4, 12), rnd(2, 4, 12)))  # 3 blocks
+add(channel_shuffle, lambda a, b: _lib_shuffle(torch.cat((a, b), 1)),
+    (rnd(2, 4, 3, 4), rnd(2, 8, 3, 4)))  # a sum cut off the blocks' boundary (4 + 8, blocks of 6)
+add(channel_shuffle, lambda a, b: _lib_shuffle(_lib_shuffle(torch.cat((a, b), 1))),
+    (X4, rnd(2, 6, 3, 4)))  # a shuffle of a shuffle: an interleave in, a finer one out
+add(channel_shuffle, lambda a, b: torch.cat(_lib_shuffle(torch.cat((a, b), 1)).chunk(2, 1)[::-1],
+                                            1), (rnd(2, 8, 3, 4), rnd(2, 8, 3, 4)))

@@ -11,7 +11,7 @@ from torch import nn
 
 import fxfuse
 import models
-from fxfuse.ir.layout import Fixed, Prod, Sum, Unit
+from fxfuse.ir.layout import Fixed, Interleave, Prod, Sum, Unit
 from fxfuse.rules import Same
 from fxfuse.testing import randomize_constants
 
@@ -186,8 +186,42 @@ def test_channel_shuffle_reorders_kronecker_factors() -> None:
 def test_shufflenet_split_and_shuffle() -> None:
     model, inputs, spec = spec_of("shufflenet")
     assert any(isinstance(a.layout, Sum) for a in spec.axes.values())
-    assert any(isinstance(a.layout, Prod) for a in spec.axes.values())
+    assert any(isinstance(a.layout, Interleave) for a in spec.axes.values())
     fxfuse.verify(model, spec, inputs)
+
+
+class _CatShuffle(nn.Module):
+    """Two convs concatenated, shuffled as libraries write it, read by a 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat((self.a(x), self.b(x)), 1)
+        n, c, h, w = y.size()
+        y = torch.transpose(y.view(n, 2, c // 2, h, w), 1, 2).contiguous().view(n, -1, h, w)
+        return self.c(y)
+
+
+@pytest.mark.parametrize("tracer", ["symbolic", "export"])
+def test_shuffle_of_a_concatenation_interleaves_independent_blocks(tracer: str) -> None:
+    """Each half of cat(a, b) keeps its own permutation through the shuffle (the Kronecker
+    reading of view / transpose / view would tie them into one)."""
+    model, x = randomize_constants(_CatShuffle(), seed=0), torch.randn(2, 3, 4, 4)
+    spec = fxfuse.find_groups(model, x, tracer=tracer)
+    assert spec.axes[("c.weight", 1)].layout == Interleave((Unit("a"), Unit("b")))
+    assert spec.groups_of("a.weight", 0) == ["a"] and spec.groups_of("b.weight", 0) == ["b"]
+    fxfuse.verify(model, spec, x)
+    state = model.state_dict()  # a's rows alone permuted, c's even columns with them: same function
+    p = torch.tensor([2, 0, 3, 1])
+    moved = copy.deepcopy(model)
+    cols = torch.arange(8)
+    cols[0::2] = cols[0::2][p]
+    moved.load_state_dict({**state, "a.weight": state["a.weight"][p], "a.bias": state["a.bias"][p],
+                           "c.weight": state["c.weight"][:, cols]})
+    assert not out_changes(model, moved, (x,))
 
 
 # -- weight tying ------------------------------------------------------------------------------

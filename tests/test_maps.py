@@ -153,7 +153,8 @@ def test_merging_two_identical_units_keeps_the_function() -> None:
         assert rel_diff([wide(x)], [narrow(x)]) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["resnet20", "vgg_bn", "flatten_net", "vit_tiny", "llama_lm"])
+@pytest.mark.parametrize("name", ["resnet20", "vgg_bn", "flatten_net", "vit_tiny", "llama_lm",
+                                  "shufflenetv2_lib"])
 def test_a_permutation_map_is_apply_perms_exactly(name: str) -> None:
     entry = models.get(name)
     model = randomize_constants(entry.factory(), seed=4)
@@ -169,10 +170,12 @@ def test_a_permutation_map_is_apply_perms_exactly(name: str) -> None:
     assert all(m.is_permutation and torch.equal(m.index, perms[g]) for g, m in coupled.items())
 
 
-def test_dense_permutation_equals_the_index_path() -> None:
+@pytest.mark.parametrize("name", ["resnet20", "shufflenetv2_lib"])
+def test_dense_permutation_equals_the_index_path(name: str) -> None:
     """A permutation written as a dense (non-index) pair gives the index path's tensors: the
-    dense path's roles (out rows, in columns, running_var as a second moment) are right."""
-    entry = models.get("resnet20")
+    dense path's roles (out rows, in columns, running_var as a second moment) are right, and so
+    are its rows of a group inside an interleaved axis (ShuffleNet V2's shuffled concats)."""
+    entry = models.get(name)
     model = randomize_constants(entry.factory(), seed=6)
     spec = fxfuse.find_groups(model, entry.example_inputs())
     perms = spec.random_perms(seed=7)
@@ -184,6 +187,21 @@ def test_dense_permutation_equals_the_index_path() -> None:
     got = apply_maps(model.state_dict(), spec, dense)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
+
+
+def test_a_dense_map_that_changes_one_interleaved_blocks_width_is_refused() -> None:
+    """interleave(a, b) needs its blocks at one length: a map that narrows ``a`` alone has no
+    layout, and says so (a typed error, not a wrong tensor)."""
+    from tests.test_discovery import _CatShuffle
+
+    model = randomize_constants(_CatShuffle(), seed=0)
+    spec = fxfuse.find_groups(model, torch.randn(2, 3, 4, 4))
+    with pytest.raises(fxfuse.FxFuseError, match="interleaved"):
+        apply_maps(model.state_dict(), spec, {"a": GroupMap.clusters([0, 1, 2, 2], 3)})
+    soft = GroupMap.from_coupling(torch.eye(4) + 0.1)  # a dense map at the same width works
+    same = apply_maps(model.state_dict(), spec, {"a": soft})
+    want = model.state_dict()["c.weight"][:, 0::2, 0, 0].double() @ soft.dense()[1]
+    torch.testing.assert_close(same["c.weight"][:, 0::2, 0, 0].double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_second_moments_merge_as_a_mixture() -> None:

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import FxFuseError, InputError, TraceError, UnsupportedOpError, quote_error
-from ..ir.layout import Atom, AtomTable, Layout, Prod, Reason, Sum
+from ..ir.layout import Atom, AtomTable, Interleave, Layout, Prod, Reason, Sum
 from ..rules import (
     AxisRef,
     Cut,
@@ -36,6 +36,7 @@ from ..rules import (
     target_name,
 )
 from ..rules.probe import ProbeResult, probe
+from ..rules.shape import channel_shuffle, channel_shuffle_rule
 from ..trace import (
     OPAQUE,
     VALUE,
@@ -47,6 +48,7 @@ from ..trace import (
     symbolic_trace,
 )
 from .roles import IN, OUT, Origins, related_axes, role_table
+from .shuffle import Shuffle, find_shuffles
 
 AXES = "fxfuse.axes"
 
@@ -148,6 +150,8 @@ class _Driver:
         # (a parameter, or a view of parameters), and every op application that reads them
         self.lineage: dict[str, Any] = {}
         self.roles: dict[tuple[str, int], set[str | None]] = {}
+        self.shuffles = find_shuffles(gm)  # node name -> its channel shuffle chain
+        self._shuffle_on: dict[str, bool] = {}  # chain's first node -> read as one op
 
     # -- helpers ------------------------------------------------------------------------------
     def _fresh(self, value: Any) -> Any:
@@ -235,6 +239,9 @@ class _Driver:
         module = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         opname = type(module).__name__ if module is not None else target_name(node.target)
         self.table.at(node.name, opname)
+        chain = self.shuffles.get(node.name)
+        if chain is not None and self._shuffle(node, chain, opname):
+            return
         value = node.meta.get(VALUE)
         node.meta[AXES] = self._fresh(value)
         hs = _Handles(self.lineage)
@@ -294,6 +301,38 @@ class _Driver:
             msg = f"{what} ({result.reason}); the groups through it stay fixed. " + msg.split(
                 "stay fixed. ", 1)[1]
         self._cut(hs, Reason("no-rule", node.name, opname, msg, src))
+
+    def _shuffle(self, node: fx.Node, chain: Shuffle, opname: str) -> bool:
+        """A node of a channel shuffle chain (:mod:`fxfuse.groups.shuffle`): read as one op
+        where the shuffled axis is already a sum or an interleave (decided at the chain's first
+        node); False: the node keeps its own rule."""
+        if node is chain.nodes[0]:
+            src = chain.source.meta.get(AXES)
+            self._shuffle_on[node.name] = isinstance(src, TensorAxes) and isinstance(
+                self.table.resolve(src.layouts[chain.dim]), (Sum, Interleave))
+        if not self._shuffle_on.get(chain.nodes[0].name):
+            return False
+        node.meta[AXES] = self._fresh(node.meta.get(VALUE))
+        if node is not chain.last:  # its result is read by the chain's next op only
+            why = Reason("rule", node.name, opname, f"inside the channel shuffle ending at "
+                         f"{chain.last.name!r}, read as one op")
+            self._fix_all(self._tensor_axes(node.meta[AXES]), why)
+            return True
+        self.table.at(node.name, "channel_shuffle")
+        hs = _Handles(self.lineage)
+        x = hs.arg(chain.source)
+        out_value = hs.wrap(node.meta[AXES], node.meta.get(VALUE))
+        op = OpView(channel_shuffle, (x, chain.dim, chain.groups), {}, [out_value], out_value)
+        src_line = source_line(node)
+        try:
+            relations = channel_shuffle_rule(op)
+            self._apply(relations, hs.handles, hs.shapes,
+                        Reason("rule", node.name, "channel_shuffle", "", src_line))
+        except Exception as exc:  # the chain was checked: a failure is a bug
+            raise self._rule_error(node, "channel_shuffle", channel_shuffle_rule, src_line,
+                                   quote_error(exc)) from exc
+        self._record_use(node, relations, hs.sources, out_value, None, {})
+        return True
 
     def _from_constants(self, hs: _Handles, outs: list[TensorHandle]) -> bool:
         """Whether every input tensor of the call is a constant (all its axes fixed)."""
@@ -425,6 +464,8 @@ class _Driver:
                 return Prod(tuple(lay(p) for p in e.parts))
             if isinstance(e, Sum):
                 return Sum(tuple(lay(p) for p in e.parts))
+            if isinstance(e, Interleave):
+                return Interleave(tuple(lay(p) for p in e.parts))
             raise TypeError(f"not an axis expression: {e!r}")
 
         for r in relations:

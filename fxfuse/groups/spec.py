@@ -7,9 +7,10 @@
   over group names and how it came to be (fixed reasons).
 
 A layout tree (:data:`fxfuse.ir.layout.Tree`) is ``Unit(name)``, ``Fixed(n)``, ``Prod((t1, ..))``
-(Kronecker product, row-major) or ``Sum((t1, ..))`` (concatenation): discovery's own layout
-nodes over named groups (JSON: ``["g", name]``, ``["fixed", n]``, ``["prod", [..]]``,
-``["sum", [..]]``).  The index
+(Kronecker product, row-major), ``Sum((t1, ..))`` (concatenation) or ``Interleave((t1, ..))``
+(blocks of one length interleaved, a channel shuffle's; printed ``interleave(t1, ..)``):
+discovery's own layout nodes over named groups (JSON: ``["g", name]``, ``["fixed", n]``,
+``["prod", [..]]``, ``["sum", [..]]``, ``["interleave", [..]]``).  The index
 permutation of an axis is :func:`axis_index`; permuting a tensor is
 ``t.index_select(axis, axis_index(layout, perms))``.
 """
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import PermutationError, SpecError
-from ..ir.layout import Atom, Fixed, Layout, Prod, Reason, Sum, Tree, Unit
+from ..ir.layout import Atom, Fixed, Interleave, Layout, Prod, Reason, Sum, Tree, Unit
 from .discover import AXES, Discovery, TensorAxes
 from .roles import finish_roles
 
@@ -317,6 +318,8 @@ def tree_str(t: Tree) -> str:
     if isinstance(t, Fixed):
         return str(t.n)
     inner = [tree_str(c) for c in t.parts]
+    if isinstance(t, Interleave):
+        return "interleave(" + ", ".join(inner) + ")"
     return " x ".join(inner) if isinstance(t, Prod) else "(" + " + ".join(inner) + ")"
 
 
@@ -336,6 +339,11 @@ def tree_size(t: Tree, sizes: Mapping[str, int]) -> int:
     if isinstance(t, Fixed):
         return int(t.n)
     vals = [tree_size(c, sizes) for c in t.parts]
+    if isinstance(t, Interleave):
+        if len(set(vals)) > 1:
+            raise SpecError(f"interleave({', '.join(tree_str(c) for c in t.parts)}) has blocks of "
+                            f"different lengths {vals}: interleaved blocks must have one length")
+        return len(vals) * vals[0]
     out = 1
     if isinstance(t, Prod):
         for v in vals:
@@ -349,7 +357,8 @@ def axis_index(t: Tree, perms: Mapping[str, torch.Tensor], sizes: Mapping[str, i
     """Index permutation of an axis: permuted = tensor.index_select(axis, index).
 
     ``Unit``: the group's permutation (identity if absent); ``Fixed``: ``arange(n)``;
-    ``Prod``: ``idx[i1, i2] = p1[i1] * |t2| + p2[i2]`` (Kronecker); ``Sum``: offsets concatenated.
+    ``Prod``: ``idx[i1, i2] = p1[i1] * |t2| + p2[i2]`` (Kronecker); ``Sum``: offsets concatenated;
+    ``Interleave`` of ``k`` blocks: ``idx[i*k + j] = p_j[i] * k + j``.
     """
     if isinstance(t, Unit):
         p = perms.get(t.group)
@@ -357,6 +366,9 @@ def axis_index(t: Tree, perms: Mapping[str, torch.Tensor], sizes: Mapping[str, i
     if isinstance(t, Fixed):
         return torch.arange(int(t.n), device=device)
     parts = [axis_index(c, perms, sizes, device) for c in t.parts]
+    if isinstance(t, Interleave):
+        k = len(parts)
+        return torch.stack([p * k + j for j, p in enumerate(parts)], dim=1).reshape(-1)
     if isinstance(t, Prod):
         out = parts[0]
         for p in parts[1:]:
@@ -392,7 +404,8 @@ def _tree_to_json(t: Tree) -> list[Any]:
         return ["g", t.group]
     if isinstance(t, Fixed):
         return ["fixed", t.n]
-    return ["prod" if isinstance(t, Prod) else "sum", [_tree_to_json(c) for c in t.parts]]
+    kind = "prod" if isinstance(t, Prod) else "interleave" if isinstance(t, Interleave) else "sum"
+    return [kind, [_tree_to_json(c) for c in t.parts]]
 
 
 def _tree_from_json(v: Any) -> Tree:
@@ -401,9 +414,9 @@ def _tree_from_json(v: Any) -> Tree:
         return Unit(str(v[1]))
     if kind == "fixed":
         return Fixed(int(v[1]))
-    if kind in ("prod", "sum"):
+    if kind in ("prod", "sum", "interleave"):
         parts = tuple(_tree_from_json(c) for c in v[1])
-        return Prod(parts) if kind == "prod" else Sum(parts)
+        return Prod(parts) if kind == "prod" else Sum(parts) if kind == "sum" else Interleave(parts)
     raise SpecError(f"unknown layout node {kind!r}")
 
 
@@ -420,7 +433,8 @@ def to_tree(lay: Layout, name: Callable[[int], str | None],
     if isinstance(lay, Fixed):
         return Fixed(lay.n)
     parts = tuple(to_tree(c, name, size) for c in lay.parts)
-    return Prod(parts) if isinstance(lay, Prod) else Sum(parts)
+    return Prod(parts) if isinstance(lay, Prod) else Sum(parts) if isinstance(lay, Sum) else (
+        Interleave(parts))
 
 
 # -- derivation from discovery ---------------------------------------------------------------------

@@ -8,7 +8,8 @@ has a coordinate ``c(p)`` in ``g`` (or none, in a block of a sum that ``g`` does
 
 So ``t.movedim(axis, 0)[rows.flatten()].reshape(|g|, -1)`` lays out a tensor's entries as one row
 per unit of ``g``, whatever the block structure (``g x 16`` after a flatten, ``(g + h)`` after a
-concat, ``(g + g)`` for GLU): the matrix weight and activation matching compare.
+concat, ``(g + g)`` for GLU, ``interleave(g, h)`` after a channel shuffle): the matrix weight and
+activation matching compare.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from functools import lru_cache
 
 import torch
 
-from .layout import Fixed, Sum, Tree, Unit
+from ..errors import SpecError
+from .layout import Fixed, Interleave, Sum, Tree, Unit
 
 
 def _coords(t: Tree, group: str, sizes: Mapping[str, int]) -> tuple[torch.Tensor, bool] | None:
@@ -35,6 +37,13 @@ def _coords(t: Tree, group: str, sizes: Mapping[str, int]) -> tuple[torch.Tensor
     parts_ok = [p for p in parts if p is not None]
     if isinstance(t, Sum):
         return torch.cat([c for c, _ in parts_ok]), any(f for _, f in parts_ok)
+    if isinstance(t, Interleave):  # position i*k + j is block j's position i
+        if len({c.numel() for c, _ in parts_ok}) > 1:
+            raise SpecError(f"interleaved blocks of different lengths "
+                            f"{[c.numel() for c, _ in parts_ok]} at group sizes {dict(sizes)}: "
+                            f"the blocks of an interleaved axis change width together")
+        return torch.stack([c for c, _ in parts_ok], dim=1).reshape(-1), any(
+            f for _, f in parts_ok)
     if sum(f for _, f in parts_ok) > 1:
         return None
     out = torch.full((1,), -1)

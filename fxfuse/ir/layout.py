@@ -7,7 +7,10 @@ A tensor axis of length ``n`` is described by a *layout*, a small tree:
 * ``Prod(c1, .., ck)`` row-major product of the children:  ``P = P_1 ⊗ P_2 ⊗ .. ⊗ P_k``
                        (``reshape``/``view``/``flatten``, grouped convolution, channel shuffle);
 * ``Sum(c1, .., ck)``  concatenation of the children:        ``P = P_1 ⊕ P_2 ⊕ .. ⊕ P_k``
-                       (``cat``, ``split``, ``chunk``, GLU).
+                       (``cat``, ``split``, ``chunk``, GLU);
+* ``Interleave(c1, .., ck)`` the children (all of one size ``n``) interleaved: position
+                       ``i*k + j`` is child ``j``'s position ``i``, ``P(i*k + j) = P_j(i)*k + j``
+                       (a channel shuffle of a concatenation: each block permuted on its own).
 
 Atoms live in a union-find table (:class:`AtomTable`).  Discovery only ever *restricts* the
 permutations an atom may take, through three substitutions applied uniformly everywhere the atom
@@ -26,12 +29,20 @@ constraint that held once keeps holding: discovery is sound whatever order the r
 Normal form (:meth:`AtomTable.resolve`): atoms of size 1 are ``Fixed(1)``; nested products and sums
 are flattened; adjacent ``Fixed`` children merge; a product whose leading factor is a sum is
 distributed, ``(A ⊕ B) ⊗ C = (A ⊗ C) ⊕ (B ⊗ C)`` (true for the leading factor only).
+Interleaves (``I_k(c)`` for ``Interleave(c_1, .., c_k)``): one child is the child; all children
+equal is a product, ``I_k(c, .., c) = c ⊗ Fixed(k)``; a child that is itself an interleave of
+``m`` (every child one, or a ``Fixed`` / ``X ⊗ Fixed(f)`` read as ``m`` equal ones) flattens,
+``I_k(I_m(c_j0, .., c_j(m-1)) for j) = I_km(c_{j, j'} at j'*k + j)``; cuts common to every child
+(between blocks of a sum, anywhere in a ``Fixed``) distribute,
+``I(A1 ⊕ A2, B1 ⊕ B2) = I(A1, B1) ⊕ I(A2, B2)`` for ``|A1| = |B1|``; a product ending in an
+interleave (or in an interleave then a ``Fixed``) is the interleave of products,
+``Y ⊗ I_k(c) = I_k(Y ⊗ c_1, .., Y ⊗ c_k)`` and ``I_k(c) ⊗ Fixed(f) = I_kf(c_j at j*f + t)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import prod
+from math import gcd, prod
 from typing import Any
 
 
@@ -61,6 +72,17 @@ class Sum:
 
 
 @dataclass(frozen=True, slots=True)
+class Interleave:
+    """Children of one size interleaved: position ``i*k + j`` is child ``j``'s position ``i``
+    (leaves as for :class:`Prod`)."""
+
+    parts: tuple[Any, ...]
+
+
+NODES = (Prod, Sum, Interleave)  # the inner nodes of a layout tree (they have ``parts``)
+
+
+@dataclass(frozen=True, slots=True)
 class Unit:
     """The units of group ``group``: the leaf by which a spec's layouts name their groups, where
     discovery's layouts have union-find atoms."""
@@ -68,10 +90,10 @@ class Unit:
     group: str
 
 
-Layout = Atom | Fixed | Prod | Sum
-# A spec's layout tree: the same Prod / Sum / Fixed nodes over named groups (Unit) instead of
-# atoms; frozen and hashable (fxfuse.groups.spec, fxfuse.ir.coords, fxfuse.maps read it).
-Tree = Unit | Fixed | Prod | Sum
+Layout = Atom | Fixed | Prod | Sum | Interleave
+# A spec's layout tree: the same Prod / Sum / Interleave / Fixed nodes over named groups (Unit)
+# instead of atoms; frozen and hashable (fxfuse.groups.spec, fxfuse.ir.coords, fxfuse.maps).
+Tree = Unit | Fixed | Prod | Sum | Interleave
 
 
 @dataclass(frozen=True)
@@ -168,6 +190,8 @@ class AtomTable:
             return lay.n
         if isinstance(lay, Prod):
             return prod(self.size(p) for p in lay.parts)
+        if isinstance(lay, Interleave):
+            return len(lay.parts) * self.size(lay.parts[0])
         return sum(self.size(p) for p in lay.parts)
 
     # -- normal form --------------------------------------------------------------------------
@@ -188,6 +212,8 @@ class AtomTable:
             return lay
         if isinstance(lay, Prod):
             return self._resolve_prod(lay)
+        if isinstance(lay, Interleave):
+            return self._resolve_interleave(lay)
         return self._resolve_sum(lay)
 
     def _resolve_prod(self, lay: Prod) -> Layout:
@@ -206,6 +232,13 @@ class AtomTable:
         if isinstance(parts[0], Sum):  # (A ⊕ B) ⊗ C = (A ⊗ C) ⊕ (B ⊗ C)
             rest = tuple(parts[1:])
             return self.resolve(Sum(tuple(Prod((s,) + rest) for s in parts[0].parts)))
+        f = parts[-1].n if len(parts) > 1 and isinstance(parts[-1], Fixed) else 1
+        last = parts[-2] if f > 1 else parts[-1]
+        if len(parts) > 1 and isinstance(last, Interleave):
+            # Y ⊗ I_k(c) = I_k(Y ⊗ c_j);  I_k(c) ⊗ Fixed(f) = I_kf(c_j at j*f + t)
+            head = tuple(parts[: len(parts) - (2 if f > 1 else 1)])
+            return self.resolve(Interleave(tuple(Prod(head + (c,)) for c in last.parts
+                                                 for _ in range(f))))
         if len(parts) == 1:
             return parts[0]
         return Prod(tuple(parts))
@@ -227,6 +260,78 @@ class AtomTable:
             return Fixed(sum(f.n for f in parts if isinstance(f, Fixed)))
         return Sum(tuple(parts))
 
+    def _resolve_interleave(self, lay: Interleave) -> Layout:
+        parts = [self.resolve(p) for p in lay.parts]
+        k = len(parts)
+        if k == 1:
+            return parts[0]
+        inner = {len(p.parts) for p in parts if isinstance(p, Interleave)}
+        if len(inner) == 1:  # I_k(I_m(c_j.) for j) = I_km(c_jj' at j'*k + j)
+            m = inner.pop()
+            views = [self._as_interleave(p, m) for p in parts]
+            if all(v is not None for v in views):
+                return self.resolve(Interleave(tuple(
+                    v[jj] for jj in range(m) for v in views if v is not None)))
+        if all(p == parts[0] for p in parts):  # I_k(c, .., c) = c ⊗ Fixed(k)
+            return self.resolve(Prod((parts[0], Fixed(k))))
+        n = self.size(parts[0])
+        common = set(range(1, n))
+        for p in parts:
+            common &= self._free_cuts(p)
+        if common:  # I(A1 ⊕ A2, B1 ⊕ B2) = I(A1, B1) ⊕ I(A2, B2)
+            cuts = sorted(common)
+            pieces = [self._cut_at(p, cuts) for p in parts]
+            return self.resolve(Sum(tuple(Interleave(tuple(pc[i] for pc in pieces))
+                                          for i in range(len(cuts) + 1))))
+        return Interleave(tuple(parts))
+
+    def _as_interleave(self, p: Layout, m: int) -> tuple[Layout, ...] | None:
+        """``p`` (resolved) read as an interleave of ``m`` children, or None."""
+        if isinstance(p, Interleave):
+            return p.parts if len(p.parts) == m else None
+        if isinstance(p, Fixed):
+            return (Fixed(p.n // m),) * m if p.n % m == 0 else None
+        if isinstance(p, Prod) and isinstance(p.parts[-1], Fixed) and p.parts[-1].n % m == 0:
+            return (Prod(p.parts[:-1] + (Fixed(p.parts[-1].n // m),)),) * m
+        return None
+
+    def _free_cuts(self, p: Layout) -> set[int]:
+        """Positions ``0 < s < |p|`` where ``p`` (resolved) is a sum of two layouts as it stands:
+        between the blocks of a sum, anywhere inside a ``Fixed``."""
+        out: set[int] = set()
+        off = 0
+        for q in p.parts if isinstance(p, Sum) else (p,):
+            n = self.size(q)
+            if off:
+                out.add(off)
+            if isinstance(q, Fixed):
+                out.update(range(off + 1, off + n))
+            off += n
+        return out
+
+    def _cut_at(self, p: Layout, cuts: list[int]) -> list[Layout]:
+        """``p`` (resolved) cut at free cuts (:meth:`_free_cuts`): ``len(cuts) + 1`` pieces."""
+        blocks: list[list[Layout]] = [[]]
+        off, i = 0, 0
+        for q in p.parts if isinstance(p, Sum) else (p,):
+            n = self.size(q)
+            if isinstance(q, Fixed):
+                start = off
+                while i < len(cuts) and cuts[i] < off + n:
+                    if cuts[i] > start:
+                        blocks[-1].append(Fixed(cuts[i] - start))
+                    blocks.append([])
+                    start = cuts[i]
+                    i += 1
+                blocks[-1].append(Fixed(off + n - start))
+            else:
+                if i < len(cuts) and cuts[i] == off:
+                    blocks.append([])
+                    i += 1
+                blocks[-1].append(q)
+            off += n
+        return [b[0] if len(b) == 1 else Sum(tuple(b)) for b in blocks]
+
     def atoms_in(self, lay: Layout) -> list[int]:
         """Root ids of the free atoms of ``lay`` (after resolution), left to right."""
         out: list[int] = []
@@ -234,7 +339,7 @@ class AtomTable:
         def walk(x: Layout) -> None:
             if isinstance(x, Atom):
                 out.append(x.id)
-            elif isinstance(x, (Prod, Sum)):
+            elif isinstance(x, NODES):
                 for p in x.parts:
                     walk(p)
 
@@ -277,7 +382,7 @@ class AtomTable:
                     out.append(r)
                 elif self._refined[r] is not None:
                     walk(self._refined[r])  # type: ignore[arg-type]
-            elif isinstance(x, (Prod, Sum)):
+            elif isinstance(x, NODES):
                 for p in x.parts:
                     walk(p)
 
@@ -328,8 +433,55 @@ class AtomTable:
             self._refine(b.id, a, why)
         elif isinstance(a, Prod) and isinstance(b, Prod):
             self._unify_prod(a, b, why)
+        elif isinstance(a, Interleave) and isinstance(b, Interleave):
+            self._unify_interleave(a, b, why)
+        elif isinstance(a, Interleave) and isinstance(b, Prod):
+            self._unify_interleave_prod(a, b, why)
+        elif isinstance(a, Prod) and isinstance(b, Interleave):
+            self._unify_interleave_prod(b, a, why)
         else:
             self._unify_sum(a, b, why)
+
+    def _unify_interleave(self, a: Interleave, b: Interleave, why: Reason) -> None:
+        """Children pairwise, after reading the one with more children as an interleave of the
+        other's count (``I_km(d) = I_k(I_m(d_j, d_j+k, ..) for j)``); counts with no common factor
+        have no common refinement here."""
+        ka, kb = len(a.parts), len(b.parts)
+        k = gcd(ka, kb)
+        if k == 1:
+            self._conflict(a, b, why)
+            return
+        xs, ys = _regroup(a.parts, k), _regroup(b.parts, k)
+        for x, y in zip(xs, ys):
+            self.unify(x, y, why)
+
+    def _unify_interleave_prod(self, a: Interleave, b: Prod, why: Reason) -> None:
+        """``I_k(c) = Y ⊗ Z`` with ``|Z| = k``: ``P_Z`` would move a position to another child, so
+        ``Z`` is fixed and every child is ``Y`` (trailing factors are split to make ``|Z| = k``)."""
+        k = len(a.parts)
+        parts = list(b.parts)
+        need, i = k, len(parts)
+        while need > 1 and i > 0:
+            f = self.size(parts[i - 1])
+            if need % f == 0:
+                need //= f
+                i -= 1
+                continue
+            pieces = self._split_prod(parts[i - 1], f // need) if f % need == 0 else None
+            if pieces is None:
+                self._conflict(a, b, why)
+                return
+            parts[i - 1: i] = list(pieces)
+            need = 1
+        if need > 1:  # pragma: no cover - |b| = k * |child| is a multiple of k
+            self._conflict(a, b, why)
+            return
+        detail = (f"{why.detail}; an interleaved axis is also a product: the factor that would "
+                  f"move positions between the interleaved blocks is fixed")
+        self.fix(Prod(tuple(parts[i:])), Reason("conflict", why.node, why.op, detail, why.source))
+        head = Prod(tuple(parts[:i]))
+        for c in a.parts:
+            self.unify(c, head, why)
 
     def _unify_prod(self, a: Prod, b: Prod, why: Reason) -> None:
         x, ra = a.parts[0], a.parts[1:]
@@ -355,7 +507,7 @@ class AtomTable:
         if sx > sy:
             x, ra, y, rb, sx, sy = y, rb, x, ra, sy, sx
         if sx != sy:
-            pieces = self._split_sum(y, sx)
+            pieces = self._split_any(y, sx)
             if pieces is None:
                 self._conflict(a, b, why)
                 return
@@ -396,10 +548,74 @@ class AtomTable:
             if pieces is None:
                 return None
             return Prod((pieces[0],) + rest), Prod((pieces[1],) + rest)
+        if isinstance(y, Interleave):
+            return self._split_interleave(y, k)
         return None
+
+    def _split_any(self, y: Layout, k: int) -> tuple[Layout, Layout] | None:
+        """:meth:`_split_sum` for any ``y`` (a sum is cut between or inside its blocks)."""
+        y = self.resolve(y)
+        if not isinstance(y, Sum):
+            return self._split_sum(y, k)
+        off = 0
+        for i, p in enumerate(y.parts):
+            n = self.size(p)
+            if off == k:
+                return Sum(y.parts[:i]), Sum(y.parts[i:])
+            if off + n > k:
+                pieces = self._split_any(p, k - off)
+                if pieces is None:
+                    return None
+                return Sum(y.parts[:i] + (pieces[0],)), Sum((pieces[1],) + y.parts[i + 1:])
+            off += n
+        return None  # pragma: no cover - 0 < k < |y|
+
+    def _split_interleave(self, y: Interleave, s: int) -> tuple[Layout, Layout] | None:
+        """``I_k(c)`` cut at ``s = m*k + r``: every child cut at ``m``; for ``r > 0`` also at
+        ``m + 1``, the row between (one position of each child) fixed:
+        ``I(c) = I(c[:m]) ⊕ Fixed(k) ⊕ I(c[m+1:])``, cut inside the ``Fixed(k)``."""
+        k = len(y.parts)
+        n = self.size(y.parts[0])
+        m, r = divmod(s, k)
+        heads: list[Layout] = []
+        tails: list[Layout] = []
+        for c in y.parts:
+            head: Layout | None = None
+            tail: Layout | None = c
+            if m:
+                pieces = self._split_any(c, m)
+                if pieces is None:
+                    return None
+                head, tail = pieces
+            if r and m + 1 < n:
+                assert tail is not None
+                pieces = self._split_any(tail, 1)  # a size-1 piece resolves to Fixed(1)
+                if pieces is None:
+                    return None
+                tail = pieces[1]
+            elif r:
+                tail = None
+            if head is not None:
+                heads.append(head)
+            if tail is not None:
+                tails.append(tail)
+        first = [Interleave(tuple(heads))] if heads else []
+        rest = [Interleave(tuple(tails))] if tails else []
+        if r:
+            return Sum((*first, Fixed(r))), Sum((Fixed(k - r), *rest))
+        return first[0], rest[0]
 
     def _conflict(self, a: Layout, b: Layout, why: Reason) -> None:
         detail = f"{why.detail}; no common refinement of the two axis structures, fixed both"
         why2 = Reason("conflict", why.node, why.op, detail, why.source)
         self.fix(a, why2)
         self.fix(b, why2)
+
+
+def _regroup(parts: tuple[Any, ...], k: int) -> tuple[Any, ...]:
+    """The children of ``I_{k*m}(parts)`` read as ``I_k(I_m(..))``: child ``j`` of the outer
+    interleave is ``I_m(parts[j], parts[j + k], ..)``."""
+    m = len(parts) // k
+    if m == 1:
+        return parts
+    return tuple(Interleave(tuple(parts[jj * k + j] for jj in range(m))) for j in range(k))

@@ -8,7 +8,8 @@ A rule states the op's equivariance: if every input/parameter axis is permuted a
 say, the output is permuted as they say.  Relations are
 
 * ``Same(a, b)``: axis expressions ``a`` and ``b`` carry the same permutation.  Expressions are
-  ``op.x[d]`` (axis ``d`` of a tensor handle), ``Prod(...)``/``Sum(...)`` of expressions (see
+  ``op.x[d]`` (axis ``d`` of a tensor handle), ``Prod(...)``/``Sum(...)``/``Interleave(...)`` of
+  expressions (see
   :mod:`fxfuse.ir.layout`) and ``op.new(key, n)`` (a fresh atom local to this op application);
 * ``Free(a)``: the op is *invariant* to permuting ``a`` (a reduced or shape-only axis);
 * ``Cut(a, why)``: ``a`` can not be permuted (stays fixed), for the stated reason.
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import FxFuseError
-from ..ir.layout import Prod, Sum
+from ..ir.layout import Interleave, Prod, Sum
 
 __all__ = [
     "AxisRef",
@@ -90,7 +91,7 @@ class NewAxis:
     named: bool = True
 
 
-Expr = AxisRef | NewAxis | Prod | Sum
+Expr = AxisRef | NewAxis | Prod | Sum | Interleave
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,13 @@ chunks whose element counts agree, and each chunk states
 ``Prod(input axes of the chunk) = Prod(output axes of the chunk)``; :mod:`fxfuse.ir.layout` then finds
 the common refinement (e.g. ``C ⊗ H ⊗ W = CHW`` for conv -> flatten -> linear, or
 ``C = g ⊗ C/g`` for channel shuffle).
+
+A channel shuffle of a concatenation (``view`` to ``(g, n)`` -> ``transpose`` -> ``reshape`` back,
+ShuffleNet V2's ``shuffle(cat(x1, branch(x2)))``) is read as one op,
+:func:`channel_shuffle` (:func:`channel_shuffle_rule`): ``x = B_1 ⊕ .. ⊕ B_g`` and
+``y = interleave(B_1, .., B_g)``, each block permuted on its own, where the Kronecker reading of
+the three ops would force ``B_1 = .. = B_g``.  The discovery driver chooses it
+(:mod:`fxfuse.groups.shuffle`) where the input axis already is a sum or an interleave.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ir.layout import Prod, Sum
+from ..ir.layout import Interleave, Prod, Sum
 from .registry import Cut, Free, OpView, Relation, Same, TensorHandle, axis_rule, decline, same
 
 
@@ -106,6 +113,26 @@ def transpose_rule(op: OpView) -> list[Relation]:
     if perm is None or sorted(perm) != list(range(x.ndim)):
         raise decline(f"arguments that are not a permutation of {x.ndim} axes")
     return [Same(x[p], y[i]) for i, p in enumerate(perm)]
+
+
+def channel_shuffle(x: torch.Tensor, dim: int, groups: int) -> torch.Tensor:
+    """Channel shuffle along ``dim``: the axis read as ``(groups, n)``, transposed to
+    ``(n, groups)``, merged back: output position ``i*groups + j`` is input position ``j*n + i``."""
+    return x.unflatten(dim, (groups, -1)).transpose(dim, dim + 1).flatten(dim, dim + 1)
+
+
+@axis_rule(channel_shuffle)
+def channel_shuffle_rule(op: OpView) -> list[Relation]:
+    """``x[dim] = B_1 ⊕ .. ⊕ B_g`` (blocks of ``n``) and ``y[dim] = interleave(B_1, .., B_g)``;
+    the other axes pass through."""
+    x, y = op.tensor(0, "x"), op.out
+    dim, groups = op.arg(1, "dim") % x.ndim, op.arg(2, "groups")
+    n, rem = divmod(x.shape[dim], groups)
+    if rem or groups < 2 or y.shape != x.shape:
+        raise decline(f"axis {dim} of {x.shape} is not {groups} blocks shuffled")
+    blocks = tuple(op.new(f"block{j}", n, named=False) for j in range(groups))
+    rels: list[Relation] = [Same(x[dim], Sum(blocks)), Same(y[dim], Interleave(blocks))]
+    return rels + [Same(x[d], y[d]) for d in range(x.ndim) if d != dim]
 
 
 @axis_rule(torch.cat, torch.concat, torch.concatenate)

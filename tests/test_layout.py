@@ -1,0 +1,174 @@
+"""The layout algebra's interleaved sum: normal form and soundness of every unify case.
+
+A layout is read as the permutations it allows: every free atom gets a random permutation and
+:func:`fxfuse.groups.spec.axis_index` gives the axis's index permutation.  A normal form must
+describe the same permutations as the layout it came from (and equal sets must give equal
+trees); ``unify(x, y)`` is sound when, after it, ``x`` and ``y`` give the same index for every
+choice of the remaining atoms' permutations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxfuse.groups.spec import axis_index, to_tree
+from fxfuse.ir.layout import Atom, AtomTable, Fixed, Interleave, Layout, Prod, Reason, Sum
+
+WHY = Reason("rule", "node", "op", "test")
+
+
+def _index(table: AtomTable, lay: Layout, seed: int, resolve: bool = True) -> torch.Tensor:
+    """The index permutation of ``lay`` for random permutations of its atoms (``resolve=False``:
+    read ``lay`` as written, its atoms unrefined)."""
+    tree = to_tree(table.resolve(lay) if resolve else lay, str)
+    perms, sizes = {}, {}
+    for a in {*_atoms(lay), *table.atoms_in(lay)}:  # one permutation per atom and seed
+        n = table.atom_size(a)
+        gen = torch.Generator().manual_seed(1000 * seed + a)
+        perms[str(a)], sizes[str(a)] = torch.randperm(n, generator=gen), n
+    return axis_index(tree, perms, sizes)
+
+
+def _atoms(lay: Layout) -> list[int]:
+    if isinstance(lay, Atom):
+        return [lay.id]
+    return [] if isinstance(lay, Fixed) else [a for p in lay.parts for a in _atoms(p)]
+
+
+def _same_perms(table: AtomTable, x: Layout, y: Layout) -> None:
+    for seed in range(5):
+        assert torch.equal(_index(table, x, seed), _index(table, y, seed))
+
+
+def test_interleave_indexes_block_j_at_positions_j_mod_k() -> None:
+    t = AtomTable()
+    a, b = t.new(3), t.new(3)
+    pa, pb = torch.tensor([2, 0, 1]), torch.tensor([1, 2, 0])
+    idx = axis_index(to_tree(Interleave((a, b)), str), {"0": pa, "1": pb}, {"0": 3, "1": 3})
+    assert idx.tolist() == [4, 3, 0, 5, 2, 1]  # position i*2 + j reads block j's p_j[i]
+    assert t.size(Interleave((a, b))) == 6
+    x = torch.arange(6.0)
+    assert x[idx][0::2].tolist() == x[0::2][pa].tolist()
+
+
+def _identities(t: AtomTable) -> list[tuple[Layout, Layout]]:
+    """(layout, its normal form) pairs."""
+    a, b, c, d = (t.new(4) for _ in range(4))
+    a1, a2, b1, b2 = t.new(2), t.new(3), t.new(2), t.new(3)
+    y = t.new(3)
+    return [
+        (Interleave((a,)), a),
+        (Interleave((a, a, a)), Prod((a, Fixed(3)))),
+        (Interleave((Fixed(4), Fixed(4))), Fixed(8)),
+        (Interleave((Sum((a1, a2)), Sum((b1, b2)))),
+         Sum((Interleave((a1, b1)), Interleave((a2, b2))))),
+        (Interleave((Sum((a1, Fixed(3))), Sum((b1, Fixed(3))))),
+         Sum((Interleave((a1, b1)), Fixed(6)))),
+        (Interleave((Fixed(5), Sum((b1, b2)))),
+         Sum((Interleave((Fixed(2), b1)), Interleave((Fixed(3), b2))))),
+        (Interleave((Interleave((a, b)), Interleave((c, d)))), Interleave((a, c, b, d))),
+        (Interleave((Interleave((a, b)), Prod((c, Fixed(2))))), Interleave((a, c, b, c))),
+        (Prod((y, Interleave((a, b)))), Interleave((Prod((y, a)), Prod((y, b))))),
+        (Prod((Interleave((a, b)), Fixed(2))), Interleave((a, a, b, b))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_normal_form(case: int) -> None:
+    """Each spelling resolves to its normal form and allows the same permutations."""
+    t = AtomTable()
+    lay, normal = _identities(t)[case]
+    assert t.resolve(lay) == t.resolve(normal)
+    for seed in range(3):
+        assert torch.equal(_index(t, lay, seed, resolve=False), _index(t, lay, seed))
+
+
+def _unified(x: Layout, y: Layout, t: AtomTable) -> None:
+    t.unify(x, y, WHY)
+    _same_perms(t, x, y)
+
+
+def test_unify_interleave_with_an_atom_refines_the_atom() -> None:
+    t = AtomTable()
+    a, b, z = t.new(3), t.new(3), t.new(6)
+    _unified(z, Interleave((a, b)), t)
+    assert t.resolve(z) == Interleave((a, b))
+
+
+def test_unify_interleaves_pairs_their_blocks() -> None:
+    t = AtomTable()
+    a, b, c, d = (t.new(3) for _ in range(4))
+    _unified(Interleave((a, b)), Interleave((c, d)), t)
+    assert t.find(a.id) == t.find(c.id) and t.find(b.id) == t.find(d.id)
+    assert t.find(a.id) != t.find(b.id)  # the blocks stay independent
+
+
+def test_unify_interleaves_of_different_counts() -> None:
+    t = AtomTable()
+    p, q = t.new(6), t.new(6)
+    a, b, c, d = (t.new(3) for _ in range(4))
+    _unified(Interleave((p, q)), Interleave((a, b, c, d)), t)
+    assert t.resolve(p) == Interleave((a, c)) and t.resolve(q) == Interleave((b, d))
+    t2 = AtomTable()
+    x, y = Interleave((t2.new(3), t2.new(3))), Interleave((t2.new(2), t2.new(2), t2.new(2)))
+    _unified(x, y, t2)  # coprime counts: no common refinement, both fixed
+    assert t2.resolve(x) == Fixed(6) == t2.resolve(y)
+
+
+def test_unify_interleave_with_a_sum_cut_at_a_multiple_of_k_distributes() -> None:
+    """The next unit's split of a shuffled tensor: each block splits at the matching cut."""
+    t = AtomTable()
+    a, b = t.new(6), t.new(6)
+    lo, hi = t.new(6), t.new(6)
+    _unified(Interleave((a, b)), Sum((lo, hi)), t)
+    ra, rb = t.resolve(a), t.resolve(b)
+    assert isinstance(ra, Sum) and isinstance(rb, Sum)
+    assert t.resolve(lo) == Interleave((ra.parts[0], rb.parts[0]))
+    assert t.resolve(hi) == Interleave((ra.parts[1], rb.parts[1]))
+    assert len(t.atoms_in(Interleave((a, b)))) == 4
+
+
+def test_unify_interleave_with_a_sum_cut_between_a_row_fixes_that_row_only() -> None:
+    t = AtomTable()
+    a, b = t.new(5), t.new(5)
+    lo, hi = t.new(5), t.new(5)  # cut at 5 = 2*2 + 1: inside row 2
+    _unified(Interleave((a, b)), Sum((lo, hi)), t)
+    r = t.resolve(Interleave((a, b)))
+    assert isinstance(r, Sum) and r.parts[1] == Fixed(2)  # I(a[:2], b[:2]) + 2 + I(a[3:], b[3:])
+    assert len(t.atoms_in(Interleave((a, b)))) == 4  # a[:2], b[:2], a[3:], b[3:]
+    idx = _index(t, Interleave((a, b)), 0)
+    assert idx[4].item() == 4 and idx[5].item() == 5
+
+
+def test_unify_interleave_with_a_product_fixes_the_factor_between_blocks() -> None:
+    """``I_2(a, b) = Y ⊗ Z``, ``|Z| = 2``: ``Z`` fixed, ``a = b = Y``."""
+    t = AtomTable()
+    a, b, y, z = t.new(4), t.new(4), t.new(4), t.new(2)
+    _unified(Interleave((a, b)), Prod((y, z)), t)
+    assert t.resolve(z) == Fixed(2)
+    assert t.find(a.id) == t.find(y.id) == t.find(b.id)
+    t2 = AtomTable()  # a trailing factor larger than k is split first
+    a, b, y, z = t2.new(6), t2.new(6), t2.new(3), t2.new(4)
+    _unified(Interleave((a, b)), Prod((y, z)), t2)
+    ra = t2.resolve(a)
+    assert ra == t2.resolve(b) and isinstance(ra, Prod) and len(t2.atoms_in(ra)) == 2
+
+
+def test_unify_sound_on_random_pairs() -> None:
+    """Random interleave / sum / product pairs: whatever unify does, both sides then agree."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        t = AtomTable()
+        k = int(torch.randint(2, 4, (1,), generator=gen))
+        n = int(torch.randint(2, 5, (1,), generator=gen)) * 2
+        x = Interleave(tuple(t.new(n) for _ in range(k)))
+        kind = trial % 3
+        if kind == 0:
+            cut = int(torch.randint(1, k * n, (1,), generator=gen))
+            y: Layout = Sum((t.new(cut), t.new(k * n - cut)))
+        elif kind == 1:
+            y = Prod((t.new(n), t.new(k)))
+        else:
+            y = Interleave(tuple(t.new(k * n // 2) for _ in range(2)))
+        _unified(x, y, t)
