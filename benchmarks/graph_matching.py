@@ -371,11 +371,42 @@ def scale_pair(name: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     return zoo.resnet50(seed=0), zoo.resnet50(seed=1), torch.randn(1, 3, 224, 224)
 
 
+def _count_steps() -> tuple[dict[str, float], Any]:
+    """Patch the align passes to record their own CPU time, and weight matching's stopping rule
+    to count its sweeps (every sweep of every descent: pooled, exact, both starts); returns the
+    record and an undo."""
+    from fxfuse.align import graph, weights
+
+    rec = {"align_cpu": 0.0, "sweeps": 0}
+    done, calls = weights._StoppingRule.done, (weights.AlignWeights.call, graph.AlignGraph.call)
+
+    def counted(self: Any, gains: list[float]) -> bool:
+        rec["sweeps"] += 1
+        return done(self, gains)
+
+    def timed(call: Any) -> Any:
+        def wrapper(self: Any, state: Any) -> None:
+            cpu0 = time.process_time()
+            call(self, state)
+            rec["align_cpu"] += time.process_time() - cpu0
+        return wrapper
+
+    weights._StoppingRule.done = counted  # type: ignore[method-assign]
+    weights.AlignWeights.call = timed(calls[0])  # type: ignore[method-assign]
+    graph.AlignGraph.call = timed(calls[1])  # type: ignore[method-assign]
+
+    def undo() -> None:
+        weights._StoppingRule.done = done  # type: ignore[method-assign]
+        weights.AlignWeights.call, graph.AlignGraph.call = calls  # type: ignore[method-assign]
+    return rec, undo
+
+
 def scale_child(name: str, method: str) -> None:
     torch.set_num_threads(NUM_THREADS)
     a, b, x = scale_pair(name)
     align = {"weight": fxfuse.WeightMatching(), "graph": fxfuse.GraphMatching(),
              "graph-short": fxfuse.GraphMatching.short()}[method]
+    rec, undo = _count_steps()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     report = fxfuse.FusionReport()
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -383,6 +414,7 @@ def scale_child(name: str, method: str) -> None:
     total = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    undo()
     align_s = next(s for n, s in report.timings if n.startswith("align"))
     assert report.perms is not None and report.spec is not None
     from fxfuse.permute import apply_perms
@@ -392,10 +424,15 @@ def scale_child(name: str, method: str) -> None:
     d2 = sum(float((sa[k].double() - sb[k].double()).square().sum()) for k in keys)
     d0 = sum(float((sa[k].double() - b.state_dict()[k].double()).square().sum()) for k in keys)
     widest = max(g.size for g in report.spec.groups)
+    note = next((n for n in report.notes if n.startswith("graph")), "")
+    # one step: a weight-matching sweep, a graph-matching update of one model (N per iteration)
+    steps = (rec["sweeps"] if method == "weight" else
+             2 * int(note.split(" iterations")[0].replace("graph matching: ", "")))
     print(json.dumps({"align_s": align_s, "total_s": total, "cpu_s": cpu, "d2": d2, "d0": d0,
+                      "align_cpu_s": rec["align_cpu"], "steps": steps,
                       "extra_mb": (peak - rss0) / 1024, "rss0_mb": rss0 / 1024,
                       "groups": len(report.spec.groups), "widest": widest,
-                      "note": next((n for n in report.notes if n.startswith("graph")), "")}))
+                      "note": note}))
 
 
 def part_scale(args: argparse.Namespace, revision: str) -> list[str]:
@@ -410,30 +447,40 @@ def part_scale(args: argparse.Namespace, revision: str) -> list[str]:
             res = run_child([__file__, "scale-child", name, method], timeout)
             print(f"  {name} {method}: {res.data or res.status}", file=sys.stderr, flush=True)
             if res.data is None:
-                rows.append(f"| {name} | {method} | {res.status} | - | - | - | - | - |")
+                rows.append(f"| {name} | {method} | {res.status} | - | - | - | - | - | - | - |")
                 continue
             d = res.data
             if method == "weight":
                 base = d
             ratio = f"{d['cpu_s'] / base['cpu_s']:.1f}x" if base else "-"
             it = d["note"].split(" iterations")[0].replace("graph matching: ", "") or "-"
+            step = d["align_cpu_s"] / max(1, d["steps"])
+            per = (f"{1e3 * step:.0f} ms" + (f" ({step / base['step']:.1f}x)" if base and
+                                              method != "weight" else ""))
+            d["step"] = step
             rows.append(f"| {name} ({d['groups']} groups, widest {d['widest']}) | {method} | "
-                        f"{d['align_s']:.2f} s | {d['cpu_s']:.1f} s | {ratio} | {it} | "
-                        f"{d['extra_mb']:.0f} MB | {d['d2'] / d['d0']:.4f} |")
+                        f"{d['align_s']:.2f} s | {d['align_cpu_s']:.1f} s | {d['cpu_s']:.1f} s | "
+                        f"{ratio} | {it} | {per} | {d['extra_mb']:.0f} MB | "
+                        f"{d['d2'] / d['d0']:.4f} |")
     return [*header("scale", "alignment time and memory at real widths",
                     "python benchmarks/graph_matching.py scale --write", revision),
             "- Two random inits (seeds 0 / 1) per model, each method in a fresh child process "
             "(cold), one thread; `align` = the align pass's wall time in `FusionReport.timings`, "
-            "CPU = the whole fuse call's process CPU time (the figure to compare: wall time "
-            "waits for cores other jobs hold); memory = peak RSS of the fuse call above the "
+            "align CPU = the align pass's own process CPU time, fuse CPU = the whole fuse call's "
+            "(tracing included; the figures to compare: wall time waits for cores other jobs "
+            "hold); CPU per step = align CPU per weight-matching sweep (every sweep of every "
+            "descent: both starts, pooled and exact) or per graph-matching update of one model "
+            "(two per iteration), in brackets graph matching's per weight matching's (the "
+            "issue's goal: about one sweep per update); memory = peak RSS of the fuse call above the "
             "RSS before it (`ru_maxrss`); distance = `sum_t ||A_t - P(B_t)||^2` over the "
             "parameters after alignment / before (lower: closer; weight matching minimises it, "
             "graph matching does not). Methods: `WeightMatching()`, `GraphMatching.short()`, "
             f"`GraphMatching()` (the paper's schedule). Child limit {args.timeout:g} s "
             f"({4 * args.timeout:g} s for ResNet-50).",
             load_line(args.load_start, time.perf_counter() - args.started), "",
-            "| model | method | align (wall) | fuse CPU | CPU vs weight matching | iterations "
-            "| memory | distance after / before |", "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| model | method | align (wall) | align CPU | fuse CPU | fuse CPU vs weight "
+            "matching | iterations | CPU per step | memory | distance after / before |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
             *rows, "", MARK["scale"][1]]
 
 

@@ -224,6 +224,40 @@ def test_warm_started_sinkhorn_gives_the_same_matrix_in_fewer_iterations() -> No
     assert err_warm < err_cold / 10
 
 
+def test_batched_sinkhorn_gives_each_problem_its_own_solve() -> None:
+    """solve_many batches the problems of one size (a batch leaves out each problem as it
+    converges, and absorbs each on its own): every matrix and warm start equals one solve per
+    problem, at a temperature where some problems absorb and they converge at different
+    iterations (so the test can fail if one problem's stop or absorption leaked into another)."""
+    gen = torch.Generator().manual_seed(2)
+    problems = {(0, g): torch.randn(n, n, generator=gen) * scale for g, (n, scale) in
+                enumerate([(16, 0.1), (16, 3.0), (16, 30.0), (32, 1.0), (32, 10.0), (160, 1.0)])}
+    alone, batched = WarmSinkhorn(), WarmSinkhorn()
+    first: dict = {}
+    for tau in (0.05, 0.005):  # the second solve is warm-started from the first
+        want = {key: alone.solve(key, s, tau, 300, 1e-3) for key, s in problems.items()}
+        first = first or want
+        got = batched.solve_many(problems, tau, 300, 1e-3)
+        assert list(got) == list(problems)
+        for key in problems:
+            assert torch.allclose(got[key], want[key], atol=1e-6, rtol=0)
+            assert torch.allclose(batched._g[key], alone._g[key], atol=1e-6, rtol=0)
+    assert float(first[(0, 2)].max(1).values.min()) > 0.95 > 0.8 > float(first[(0, 0)].max())
+
+
+def test_hungarian_convergence_ignores_the_universe_labels() -> None:
+    """The Hungarian phase stops on the pairwise matchings: relabelling the universe (the same
+    permutation of every model's columns) leaves them unchanged, a change of one model does not."""
+    from fxfuse.align.graph import _relative
+
+    gen = torch.Generator().manual_seed(0)
+    u = [{"g": torch.eye(5)[torch.randperm(5, generator=gen)]} for _ in range(3)]
+    relabel = torch.eye(5)[torch.randperm(5, generator=gen)]
+    assert _relative([{"g": m["g"] @ relabel} for m in u]) == _relative(u)
+    swapped = [u[0], u[1], {"g": u[2]["g"][[1, 0, 2, 3, 4]]}]
+    assert _relative(swapped) != _relative(u)
+
+
 # -- config, recipes, bad input --------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [
     dict(tau=0.0), dict(tau=-1.0), dict(tau_min=0.1), dict(tau_min=0.0), dict(tau_decay=1.0),
