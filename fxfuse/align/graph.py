@@ -72,7 +72,7 @@ from ..ir.coords import as_rows
 from ..ir.layout import Unit
 from ..maps import OUT, GroupMap, map_groups
 from ..passes.base import FusionState, Pass, progress
-from ..solvers.assignment import max_assignment
+from ..solvers.assignment import WarmAssignment, max_assignment
 from ..solvers.sinkhorn import WarmSinkhorn
 from .weights import _CostCache, _identity, _WeightMatcher
 from .widths import require_equal_widths
@@ -232,9 +232,9 @@ def _learned_params(state: FusionState) -> set[str]:
     return {k for k, _ in state.models[0].named_parameters(remove_duplicate=False)}
 
 
-def _hard(g: torch.Tensor) -> torch.Tensor:
-    """The 0/1 matrix of the maximum-weight assignment of ``g``."""
-    cols = max_assignment(g).to(g.device)
+def _hard(g: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """The 0/1 matrix of the maximum-weight assignment ``cols`` of ``g`` (None: solved here)."""
+    cols = (max_assignment(g) if cols is None else cols).to(g.device)
     out = torch.zeros_like(g)
     out[torch.arange(g.shape[0], device=g.device), cols] = 1.0
     return out
@@ -268,6 +268,7 @@ class _GraduatedAssignment:
         self.iterations = 0
         self.soft_iterations = 0
         self.sinkhorn = WarmSinkhorn()
+        self.assign = WarmAssignment()
 
     def gradient(self, i: int) -> dict[str, torch.Tensor]:
         """``G_i[g] = 1/(N-1) sum_{j != i} A_ij[g] U_j[g]`` under the current matchings."""
@@ -298,8 +299,9 @@ class _GraduatedAssignment:
             check = 0.0
             for i in range(self.n):
                 grad = self.gradient(i)
-                if hard:
-                    new = {g: _hard(grad[g]) for g in self.names}
+                if hard:  # warm-started from the group's last assignment, as weight matching's
+                    new = {g: _hard(grad[g], self.assign.solve((i, g), grad[g]))
+                           for g in self.names}
                 else:
                     solved = self.sinkhorn.solve_many({(i, g): grad[g] for g in self.names},
                                                       tau, iters, cfg.sinkhorn_tol)
