@@ -33,7 +33,9 @@ non-negative coupling ``T: (n, m)`` (how much of model unit ``j`` goes to fused 
 
 Block axes (a flatten's ``g x 16``, a concat's ``(g + h)``, a head split's ``heads x head_dim``)
 apply the map to the group's factor only, through :mod:`fxfuse.ir.coords`: every context (the other
-factors' indices, the other blocks) is mapped alike, and positions of other blocks are kept.
+factors' indices, the other blocks) is mapped alike, and positions of other blocks are kept.  An
+interleaved axis (a channel shuffle's ``interleave(g, h)``) is mapped with its blocks made
+contiguous and interleaved back at the new widths: its blocks must end at one width.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import torch
 
 from .errors import PermutationError
 from .groups.spec import PermutationSpec, axis_index, tree_groups, tree_size
-from .ir.coords import group_rows
+from .ir.coords import deinterleaved, group_rows, has_interleave
 
 OUT, IN, SECOND = "out", "in", "second"  # the roles of fxfuse.groups.roles
 
@@ -250,13 +252,20 @@ def map_groups(t: torch.Tensor, axis: int, tree: Any, maps: Maps, sizes: Mapping
     if perms:
         t = t.index_select(axis, axis_index(tree, perms, sizes, t.device))
     cur = dict(sizes)
-    for g in dict.fromkeys(tree_groups(tree)):
-        if g not in maps or maps[g].index is not None:
-            continue
+    dense = [g for g in dict.fromkeys(tree_groups(tree)) if g in maps and maps[g].index is None]
+    if not dense:
+        return t
+    layout = tree
+    if has_interleave(tree):  # blocks contiguous while maps change their widths one by one
+        layout, order = deinterleaved(tree, sizes)
+        t = t.index_select(axis, order.to(t.device))
+    for g in dense:
         merge, unmerge = maps[g].dense()
         mat = unmerge.T if role == IN else merge
-        t = map_axis(t, axis, tree, g, cur, mat)
+        t = map_axis(t, axis, layout, g, cur, mat)
         cur[g] = mat.shape[0]
+    if layout is not tree:
+        t = t.index_select(axis, torch.argsort(deinterleaved(tree, cur)[1]).to(t.device))
     return t
 
 

@@ -193,10 +193,10 @@ def test_shufflenet_split_and_shuffle() -> None:
 class _CatShuffle(nn.Module):
     """Two convs concatenated, shuffled as libraries write it, read by a 1x1 conv."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 4) -> None:
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
-        self.c = nn.Conv2d(8, 5, 1)
+        self.a, self.b = nn.Conv2d(3, width, 1), nn.Conv2d(3, width, 1)
+        self.c = nn.Conv2d(2 * width, 5, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.cat((self.a(x), self.b(x)), 1)

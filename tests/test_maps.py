@@ -189,13 +189,19 @@ def test_dense_permutation_equals_the_index_path(name: str) -> None:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
 
 
-def test_a_dense_map_that_changes_one_interleaved_blocks_width_is_refused() -> None:
-    """interleave(a, b) needs its blocks at one length: a map that narrows ``a`` alone has no
-    layout, and says so (a typed error, not a wrong tensor)."""
+def test_dense_maps_on_an_interleaved_axis() -> None:
+    """interleave(a, b) (a shuffled concat): both blocks copied into a wider model keep the
+    function; a map that narrows ``a`` alone has no layout, and says so (a typed error, not a
+    wrong tensor)."""
     from tests.test_discovery import _CatShuffle
 
-    model = randomize_constants(_CatShuffle(), seed=0)
-    spec = fxfuse.find_groups(model, torch.randn(2, 3, 4, 4))
+    model, x = randomize_constants(_CatShuffle(), seed=0), torch.randn(2, 3, 4, 4)
+    spec = fxfuse.find_groups(model, x)
+    wide = _CatShuffle(width=6)
+    wide.load_state_dict(apply_maps(model.state_dict(), spec, {
+        "a": GroupMap.copies([0, 1, 2, 3, 1, 0], 4), "b": GroupMap.copies([3, 0, 1, 2, 2, 3], 4)}))
+    with torch.no_grad():
+        assert rel_diff([model(x)], [wide(x)]) < 1e-6
     with pytest.raises(fxfuse.FxFuseError, match="interleaved"):
         apply_maps(model.state_dict(), spec, {"a": GroupMap.clusters([0, 1, 2, 2], 3)})
     soft = GroupMap.from_coupling(torch.eye(4) + 0.1)  # a dense map at the same width works

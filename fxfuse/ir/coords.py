@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import SpecError
-from .layout import Fixed, Interleave, Sum, Tree, Unit
+from .layout import Fixed, Interleave, Prod, Sum, Tree, Unit
 
 
 def _coords(t: Tree, group: str, sizes: Mapping[str, int]) -> tuple[torch.Tensor, bool] | None:
@@ -91,3 +91,39 @@ def as_rows(x: torch.Tensor, axis: int, rows: torch.Tensor) -> torch.Tensor:
             (rows[:, 0] == torch.arange(n, device=rows.device)).all()):
         return moved.reshape(n, -1)  # the whole axis is the group, in order: no gather
     return moved[rows.to(x.device).reshape(-1)].reshape(n, -1)
+
+
+def has_interleave(t: Tree) -> bool:
+    return isinstance(t, Interleave) or (not isinstance(t, (Unit, Fixed)) and any(
+        has_interleave(c) for c in t.parts))
+
+
+def deinterleaved(t: Tree, sizes: Mapping[str, int]) -> tuple[Tree, torch.Tensor]:
+    """``(s, order)``: ``t`` with every interleave written as the sum of its blocks, and the
+    positions that take an axis laid out as ``t`` to one laid out as ``s``
+    (``x.index_select(axis, order)``).  A map that changes the width of the blocks is applied on
+    ``s``, where blocks may have any widths, and interleaved back at the new widths."""
+    if isinstance(t, Unit):
+        return t, torch.arange(int(sizes[t.group]))
+    if isinstance(t, Fixed):
+        return t, torch.arange(int(t.n))
+    parts = [deinterleaved(c, sizes) for c in t.parts]
+    trees = tuple(c for c, _ in parts)
+    orders = [o for _, o in parts]
+    if isinstance(t, Interleave):
+        if len({o.numel() for o in orders}) > 1:
+            raise SpecError(f"interleaved blocks of different lengths {[o.numel() for o in orders]}"
+                            f" at group sizes {dict(sizes)}: the blocks of an interleaved axis "
+                            f"change width together")
+        k = len(orders)
+        return Sum(trees), torch.cat([o * k + j for j, o in enumerate(orders)])
+    if isinstance(t, Sum):
+        out, off = [], 0
+        for o in orders:
+            out.append(o + off)
+            off += o.numel()
+        return Sum(trees), torch.cat(out)
+    order = orders[0]
+    for o in orders[1:]:
+        order = (order[:, None] * o.numel() + o[None, :]).reshape(-1)
+    return Prod(trees), order

@@ -476,8 +476,8 @@ class AtomTable:
         if need > 1:  # pragma: no cover - |b| = k * |child| is a multiple of k
             self._conflict(a, b, why)
             return
-        detail = (f"{why.detail}; an interleaved axis is also a product: the factor that would "
-                  f"move positions between the interleaved blocks is fixed")
+        detail = _also(why, "an interleaved axis is also a product: the factor that would move "
+                            "positions between the interleaved blocks is fixed")
         self.fix(Prod(tuple(parts[i:])), Reason("conflict", why.node, why.op, detail, why.source))
         head = Prod(tuple(parts[:i]))
         for c in a.parts:
@@ -507,7 +507,7 @@ class AtomTable:
         if sx > sy:
             x, ra, y, rb, sx, sy = y, rb, x, ra, sy, sx
         if sx != sy:
-            pieces = self._split_any(y, sx)
+            pieces = self._split_any(y, sx, why)
             if pieces is None:
                 self._conflict(a, b, why)
                 return
@@ -528,7 +528,8 @@ class AtomTable:
             return y1, y2
         return None
 
-    def _split_sum(self, y: Layout, k: int) -> tuple[Layout, Layout] | None:
+    def _split_sum(self, y: Layout, k: int, why: Reason | None = None
+                   ) -> tuple[Layout, Layout] | None:
         """Write ``y`` (resolved, not a sum) as ``Sum(y1, y2)`` with ``|y1| = k``."""
         n = self.size(y)
         if isinstance(y, Fixed):
@@ -544,33 +545,35 @@ class AtomTable:
             r = prod(self.size(p) for p in rest)
             if k % r:
                 return None
-            pieces = self._split_sum(head, k // r)
+            pieces = self._split_sum(head, k // r, why)
             if pieces is None:
                 return None
             return Prod((pieces[0],) + rest), Prod((pieces[1],) + rest)
         if isinstance(y, Interleave):
-            return self._split_interleave(y, k)
+            return self._split_interleave(y, k, why)
         return None
 
-    def _split_any(self, y: Layout, k: int) -> tuple[Layout, Layout] | None:
+    def _split_any(self, y: Layout, k: int, why: Reason | None = None
+                   ) -> tuple[Layout, Layout] | None:
         """:meth:`_split_sum` for any ``y`` (a sum is cut between or inside its blocks)."""
         y = self.resolve(y)
         if not isinstance(y, Sum):
-            return self._split_sum(y, k)
+            return self._split_sum(y, k, why)
         off = 0
         for i, p in enumerate(y.parts):
             n = self.size(p)
             if off == k:
                 return Sum(y.parts[:i]), Sum(y.parts[i:])
             if off + n > k:
-                pieces = self._split_any(p, k - off)
+                pieces = self._split_any(p, k - off, why)
                 if pieces is None:
                     return None
                 return Sum(y.parts[:i] + (pieces[0],)), Sum((pieces[1],) + y.parts[i + 1:])
             off += n
         return None  # pragma: no cover - 0 < k < |y|
 
-    def _split_interleave(self, y: Interleave, s: int) -> tuple[Layout, Layout] | None:
+    def _split_interleave(self, y: Interleave, s: int, why: Reason | None = None
+                          ) -> tuple[Layout, Layout] | None:
         """``I_k(c)`` cut at ``s = m*k + r``: every child cut at ``m``; for ``r > 0`` also at
         ``m + 1``, the row between (one position of each child) fixed:
         ``I(c) = I(c[:m]) ⊕ Fixed(k) ⊕ I(c[m+1:])``, cut inside the ``Fixed(k)``."""
@@ -579,19 +582,21 @@ class AtomTable:
         m, r = divmod(s, k)
         heads: list[Layout] = []
         tails: list[Layout] = []
+        row: list[Layout] = []  # the row the cut falls in, one position of each child
         for c in y.parts:
             head: Layout | None = None
             tail: Layout | None = c
             if m:
-                pieces = self._split_any(c, m)
+                pieces = self._split_any(c, m, why)
                 if pieces is None:
                     return None
                 head, tail = pieces
             if r and m + 1 < n:
                 assert tail is not None
-                pieces = self._split_any(tail, 1)  # a size-1 piece resolves to Fixed(1)
+                pieces = self._split_any(tail, 1, why)  # a size-1 piece resolves to Fixed(1)
                 if pieces is None:
                     return None
+                row.append(pieces[0])
                 tail = pieces[1]
             elif r:
                 tail = None
@@ -599,17 +604,49 @@ class AtomTable:
                 heads.append(head)
             if tail is not None:
                 tails.append(tail)
+        if why is not None:  # say why the positions left alone in their block stay fixed
+            detail = _also(why, "a split of an interleaved axis (inside a row, or into blocks of "
+                                "one position) fixes those positions")
+            fixed = Reason("conflict", why.node, why.op, detail, why.source)
+            for root in self._raw_roots(Sum(tuple(heads + row + tails))):
+                if self._size[root] == 1 and self._fixed[root] is None:
+                    self._fixed[root] = fixed
         first = [Interleave(tuple(heads))] if heads else []
         rest = [Interleave(tuple(tails))] if tails else []
         if r:
             return Sum((*first, Fixed(r))), Sum((Fixed(k - r), *rest))
         return first[0], rest[0]
 
+    def _raw_roots(self, lay: Layout) -> list[int]:
+        """Roots of every atom ``lay`` is made of, through refinements, fixed or not (a size-1
+        atom resolves to ``Fixed(1)``, so :meth:`fix` does not see it)."""
+        out: list[int] = []
+
+        def walk(x: Layout) -> None:
+            if isinstance(x, Atom):
+                r = self.find(x.id)
+                ref = self._refined[r]
+                if ref is not None:
+                    walk(ref)
+                else:
+                    out.append(r)
+            elif isinstance(x, NODES):
+                for p in x.parts:
+                    walk(p)
+
+        walk(lay)
+        return out
+
     def _conflict(self, a: Layout, b: Layout, why: Reason) -> None:
         detail = f"{why.detail}; no common refinement of the two axis structures, fixed both"
         why2 = Reason("conflict", why.node, why.op, detail, why.source)
         self.fix(a, why2)
         self.fix(b, why2)
+
+
+def _also(why: Reason, what: str) -> str:
+    """``what``, after the rule's own detail where it has one."""
+    return f"{why.detail}; {what}" if why.detail else what
 
 
 def _regroup(parts: tuple[Any, ...], k: int) -> tuple[Any, ...]:
