@@ -151,14 +151,21 @@ class GraphMatching:
 
 
 def _map_soft(t: torch.Tensor, axis: int, tree: Any, mats: Mapping[str, torch.Tensor],
-              sizes: Mapping[str, int]) -> torch.Tensor:
-    """``t`` with ``mats[h]: (n_h, n_h)`` applied to each group ``h``'s factor of ``axis``."""
+              sizes: Mapping[str, int], index: Mapping[str, torch.Tensor] | None = None
+              ) -> torch.Tensor:
+    """``t`` with ``mats[h]: (n_h, n_h)`` applied to each group ``h``'s factor of ``axis``;
+    ``index[h]``: ``mats[h]``'s permutation where it is one (``mats[h][a, index[h][a]] = 1``),
+    applied by indexing instead (the same values: a 0/1 product adds one term)."""
+    index = index or {}
     if isinstance(tree, Unit):
+        if tree.group in index:
+            return t.index_select(axis, index[tree.group])
         mat = mats[tree.group]
         moved = t.movedim(axis, 0)
         out = (mat.to(t.dtype) @ moved.reshape(moved.shape[0], -1)).reshape(moved.shape)
         return out.movedim(0, axis)
-    maps = {h: GroupMap(merge=m, unmerge=m.T) for h, m in mats.items()}
+    maps = {h: GroupMap(index=index[h]) if h in index else GroupMap(merge=m, unmerge=m.T)
+            for h, m in mats.items()}
     return map_groups(t, axis, tree, maps, sizes, OUT)
 
 
@@ -191,14 +198,19 @@ class _Affinity(_CostCache):
         self.bandwidth = bandwidth
         self.soft: dict[str, torch.Tensor] = {}
         self._sq: dict[tuple[str, str, int], torch.Tensor] = {}
+        self.index: dict[str, torch.Tensor] = {}
 
-    def set_soft(self, soft: dict[str, torch.Tensor]) -> None:
-        """New pairwise matchings: the cost of every group next to one that changed is stale."""
+    def set_soft(self, soft: dict[str, torch.Tensor],
+                 index: dict[str, torch.Tensor] | None = None) -> None:
+        """New pairwise matchings (``index``: those that are permutations, as
+        :func:`_map_soft` takes them): the cost of every group next to one that changed is
+        stale."""
         for name, mat in soft.items():
             old = self.soft.get(name)
             if old is None or not torch.equal(old, mat):
                 self.version[name] += 1
         self.soft = soft
+        self.index = index or {}
 
     def block(self, name: str, members: list[tuple[str, int, torch.Tensor]]) -> torch.Tensor:
         m = self.m
@@ -209,7 +221,7 @@ class _Affinity(_CostCache):
                 mats = {h: self.soft[h] for h in dict.fromkeys(tree_groups(tree))
                         if (ax != axis or h != name) and h in self.soft}
                 if mats:
-                    b = _map_soft(b, ax, tree, mats, m.sizes)
+                    b = _map_soft(b, ax, tree, mats, m.sizes, self.index)
             x = self._ref_rows(name, key, axis, rows, False)
             x2 = self._sq.get((name, key, axis))
             if x2 is None:
@@ -269,19 +281,36 @@ class _GraduatedAssignment:
         self.soft_iterations = 0
         self.sinkhorn = WarmSinkhorn()
         self.assign = WarmAssignment()
+        # model k's hard matchings (model unit -> universe unit) once U_k is hard, else None
+        self.cols: list[dict[str, torch.Tensor] | None] = [None] * self.n
 
     def gradient(self, i: int) -> dict[str, torch.Tensor]:
-        """``G_i[g] = 1/(N-1) sum_{j != i} A_ij[g] U_j[g]`` under the current matchings."""
+        """``G_i[g] = 1/(N-1) sum_{j != i} A_ij[g] U_j[g]`` under the current matchings.  Where
+        ``U_i`` and ``U_j`` are both hard (the Hungarian phase), ``U_i U_j^T`` and ``A U_j``
+        are taken by indexing (the same values as the products of 0/1 matrices)."""
         out: dict[str, torch.Tensor] = {}
+        back: dict[int, dict[str, torch.Tensor]] = {}  # hard U_j: universe unit -> model unit
+        for j, cols in enumerate(self.cols):
+            if cols is not None:
+                back[j] = {g: torch.argsort(c) for g, c in cols.items()}
         for j in range(self.n):
-            if j != i:
+            if j == i:
+                continue
+            cols_i = self.cols[i]
+            if cols_i is not None and j in back:
+                index = {g: back[j][g][cols_i[g]] for g in self.names}
+                soft = {g: torch.zeros_like(self.u[i][g]).scatter_(
+                    1, index[g][:, None], 1.0) for g in self.names}
+                self.pairs[(i, j)].set_soft(soft, index)
+            else:
                 self.pairs[(i, j)].set_soft({g: self.u[i][g] @ self.u[j][g].T
                                              for g in self.names})
         for g in self.names:
             acc: torch.Tensor | None = None
             for j in range(self.n):
                 if j != i:
-                    term = self.pairs[(i, j)].affinity(g) @ self.u[j][g]
+                    aff = self.pairs[(i, j)].affinity(g)
+                    term = aff[:, back[j][g]] if j in back else aff @ self.u[j][g]
                     acc = term if acc is None else acc.add_(term)
             assert acc is not None
             out[g] = acc.div_(self.n - 1)
@@ -300,8 +329,10 @@ class _GraduatedAssignment:
             for i in range(self.n):
                 grad = self.gradient(i)
                 if hard:  # warm-started from the group's last assignment, as weight matching's
-                    new = {g: _hard(grad[g], self.assign.solve((i, g), grad[g]))
-                           for g in self.names}
+                    cols = {g: self.assign.solve((i, g), grad[g]).to(grad[g].device)
+                            for g in self.names}
+                    new = {g: _hard(grad[g], cols[g]) for g in self.names}
+                    self.cols[i] = cols
                 else:
                     solved = self.sinkhorn.solve_many({(i, g): grad[g] for g in self.names},
                                                       tau, iters, cfg.sinkhorn_tol)
@@ -384,12 +415,14 @@ class GraphObjective:
                 for pk in perms]
         total = 0.0
         for (i, j), aff in self.pairs.items():
-            soft = {}
+            soft, index = {}, {}
             for g in self.names:
                 x = torch.zeros(self.matcher.sizes[g], self.matcher.sizes[g], device=self.device)
                 x[full[i][g], full[j][g]] = 1.0
                 soft[g] = x
-            aff.set_soft(soft)
+                index[g] = torch.empty_like(full[i][g])
+                index[g][full[i][g]] = full[j][g]
+            aff.set_soft(soft, index)
             for g in self.names:
                 total += float(aff.affinity(g)[full[i][g], full[j][g]].double().sum())
         return total
