@@ -193,16 +193,28 @@ def test_shufflenet_split_and_shuffle() -> None:
 class _CatShuffle(nn.Module):
     """Two convs concatenated, shuffled as libraries write it, read by a 1x1 conv."""
 
-    def __init__(self, width: int = 4) -> None:
+    def __init__(self, width: int = 4, groups: int = 2) -> None:
         super().__init__()
         self.a, self.b = nn.Conv2d(3, width, 1), nn.Conv2d(3, width, 1)
         self.c = nn.Conv2d(2 * width, 5, 1)
+        self.groups = groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.cat((self.a(x), self.b(x)), 1)
         n, c, h, w = y.size()
-        y = torch.transpose(y.view(n, 2, c // 2, h, w), 1, 2).contiguous().view(n, -1, h, w)
+        g = self.groups
+        y = torch.transpose(y.view(n, g, c // g, h, w), 1, 2).contiguous().view(n, -1, h, w)
         return self.c(y)
+
+
+def test_a_shuffle_into_many_small_blocks_keeps_the_kronecker_reading() -> None:
+    """cat(a, b) (6 + 6) shuffled into 6 blocks of 2: the interleave would keep 2^6
+    permutations, the Kronecker reading (3! * 3! * 2, pairs permuted in each half) more."""
+    model, x = randomize_constants(_CatShuffle(width=6, groups=6), seed=0), torch.randn(2, 3, 4, 4)
+    spec = fxfuse.find_groups(model, x)
+    layout = spec.axes[("c.weight", 1)].layout
+    assert isinstance(layout, Prod), layout
+    fxfuse.verify(model, spec, x)
 
 
 @pytest.mark.parametrize("tracer", ["symbolic", "export"])

@@ -48,7 +48,7 @@ from ..trace import (
     symbolic_trace,
 )
 from .roles import IN, OUT, Origins, related_axes, role_table
-from .shuffle import Shuffle, find_shuffles
+from .shuffle import Shuffle, find_shuffles, prefer_interleave
 
 AXES = "fxfuse.axes"
 
@@ -304,12 +304,12 @@ class _Driver:
 
     def _shuffle(self, node: fx.Node, chain: Shuffle, opname: str) -> bool:
         """A node of a channel shuffle chain (:mod:`fxfuse.groups.shuffle`): read as one op
-        where the shuffled axis is already a sum or an interleave (decided at the chain's first
-        node); False: the node keeps its own rule."""
+        where the shuffled axis is a sum or an interleave that keeps more that way (decided at
+        the chain's first node); False: the node keeps its own rule."""
         if node is chain.nodes[0]:
             src = chain.source.meta.get(AXES)
-            self._shuffle_on[node.name] = isinstance(src, TensorAxes) and isinstance(
-                self.table.resolve(src.layouts[chain.dim]), (Sum, Interleave))
+            self._shuffle_on[node.name] = isinstance(src, TensorAxes) and prefer_interleave(
+                self.table, self.table.resolve(src.layouts[chain.dim]), chain.groups)
         if not self._shuffle_on.get(chain.nodes[0].name):
             return False
         node.meta[AXES] = self._fresh(node.meta.get(VALUE))

@@ -8,18 +8,28 @@ concatenation of ``g`` blocks of ``n`` (``cat(x1, branch(x2))``), the real symme
 each block permuted on its own, interleaved in the output, which per-axis layouts of the middle
 tensor can not say.  :func:`find_shuffles` finds each such chain (every intermediate result used
 only by the next op), and the discovery driver applies
-:func:`fxfuse.rules.shape.channel_shuffle_rule` to the chain as a whole when the input axis
-resolves to a sum or an interleave; otherwise the three ops keep their own rules (a shuffle after
+:func:`fxfuse.rules.shape.channel_shuffle_rule` to the chain as a whole where
+:func:`prefer_interleave` says so; otherwise the three ops keep their own rules (a shuffle after
 a grouped convolution, whose axis already is ``G ⊗ N``, is exact there).
+
+Both readings are sound; neither contains the other in general.  On an input axis that is a
+concatenation of segments (lengths ``l_i``, ``g`` blocks of ``n``), the Kronecker reading keeps
+each segment ``G_i ⊗ N`` with one shared ``N``, ``prod_i (l_i/n)! * n!`` permutations (none at all,
+a conflict, where a segment boundary is not a multiple of ``n``); the interleave keeps ``(n!)^g``.
+The interleave is chosen where it keeps at least as many: always for ``g = 2`` (ShuffleNet V2),
+not for a shuffle into many blocks of two of a concatenation of two halves.
 """
 
 from __future__ import annotations
 
+from itertools import accumulate
+from math import lgamma
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from ..ir.layout import AtomTable, Interleave, Layout, Sum
 from ..rules import canonical
 from ..trace import VALUE, TensorMeta
 
@@ -114,3 +124,18 @@ def find_shuffles(gm: fx.GraphModule) -> dict[str, Shuffle]:
             for n in chain.nodes:
                 out[n.name] = chain
     return out
+
+
+def prefer_interleave(table: AtomTable, lay: Layout, groups: int) -> bool:
+    """Whether a shuffle into ``groups`` blocks of an axis laid out as ``lay`` (resolved) keeps
+    more permutations read as an interleave than as a Kronecker product (module doc)."""
+    if isinstance(lay, Interleave):
+        return True
+    if not isinstance(lay, Sum):
+        return False
+    n = table.size(lay) // groups
+    lengths = [table.size(p) for p in lay.parts]
+    if any(c % n for c in accumulate(lengths[:-1])):
+        return True  # the Kronecker reading has no common refinement with the segments
+    kronecker = sum(lgamma(m // n + 1) for m in lengths) + lgamma(n + 1)
+    return groups * lgamma(n + 1) >= kronecker
