@@ -399,7 +399,6 @@ class AlignWeights(Pass):
 
     def call(self, state: FusionState) -> None:
         assert state.spec is not None
-        cfg = self.config
         params = ({k for k in state.states[0] if k not in state.spec.buffers}
                   if state.spec.buffers or not state.models else
                   {k for k, _ in state.models[0].named_parameters(remove_duplicate=False)})
