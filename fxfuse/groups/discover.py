@@ -413,8 +413,10 @@ class _Driver:
         related only to an activation input is input-side."""
         outs = {h.index for h in _handles_in(out_value)}
         inputs = [i for i in range(len(sources)) if i not in outs]
+        if all(sources[i] is None for i in inputs):
+            return  # only activations in: no parameter axis gets a role here
         near = related_axes(relations)
-        if inputs and all(sources[i] is not None for i in inputs):
+        if all(sources[i] is not None for i in inputs):
             def origins(v: Any) -> Any:
                 if isinstance(v, TensorHandle):
                     return tuple(frozenset().union(*[
