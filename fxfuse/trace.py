@@ -1,4 +1,4 @@
-"""Tracing: a model -> a ``torch.fx.GraphModule`` whose nodes carry the values seen on the example
+"""Tracing: a model -> a ``torch.fx`` graph whose nodes carry the values seen on the example
 inputs (``node.meta["fxfuse.value"]``: a :class:`TensorMeta` for tensors, the concrete value for
 Python scalars/shapes, tuples of those for multi-output ops).
 
@@ -25,7 +25,7 @@ import operator
 import os
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +45,24 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 class TensorMeta:
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+
+@dataclass
+class GraphTrace:
+    """A traced graph as discovery reads it: ``graph``, whose ``get_attr`` / ``call_module``
+    targets name attributes of ``root`` (the model itself, or a GraphModule), and ``meta``
+    (``fxfuse.opaque``).  Unlike a ``GraphModule`` it has no generated Python code: fx's codegen
+    and ``compile`` (and a new class per module) cost as much as the trace itself, and discovery
+    never runs the graph's code (shapes are recorded by an interpreter over the graph).
+    :func:`symbolic_trace` compiles one for the callers that run it."""
+
+    root: nn.Module
+    graph: fx.Graph
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> GraphTrace:
+        return cls(gm, gm.graph, gm.meta)
 
 
 class _Tracer(fx.Tracer):
@@ -117,34 +135,62 @@ def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
     )
 
 
-def symbolic_trace(model: nn.Module, stack_traces: bool = True) -> fx.GraphModule:
+def trace_graph(model: nn.Module, stack_traces: bool = True) -> GraphTrace:
     """``torch.fx`` symbolic tracing with fxfuse's leaf modules (and the user's source line of
     every node with ``stack_traces``: a quarter of the tracing time, so discovery asks for them
-    only when it has something to report)."""
+    only when it has something to report), not compiled to Python code.  Calls of functions
+    marked with ``torch.fx.wrap`` are inlined into a GraphModule (it holds the constants they
+    make); otherwise the graph's targets name the model's own attributes."""
     if not isinstance(model, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
     tracer = _Tracer(stack_traces)
     try:
         graph = tracer.trace(model)
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm = (fx.GraphModule(tracer.root, graph, type(model).__name__)
+              if any(_is_wrapped_call(n) for n in graph.nodes) else None)
     except Exception as exc:
-        raise TraceError(
-            f"torch.fx.symbolic_trace could not trace {type(model).__name__}: "
-            f"{quote_error(exc)}. Data-dependent control flow, iteration over tensors "
-            f"or item assignment stop symbolic tracing; make that code a leaf module with a "
-            f"registered rule (@fxfuse.axis_rule(MyModule)), or rewrite it without Python "
-            f"control flow on tensor values."
-        ) from exc
+        raise _trace_error(model, exc) from exc
     opaque = dict(tracer.opaque)
+    if gm is None:
+        return GraphTrace(tracer.root, graph, {OPAQUE: opaque})
     opaque.update(inline_wrapped_functions(gm, stack_traces))
     gm.meta[OPAQUE] = opaque
+    return GraphTrace.of(gm)
+
+
+def symbolic_trace(model: nn.Module, stack_traces: bool = True) -> fx.GraphModule:
+    """:func:`trace_graph` compiled to a runnable ``GraphModule`` (``gm.meta["fxfuse.opaque"]``
+    names the opaque calls)."""
+    traced = trace_graph(model, stack_traces)
+    if traced.root is not model:  # inlined: already a GraphModule
+        assert isinstance(traced.root, fx.GraphModule)
+        return traced.root
+    try:
+        gm = fx.GraphModule(traced.root, traced.graph, type(model).__name__)
+    except Exception as exc:
+        raise _trace_error(model, exc) from exc
+    gm.meta.update(traced.meta)
     return gm
+
+
+def _trace_error(model: nn.Module, exc: Exception) -> TraceError:
+    return TraceError(
+        f"torch.fx.symbolic_trace could not trace {type(model).__name__}: "
+        f"{quote_error(exc)}. Data-dependent control flow, iteration over tensors "
+        f"or item assignment stop symbolic tracing; make that code a leaf module with a "
+        f"registered rule (@fxfuse.axis_rule(MyModule)), or rewrite it without Python "
+        f"control flow on tensor values."
+    )
 
 
 def _is_wrapped_function(target: Any) -> bool:
     """A plain Python function outside torch called as one node (``torch.fx.wrap``)."""
     return (inspect.isfunction(target) and lookup(target) is None
             and not (getattr(target, "__module__", None) or "torch").startswith("torch"))
+
+
+def _is_wrapped_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and _is_wrapped_function(node.target)
 
 
 def _function_module(fn: Callable[..., Any], args: Any, kwargs: Any, nodes: list[fx.Node]
@@ -220,8 +266,7 @@ def inline_wrapped_functions(gm: fx.GraphModule, stack_traces: bool, depth: int 
     opaque: dict[str, str] = {}
     k = 0
     for _ in range(depth):
-        todo = [n for n in gm.graph.nodes if n.op == "call_function"
-                and _is_wrapped_function(n.target) and n.name not in opaque]
+        todo = [n for n in gm.graph.nodes if _is_wrapped_call(n) and n.name not in opaque]
         if not todo:
             break
         for node in todo:
@@ -541,18 +586,19 @@ class _Recorder(fx.Interpreter):
         return torch.zeros(shape[0], dtype=shape[1], device=real.device)
 
 
-def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
-    """Annotate every node of ``gm`` with the values seen on ``inputs`` (eval mode, no grad;
-    modes restored).
+def record_values(gm: fx.GraphModule | GraphTrace, inputs: Sequence[Any]) -> None:
+    """Annotate every node of ``gm`` (a GraphModule or a :class:`GraphTrace`) with the values
+    seen on ``inputs`` (eval mode, no grad; modes restored).
 
     Values are real except the outputs of arithmetic-heavy ops (``HEAVY_MODULES``,
     ``HEAVY_FUNCTIONS``), whose shapes come from shape formulas and whose values are zeros, and
     of ``SHAPE_PRESERVING`` modules, which pass their input on: discovery needs shapes, not
     values.
     """
+    traced = gm if isinstance(gm, GraphTrace) else GraphTrace.of(gm)
     try:
-        with eval_mode(gm):
-            _Recorder(gm).run(*inputs)
+        with eval_mode(traced.root):
+            _Recorder(traced.root, graph=traced.graph).run(*inputs)
     except Exception as exc:
         raise InputError(
             f"running the traced model on the example inputs failed: {quote_error(exc)}. "

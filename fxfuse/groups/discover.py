@@ -40,12 +40,13 @@ from ..rules.shape import channel_shuffle, channel_shuffle_rule
 from ..trace import (
     OPAQUE,
     VALUE,
+    GraphTrace,
     TensorMeta,
     as_input_tuple,
     export_trace,
     record_values,
     source_line,
-    symbolic_trace,
+    trace_graph,
 )
 from .roles import IN, OUT, Origins, related_axes, role_table
 from .shuffle import Shuffle, find_shuffles, prefer_interleave
@@ -64,7 +65,7 @@ class TensorAxes:
 class Discovery:
     """Everything discovery learnt about one model (the spec is derived from it)."""
 
-    gm: fx.GraphModule
+    gm: GraphTrace  # the traced graph (and the module its targets name)
     table: AtomTable
     param_axes: dict[str, tuple[Layout, ...]]
     param_shapes: dict[str, tuple[int, ...]]
@@ -122,7 +123,7 @@ class _Handles:
 
 
 class _Driver:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, strict: bool, fix_io: bool,
+    def __init__(self, model: nn.Module, gm: GraphTrace, strict: bool, fix_io: bool,
                  lifted: dict[str, str] | None = None, probe: bool = True) -> None:
         self.gm = gm
         self.probe = probe
@@ -222,7 +223,7 @@ class _Driver:
 
     def _get_attr(self, node: fx.Node) -> None:
         value = node.meta.get(VALUE)
-        obj: Any = self.gm
+        obj: Any = self.gm.root
         for part in str(node.target).split("."):
             obj = getattr(obj, part)
         lays = self._param_layouts(obj) if isinstance(obj, torch.Tensor) else None
@@ -236,7 +237,7 @@ class _Driver:
         self._fix_all(self._tensor_axes(node.meta[AXES]), why)
 
     def _call(self, node: fx.Node) -> None:
-        module = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        module = self.gm.root.get_submodule(str(node.target)) if node.op == "call_module" else None
         opname = type(module).__name__ if module is not None else target_name(node.target)
         self.table.at(node.name, opname)
         chain = self.shuffles.get(node.name)
@@ -276,7 +277,7 @@ class _Driver:
         what = (f"the axis rule for {opname}{_module_path(node)} does not apply ({declined})"
                 if declined else f"no axis rule for {opname}{_module_path(node)}")
         msg = (f"{what}; the groups through it stay fixed. Register one with "
-               f"@fxfuse.axis_rule({_recipe(node, self.gm)}) (see fxfuse.rules)")
+               f"@fxfuse.axis_rule({_recipe(node, self.gm.root)}) (see fxfuse.rules)")
         if self.strict:
             where = f" at {src}" if src else ""
             raise UnsupportedOpError(f"node {node.name!r}: {msg}{where} (strict mode does not "
@@ -524,9 +525,9 @@ def _handles_in(v: Any) -> list[TensorHandle]:
     return []
 
 
-def _recipe(node: fx.Node, gm: fx.GraphModule) -> str:
+def _recipe(node: fx.Node, root: nn.Module) -> str:
     if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target))).__name__
+        return type(root.get_submodule(str(node.target))).__name__
     if node.op == "call_method":
         return repr(node.target)
     return target_name(node.target)
@@ -537,13 +538,13 @@ TRACERS = ("auto", "symbolic", "export")
 
 def _symbolic(model: nn.Module, inputs: tuple[Any, ...], strict: bool, fix_io: bool,
               probe: bool) -> Discovery:
-    gm = symbolic_trace(model, stack_traces=strict)
+    gm = trace_graph(model, stack_traces=strict)
     record_values(gm, inputs)
     driver = _Driver(model, gm, strict, fix_io, probe=probe)
     driver.run()
     cuts, probed = driver.cuts, driver.probed
     if cuts or probed:  # name the user's source lines: trace again, recording stack traces
-        sources = {n.name: source_line(n) for n in symbolic_trace(model).graph.nodes}
+        sources = {n.name: source_line(n) for n in trace_graph(model).graph.nodes}
         cuts = [replace(c, source=sources.get(c.node)) for c in cuts]
         probed = [replace(c, source=sources.get(c.node)) for c in probed]
     return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes, driver.aliases,
@@ -552,7 +553,8 @@ def _symbolic(model: nn.Module, inputs: tuple[Any, ...], strict: bool, fix_io: b
 
 def _export(model: nn.Module, inputs: tuple[Any, ...], strict: bool, fix_io: bool,
             probe: bool) -> Discovery:
-    gm, lifted = export_trace(model, inputs)
+    exported, lifted = export_trace(model, inputs)
+    gm = GraphTrace.of(exported)
     driver = _Driver(model, gm, strict, fix_io, lifted, probe=probe)
     driver.run()
     return Discovery(gm, driver.table, driver.param_axes, driver.param_shapes, driver.aliases,
