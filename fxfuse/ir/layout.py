@@ -141,10 +141,14 @@ class AtomTable:
         self._labels: dict[int, str] = {}  # atom -> what a rule called it ("heads", "groups")
         self._also: dict[int, list[Reason]] = {}  # fixed root -> later input/output reasons
         self._fixed_from: dict[int, list[int]] = {}  # root fixed by unifying with these roots
-        # root -> its resolved layout, valid until the next substitution (which clears it): a
-        # refined atom resolves through the whole chain of its refinements, and deep concat
-        # networks (DenseNet) resolve the same long chains again for every layout that holds them
+        # root -> its resolved layout: a refined atom resolves through the whole chain of its
+        # refinements, and deep concat networks (DenseNet) resolve the same long chains again for
+        # every layout that holds them.  A resolved layout changes only when one of its free atoms
+        # is substituted (every other atom of the chain is refined or fixed, for good), so
+        # ``_holders`` (free atom -> roots whose cached layout holds it) says which entries a
+        # substitution makes stale (:meth:`_substituted`)
         self._resolved: dict[int, Layout] = {}
+        self._holders: dict[int, set[int]] = {}
 
     # -- provenance ---------------------------------------------------------------------------
     def at(self, node: str, op: str) -> None:
@@ -207,6 +211,8 @@ class AtomTable:
             else:
                 out = self.resolve(ref) if ref is not None else Atom(r)
             self._resolved[r] = out
+            for leaf in _atom_ids(out):
+                self._holders.setdefault(leaf, set()).add(r)
             return out
         if isinstance(lay, Fixed):
             return lay
@@ -357,10 +363,16 @@ class AtomTable:
         return out
 
     # -- substitutions --------------------------------------------------------------------------
+    def _substituted(self, a: int) -> None:
+        """Forget the cached resolutions that hold the free atom ``a``, which a substitution
+        (union, refinement, fixing) is about to change."""
+        for r in self._holders.pop(a, ()):
+            self._resolved.pop(r, None)
+
     def fix(self, lay: Layout, why: Reason) -> None:
         for r in self.atoms_in(lay):
             self._fixed[r] = why
-            self._resolved.clear()
+            self._substituted(r)
         if why.kind in ("input", "output"):  # also note it where something else fixed it first
             todo, seen = self._fixed_roots(lay), set()
             while todo:
@@ -395,7 +407,7 @@ class AtomTable:
         if self._size[a] != self._size[b]:  # pragma: no cover - guarded by unify
             raise AssertionError("union of atoms of different sizes")
         self._parent[b] = a
-        self._resolved.clear()
+        self._substituted(b)
         self.links.append(Link(a, b, *self._where))
 
     def _refine(self, a: int, tree: Layout, why: Reason) -> None:
@@ -403,7 +415,7 @@ class AtomTable:
             self.fix(Prod((Atom(a), tree)), why)
             return
         self._refined[a] = tree
-        self._resolved.clear()
+        self._substituted(a)
         for b in self.atoms_in(tree):
             self.links.append(Link(a, b, *self._where))
 
@@ -523,7 +535,7 @@ class AtomTable:
         if isinstance(y, Atom):
             y1, y2 = self.new(k), self.new(n // k)
             self._refined[y.id] = Prod((y1, y2))
-            self._resolved.clear()
+            self._substituted(y.id)
             self.links += [Link(y.id, y1.id, *self._where), Link(y.id, y2.id, *self._where)]
             return y1, y2
         return None
@@ -537,7 +549,7 @@ class AtomTable:
         if isinstance(y, Atom):
             y1, y2 = self.new(k), self.new(n - k)
             self._refined[y.id] = Sum((y1, y2))
-            self._resolved.clear()
+            self._substituted(y.id)
             self.links += [Link(y.id, y1.id, *self._where), Link(y.id, y2.id, *self._where)]
             return y1, y2
         if isinstance(y, Prod):  # (H ⊗ R) split at k = j*|R|: split the leading factor H at j
@@ -656,3 +668,12 @@ def _regroup(parts: tuple[Any, ...], k: int) -> tuple[Any, ...]:
     if m == 1:
         return parts
     return tuple(Interleave(tuple(parts[jj * k + j] for jj in range(m))) for j in range(k))
+
+
+def _atom_ids(lay: Layout) -> list[int]:
+    """The atom ids of a layout's leaves, left to right (no resolution)."""
+    if isinstance(lay, Atom):
+        return [lay.id]
+    if isinstance(lay, NODES):
+        return [i for p in lay.parts for i in _atom_ids(p)]
+    return []
