@@ -418,15 +418,7 @@ class _Driver:
             return  # only activations in: no parameter axis gets a role here
         near = related_axes(relations)
         if all(sources[i] is not None for i in inputs):
-            def origins(v: Any) -> Any:
-                if isinstance(v, TensorHandle):
-                    return tuple(frozenset().union(*[
-                        sources[t][a] for t, a in near.get((v.index, d), ())  # type: ignore[index]
-                        if t in inputs and a < len(sources[t] or ())]) for d in range(len(v.shape)))
-                if isinstance(v, (list, tuple)):
-                    return tuple(origins(u) for u in v)
-                return None
-            self.lineage[node.name] = origins(out_value)
+            self.lineage[node.name] = _view_origins(out_value, near, sources, inputs)
             return
         table = role_table(module)
         names = {h.index: name for name, h in params.items()}
@@ -456,20 +448,7 @@ class _Driver:
         local: dict[str, Atom] = {}
 
         def lay(e: Any) -> Layout:
-            if isinstance(e, AxisRef):
-                mentioned.add((e.tensor, e.axis))
-                return handles[e.tensor][e.axis]
-            if isinstance(e, NewAxis):
-                if e.key not in local:
-                    local[e.key] = self.table.new(e.size, e.key if e.named else None)
-                return local[e.key]
-            if isinstance(e, Prod):
-                return Prod(tuple(lay(p) for p in e.parts))
-            if isinstance(e, Sum):
-                return Sum(tuple(lay(p) for p in e.parts))
-            if isinstance(e, Interleave):
-                return Interleave(tuple(lay(p) for p in e.parts))
-            raise TypeError(f"not an axis expression: {e!r}")
+            return self._layout(e, handles, mentioned, local)
 
         for r in relations:
             if isinstance(r, Same):
@@ -486,6 +465,34 @@ class _Driver:
                     why = Reason(cut_kind, base.node, base.op,
                                  f"the rule does not relate axis {d} of tensor #{i}", base.source)
                     self.table.fix(lo, why)
+
+
+    def _layout(self, e: Any, handles: list[tuple[Layout, ...]], mentioned: set[tuple[int, int]],
+                local: dict[str, Atom]) -> Layout:
+        """The layout a rule's axis expression ``e`` stands for (axis references are looked up in
+        ``handles`` and noted in ``mentioned``; a rule's new axes are atoms, one per key)."""
+        if isinstance(e, AxisRef):
+            mentioned.add((e.tensor, e.axis))
+            return handles[e.tensor][e.axis]
+        if isinstance(e, NewAxis):
+            if e.key not in local:
+                local[e.key] = self.table.new(e.size, e.key if e.named else None)
+            return local[e.key]
+        if isinstance(e, (Prod, Sum, Interleave)):
+            return type(e)(tuple(self._layout(p, handles, mentioned, local) for p in e.parts))
+        raise TypeError(f"not an axis expression: {e!r}")
+
+
+def _view_origins(v: Any, near: dict[tuple[Any, Any], set[tuple[Any, Any]]],
+                  sources: list[Origins | None], inputs: list[int]) -> Any:
+    """The parameter axes each axis of the output ``v`` of a view of parameters is made of."""
+    if isinstance(v, TensorHandle):
+        return tuple(frozenset().union(*[
+            sources[t][a] for t, a in near.get((v.index, d), ())  # type: ignore[index]
+            if t in inputs and a < len(sources[t] or ())]) for d in range(len(v.shape)))
+    if isinstance(v, (list, tuple)):
+        return tuple(_view_origins(u, near, sources, inputs) for u in v)
+    return None
 
 
 def _fill(v: Any, values: dict[int, torch.Tensor]) -> Any:

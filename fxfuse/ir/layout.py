@@ -340,17 +340,7 @@ class AtomTable:
 
     def atoms_in(self, lay: Layout) -> list[int]:
         """Root ids of the free atoms of ``lay`` (after resolution), left to right."""
-        out: list[int] = []
-
-        def walk(x: Layout) -> None:
-            if isinstance(x, Atom):
-                out.append(x.id)
-            elif isinstance(x, NODES):
-                for p in x.parts:
-                    walk(p)
-
-        walk(self.resolve(lay))
-        return out
+        return _atom_ids(self.resolve(lay))
 
     def fixed_reasons(self, lay: Layout) -> list[Reason]:
         """Reasons recorded on the fixed atom classes underneath ``lay`` (unresolved walk)."""
@@ -384,21 +374,20 @@ class AtomTable:
                     self._also[r].append(why)
                 todo += self._fixed_from.get(r, [])
 
-    def _fixed_roots(self, lay: Layout) -> list[int]:
-        out: list[int] = []
-
-        def walk(x: Layout) -> None:
-            if isinstance(x, Atom):
-                r = self.find(x.id)
-                if self._fixed[r] is not None:
-                    out.append(r)
-                elif self._refined[r] is not None:
-                    walk(self._refined[r])  # type: ignore[arg-type]
-            elif isinstance(x, NODES):
-                for p in x.parts:
-                    walk(p)
-
-        walk(lay)
+    def _fixed_roots(self, lay: Layout, out: list[int] | None = None) -> list[int]:
+        """The fixed atom classes underneath ``lay`` (through refinements), left to right.
+        (Recursive methods, not nested closures, here and below: a closure that calls itself is
+        a reference cycle, garbage for the cyclic collector on every call.)"""
+        out = [] if out is None else out
+        if isinstance(lay, Atom):
+            r = self.find(lay.id)
+            if self._fixed[r] is not None:
+                out.append(r)
+            elif self._refined[r] is not None:
+                self._fixed_roots(self._refined[r], out)  # type: ignore[arg-type]
+        elif isinstance(lay, NODES):
+            for p in lay.parts:
+                self._fixed_roots(p, out)
         return out
 
     def _union(self, a: int, b: int) -> None:
@@ -629,24 +618,20 @@ class AtomTable:
             return Sum((*first, Fixed(r))), Sum((Fixed(k - r), *rest))
         return first[0], rest[0]
 
-    def _raw_roots(self, lay: Layout) -> list[int]:
+    def _raw_roots(self, lay: Layout, out: list[int] | None = None) -> list[int]:
         """Roots of every atom ``lay`` is made of, through refinements, fixed or not (a size-1
         atom resolves to ``Fixed(1)``, so :meth:`fix` does not see it)."""
-        out: list[int] = []
-
-        def walk(x: Layout) -> None:
-            if isinstance(x, Atom):
-                r = self.find(x.id)
-                ref = self._refined[r]
-                if ref is not None:
-                    walk(ref)
-                else:
-                    out.append(r)
-            elif isinstance(x, NODES):
-                for p in x.parts:
-                    walk(p)
-
-        walk(lay)
+        out = [] if out is None else out
+        if isinstance(lay, Atom):
+            r = self.find(lay.id)
+            ref = self._refined[r]
+            if ref is not None:
+                self._raw_roots(ref, out)
+            else:
+                out.append(r)
+        elif isinstance(lay, NODES):
+            for p in lay.parts:
+                self._raw_roots(p, out)
         return out
 
     def _conflict(self, a: Layout, b: Layout, why: Reason) -> None:
@@ -670,10 +655,12 @@ def _regroup(parts: tuple[Any, ...], k: int) -> tuple[Any, ...]:
     return tuple(Interleave(tuple(parts[jj * k + j] for jj in range(m))) for j in range(k))
 
 
-def _atom_ids(lay: Layout) -> list[int]:
+def _atom_ids(lay: Layout, out: list[int] | None = None) -> list[int]:
     """The atom ids of a layout's leaves, left to right (no resolution)."""
+    out = [] if out is None else out
     if isinstance(lay, Atom):
-        return [lay.id]
-    if isinstance(lay, NODES):
-        return [i for p in lay.parts for i in _atom_ids(p)]
-    return []
+        out.append(lay.id)
+    elif isinstance(lay, NODES):
+        for p in lay.parts:
+            _atom_ids(p, out)
+    return out

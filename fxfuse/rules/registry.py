@@ -173,19 +173,8 @@ class OpView:
     def tensors(self) -> list[TensorHandle]:
         """Every tensor argument, in order (inside lists and tuples too)."""
         out: list[TensorHandle] = []
-
-        def walk(v: Any) -> None:
-            if isinstance(v, TensorHandle):
-                out.append(v)
-            elif isinstance(v, (list, tuple)):
-                for u in v:
-                    walk(u)
-            elif isinstance(v, dict):
-                for u in v.values():
-                    walk(u)
-
-        walk(self.args)
-        walk(self.kwargs)
+        _tensor_handles(self.args, out)
+        _tensor_handles(self.kwargs, out)
         return out
 
     def tensor(self, i: int, name: str) -> TensorHandle:
@@ -213,6 +202,18 @@ class OpView:
 Rule = Callable[[OpView], list[Relation]]
 
 _RULES: dict[Any, Rule] = {}
+
+
+def _tensor_handles(v: Any, out: list[TensorHandle]) -> None:
+    """Append the tensor handles inside ``v`` (lists, tuples, dict values) to ``out``."""
+    if isinstance(v, TensorHandle):
+        out.append(v)
+    elif isinstance(v, (list, tuple)):
+        for u in v:
+            _tensor_handles(u, out)
+    elif isinstance(v, dict):
+        for u in v.values():
+            _tensor_handles(u, out)
 
 
 def axis_rule(*targets: Any) -> Callable[[Rule], Rule]:
