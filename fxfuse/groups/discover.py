@@ -151,7 +151,7 @@ class _Driver:
         # (a parameter, or a view of parameters), and every op application that reads them
         self.lineage: dict[str, Any] = {}
         self.roles: dict[tuple[str, int], set[str | None]] = {}
-        self.shuffles = find_shuffles(gm)  # node name -> its channel shuffle chain
+        self.shuffles = find_shuffles(gm.graph)  # node name -> its channel shuffle chain
         self._shuffle_on: dict[str, bool] = {}  # chain's first node -> read as one op
 
     # -- helpers ------------------------------------------------------------------------------

@@ -113,10 +113,10 @@ def _chain(view: fx.Node) -> Shuffle | None:
     return None
 
 
-def find_shuffles(gm: fx.GraphModule) -> dict[str, Shuffle]:
-    """Node name -> the shuffle chain it belongs to, for every chain in ``gm``'s graph."""
+def find_shuffles(graph: fx.Graph) -> dict[str, Shuffle]:
+    """Node name -> the shuffle chain it belongs to, for every chain in ``graph``."""
     out: dict[str, Shuffle] = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.name in out:
             continue
         chain = _chain(node)
