@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("flwr")
 
-from fxfuse.flower.local import LocalFederation  # noqa: E402
+from fxfuse.flower.local import FederationError, LocalFederation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower_app"
@@ -49,3 +50,26 @@ def test_one_round_on_the_deployment_engine_beats_the_plain_average(tmp_path: Pa
     assert last["accuracy"] >= last["average_accuracy"] + MARGIN, last
     assert sorted(p.name for p in (out / "rounds").iterdir()) == ["global.pt", "round-000.pt",
                                                                    "round-001.pt"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process checks read /proc")
+def test_a_run_whose_server_app_fails_is_reported_at_once_with_its_exception(
+        tmp_path: Path) -> None:
+    """A ServerApp that raises (here: an unknown alignment method in the run config) ends the
+    run as ``finished:failed``; ``run`` says so with the exception, within seconds of the
+    status turning, not after its timeout."""
+    app = tmp_path / "app"
+    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
+    fed = LocalFederation(1, tmp_path / "federation")
+    try:
+        fed.start()
+        start = time.monotonic()
+        with pytest.raises(FederationError, match=r"finished:failed.*no-such-method"):
+            fed.run(app, {"dataset": "digits", "num-partitions": 1, "align": "no-such-method",
+                          "output-dir": str(tmp_path / "out")},
+                    results=tmp_path / "out" / "results.json", timeout=TIMEOUT_S)
+        waited = time.monotonic() - start
+    finally:
+        left = fed.stop()
+    assert left == [], f"processes left running: {left}"
+    assert waited < TIMEOUT_S / 2, f"the failure was noticed only after {waited:.0f} s"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,6 +41,7 @@ __all__ = ["SAFE_ENV", "FederationError", "LocalFederation", "free_port", "run_c
 
 SAFE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 CONNECTION = "fxfuse-local"
+_STATUS_EVERY_S = 5.0  # how often run() asks the SuperLink whether the run has finished
 
 
 class FederationError(FxFuseError):
@@ -199,7 +201,8 @@ class LocalFederation:
             timeout: float = 600.0) -> dict[str, Any]:
         """Submit ``app`` (a Flower app folder) with ``run_config`` overrides, wait until the
         ServerApp has written the JSON file ``results``, and return it; FederationError (with
-        the logs) if a process dies or ``timeout`` seconds pass first."""
+        the logs) if a process dies, the run finishes without writing ``results`` (its status
+        and the ServerApp's exception quoted) or ``timeout`` seconds pass first."""
         target = Path(results)
         deadline = time.monotonic() + timeout
         sub = subprocess.run([self._exe("flwr"), "run", str(Path(app).resolve()), CONNECTION,
@@ -209,14 +212,41 @@ class LocalFederation:
         if sub.returncode != 0:
             raise FederationError(f"flwr run failed ({sub.returncode}): "
                                   f"{sub.stdout[-1500:]}{sub.stderr[-1500:]}{self.logs()}")
+        started = re.search(r"started run (\d+)", sub.stdout)
+        run_id = started.group(1) if started else None
+        next_status = time.monotonic() + _STATUS_EVERY_S
+        finished: tuple[str, str] | None = None
         while time.monotonic() < deadline:
             self._remember()  # remember the app processes, to be sure stop() ends them all
             if target.is_file():
                 return dict(json.loads(target.read_text()))
             self._check_alive()
+            if finished is not None:  # one more look at the file, then say why it is missing
+                raise FederationError(f"run {run_id} is {finished[0]} without writing "
+                                      f"{target.name}: {finished[1] or 'no details'}"
+                                      f"{self.logs()}")
+            if run_id is not None and time.monotonic() >= next_status:
+                finished = self._finished(run_id)
+                next_status = time.monotonic() + _STATUS_EVERY_S
+                if finished is not None:
+                    time.sleep(1.0)  # the file is written before the run finishes
+                    continue
             time.sleep(0.5)
         raise FederationError(f"no {target.name} within {timeout:.0f} s (the ServerApp failed "
                               f"or is still running){self.logs()}")
+
+    def _finished(self, run_id: str) -> tuple[str, str] | None:
+        """``(status, details)`` of run ``run_id`` once the SuperLink reports it finished
+        (``flwr ls``), else None (also when the status cannot be read: the timeout decides)."""
+        with contextlib.suppress(subprocess.SubprocessError, OSError, ValueError):
+            out = subprocess.run([self._exe("flwr"), "ls", CONNECTION, "--run-id", run_id,
+                                  "--format", "json"], env=self.env(), cwd=self.workdir,
+                                 capture_output=True, text=True, timeout=60)
+            for run in json.loads(out.stdout).get("runs", []):
+                status = str(run.get("status", ""))
+                if str(run.get("run-id")) == run_id and status.startswith("finished"):
+                    return status, str(run.get("status-details", ""))
+        return None
 
     def stop(self) -> list[int]:
         """End every process of the federation (module doc); the ids still alive afterwards
