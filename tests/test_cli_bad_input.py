@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,13 +260,39 @@ def cases() -> list[Case]:
 CASES = cases()
 
 
+RUNNERS = 2  # cli_runner processes side by side (the cases are independent; CI has 2 cores)
+
+
 def run_all(items: list[tuple[list[str], Path]]) -> list[dict[str, object]]:
+    """Every command line's outcome, in order: the cases dealt round-robin to ``RUNNERS``
+    runner processes that run at the same time."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    payload = json.dumps([{"argv": argv, "cwd": str(cwd)} for argv, cwd in items])
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_runner.py")], input=payload,
-                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    return list(json.loads(proc.stdout))
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for r in range(RUNNERS):
+                cases = Path(tmp) / f"cases-{r}.json"
+                cases.write_text(json.dumps([{"argv": argv, "cwd": str(cwd)}
+                                             for argv, cwd in items[r::RUNNERS]]))
+                with cases.open() as stdin:
+                    procs.append(subprocess.Popen(
+                        [sys.executable, str(ROOT / "tests" / "cli_runner.py")], stdin=stdin,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                        cwd=ROOT))
+            outputs = []
+            for proc in procs:
+                out, err = proc.communicate(timeout=900)
+                assert proc.returncode == 0, err
+                outputs.append(json.loads(out))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    results: list[dict[str, object]] = [{} for _ in items]
+    for r, out in enumerate(outputs):
+        results[r::RUNNERS] = out
+    return results
 
 
 @pytest.fixture(scope="module")
