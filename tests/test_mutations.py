@@ -28,8 +28,8 @@ def test_a_stale_mutation_fails_loudly(tmp_path: Path) -> None:
 
 def test_short_list_is_caught() -> None:
     """Each mutation in a fresh copy of the repository, its tests in a pytest subprocess (the
-    unmutated run is the suite itself).  About 30 s on 2 cores."""
-    outcomes = run(by_name(SHORT), baseline=False, timeout=300)
+    unmutated run is the suite itself), two at a time (CI has 2 cores)."""
+    outcomes = run(by_name(SHORT), baseline=False, timeout=300, workers=2)
     report = "\n".join(f"{o.verdict}: {o.name} {o.failed[:2]}\n{o.tail if o.verdict != 'caught' else ''}"
                        for o in outcomes)
     assert [o.verdict for o in outcomes] == ["caught"] * len(SHORT), report

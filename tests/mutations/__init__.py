@@ -36,6 +36,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -259,10 +260,10 @@ def run_tests(root: Path, args: Sequence[str], name: str, timeout: float,
 
 
 def run(mutations: Sequence[Mutation], *, baseline: bool = True, timeout: float = 600.0,
-        echo: bool = False, every_test: bool = False) -> list[Outcome]:
+        echo: bool = False, every_test: bool = False, workers: int = 1) -> list[Outcome]:
     """Check every mutation is fresh, run the baseline (optional), then each mutation in its
-    own copy (stopping at the first failing test unless ``every_test``).  Returns one
-    :class:`Outcome` per mutation (the baselines first, if run)."""
+    own copy (stopping at the first failing test unless ``every_test``), ``workers`` at a time.
+    Returns one :class:`Outcome` per mutation, in order (the baselines first, if run)."""
     check_fresh(mutations)
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="fxfuse-mutation-") as tmp:
@@ -279,15 +280,19 @@ def run(mutations: Sequence[Mutation], *, baseline: bool = True, timeout: float 
                     print(format_outcome(base), flush=True)
                 if base.verdict != "passes":
                     return outcomes
-        for m in mutations:
+        def one(m: Mutation) -> Outcome:
             copy = Path(tmp) / m.name
             shutil.copytree(clean, copy)
             apply(m, copy)
             outcome = run_tests(copy, m.tests, m.name, timeout, stop_first=not every_test)
             shutil.rmtree(copy, ignore_errors=True)
-            outcomes.append(outcome)
             if echo:
                 print(format_outcome(outcome), flush=True)
+            return outcome
+
+        # each mutation is its own copy and pytest process: ``workers`` of them side by side
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            outcomes += list(pool.map(one, mutations))
     return outcomes
 
 
