@@ -64,8 +64,9 @@ from benchmarks._report import (  # noqa: E402
 
 BEGIN = "<!-- discovery-profile:begin -->"
 END = "<!-- discovery-profile:end -->"
-COMMAND = "python benchmarks/discovery_profile.py --baseline a5fc753 --write"
-NUM_THREADS = 2
+# the baseline: main before this session's issue-21 changes (GraphTrace, atom-table cache, ...)
+COMMAND = "python benchmarks/discovery_profile.py --baseline 0837e25 --write"
+NUM_THREADS = 1  # discovery is Python-bound; one thread is steadier on the shared 2 cores
 REPEATS = 5
 STAGES = ("trace", "record", "rules", "spec", "other")
 # label -> (zoo name, factory keyword arguments)
@@ -117,7 +118,10 @@ def install(clock: StageClock) -> None:
     groups = importlib.import_module("fxfuse.groups")
     disc = importlib.import_module("fxfuse.groups.discover")  # `groups.discover` is the function
 
-    patches = [(disc, "symbolic_trace", "trace"), (disc, "record_values", "record"),
+    # the trace is ``trace_graph`` since it stopped compiling a GraphModule (older code and
+    # baselines: ``symbolic_trace``)
+    trace = "trace_graph" if hasattr(disc, "trace_graph") else "symbolic_trace"
+    patches = [(disc, trace, "trace"), (disc, "record_values", "record"),
                (disc._Driver, "__init__", "rules"), (disc._Driver, "run", "rules"),
                (groups, "build_spec", "spec"), (groups.PermutationSpec, "lint", "spec")]
     for owner, attr, stage in patches:
@@ -126,12 +130,13 @@ def install(clock: StageClock) -> None:
 
 def one_call(clock: StageClock, fn: Callable[[], Any]) -> tuple[dict[str, float], dict[str, int]]:
     clock.reset()
-    n0, t0 = len(sys.modules), time.perf_counter()
+    n0, t0, c0 = len(sys.modules), time.perf_counter(), time.process_time()
     fn()
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     seconds = dict(clock.seconds)
     seconds["other"] = max(0.0, total - sum(seconds.values()))
     seconds["total"] = total
+    seconds["cpu"] = cpu
     modules = dict(clock.modules)
     modules["other"] = len(sys.modules) - n0 - sum(modules.values())
     return seconds, modules
@@ -162,10 +167,9 @@ def worker(label: str, root: str, repeats: int, threads: int) -> int:
     gc.collect()
     cold, cold_modules = one_call(clock, call)
     warm_runs = []
-    for _ in range(repeats):
-        gc.collect()
+    for _ in range(repeats):  # no forced collection: each call pays for what it triggers
         warm_runs.append(one_call(clock, call)[0])
-    warm = {k: statistics.median(r[k] for r in warm_runs) for k in (*STAGES, "total")}
+    warm = {k: statistics.median(r[k] for r in warm_runs) for k in (*STAGES, "total", "cpu")}
     spec = holder["spec"]
     print(json.dumps({"import_s": import_s, "cold": cold, "cold_modules": cold_modules,
                       "warm": warm, "nodes": sum(1 for _ in spec_nodes(model)),
@@ -216,12 +220,13 @@ def cell(stages: dict[str, float], key: str) -> str:
 def render_table(results: list[Result]) -> str:
     head = ("| model | graph nodes | groups | code | import fxfuse | cold total | "
             + " | ".join(f"cold {s}" for s in STAGES) + " | modules imported by the cold call "
-            "(record) | warm total | " + " | ".join(f"warm {s}" for s in STAGES) + " |")
-    lines = [head, "|---|---:|---:|---|" + "---:|" * (4 + 2 * len(STAGES))]
+            "(record) | warm total | warm CPU | " + " | ".join(f"warm {s}" for s in STAGES)
+            + " |")
+    lines = [head, "|---|---:|---:|---|" + "---:|" * (5 + 2 * len(STAGES))]
     for r in results:
         if not r.data:
             lines.append(f"| {r.label} | - | - | {r.code} | {r.status} |"
-                         + " - |" * (3 + 2 * len(STAGES)))  # 18 columns in all
+                         + " - |" * (4 + 2 * len(STAGES)))  # 19 columns in all
             continue
         d = r.data
         mods = d["cold_modules"]
@@ -230,6 +235,7 @@ def render_table(results: list[Result]) -> str:
             f"{fmt_seconds(d['import_s'])} | **{cell(d['cold'], 'total')}** | "
             + " | ".join(cell(d["cold"], s) for s in STAGES)
             + f" | {sum(mods.values())} ({mods['record']}) | **{cell(d['warm'], 'total')}** | "
+            + (cell(d["warm"], "cpu") if "cpu" in d["warm"] else "-") + " | "
             + " | ".join(cell(d["warm"], s) for s in STAGES) + " |")
     return "\n".join(lines)
 
@@ -265,7 +271,8 @@ def render_section(results: list[Result], args: argparse.Namespace, total_s: flo
         BEGIN,
         "## Discovery profile by stage (issue 21)",
         "",
-        command_line(COMMAND),
+        command_line(COMMAND if args.baseline == "0837e25" else
+                     f"python benchmarks/discovery_profile.py --baseline {args.baseline} --write"),
         "",
         f"- Date: {datetime.date.today().isoformat()}; commit {revision_note(args.revision)}; "
         f"code profiled: {codes}",
@@ -273,9 +280,10 @@ def render_section(results: list[Result], args: argparse.Namespace, total_s: flo
         "- Method: one fresh child process per model and code version: it imports torch and the "
         "zoo, builds the model, imports fxfuse (*import fxfuse*), then times "
         "`fxfuse.find_groups(model, inputs)` once *cold* (first call in the process) and "
-        f"{args.repeats} times *warm* (median per stage), each call split into stages by wrapping "
-        "the functions find_groups calls: *trace* (`symbolic_trace`, incl. the re-trace that names "
-        "cuts' source lines), *record* (`record_values`: shapes on the example inputs), *rules* "
+        f"{args.repeats} times *warm* (median per stage; *warm CPU*: the process's CPU time of "
+        "the whole call; no collection forced between calls), each call split into stages by "
+        "wrapping the functions find_groups calls: *trace* (`trace_graph`, `symbolic_trace` in "
+        "code before it, incl. the re-trace that names cuts' source lines), *record* (`record_values`: shapes on the example inputs), *rules* "
         "(`_Driver`: one walk applying every node's axis rule, union-find included), *spec* "
         "(`build_spec` + `lint`), *other* (the rest of the end-to-end time). The DenseNet rows "
         "are the zoo's `densenet` with the block layouts of DenseNet-121 (6, 12, 24, 16) and -201 "
