@@ -416,10 +416,13 @@ class _Driver:
         inputs = [i for i in range(len(sources)) if i not in outs]
         if all(sources[i] is None for i in inputs):
             return  # only activations in: no parameter axis gets a role here
-        near = related_axes(relations)
-        if all(sources[i] is not None for i in inputs):
+        if all(sources[i] is not None for i in inputs):  # a view: its outputs' origins
+            wanted = [(h.index, d) for h in _handles_in(out_value) for d in range(len(h.shape))]
+            near = related_axes(relations, wanted)
             self.lineage[node.name] = _view_origins(out_value, near, sources, inputs)
             return
+        # roles of the parameter axes among the inputs
+        near = related_axes(relations, [(t, a) for t in inputs for a in range(len(sources[t] or ()))])
         table = role_table(module)
         names = {h.index: name for name, h in params.items()}
         for t in inputs:

@@ -74,8 +74,10 @@ def _refs(e: Any) -> Iterable[tuple[Any, Any]]:
             yield from _refs(p)
 
 
-def related_axes(relations: Iterable[Any]) -> dict[tuple[Any, Any], set[tuple[Any, Any]]]:
-    """(tensor, axis) -> the tensor axes one rule application relates it to as a whole.
+def related_axes(relations: Iterable[Any], wanted: Iterable[tuple[Any, Any]] | None = None
+                 ) -> dict[tuple[Any, Any], set[tuple[Any, Any]]]:
+    """(tensor, axis) -> the tensor axes one rule application relates it to as a whole (for the
+    ``wanted`` axes only, when given: each is a search of its own).
 
     ``Same(x, y)`` between two single axes (or rule-local atoms) is an identity edge; a ``Same``
     whose side is a product or sum relates each part to the other side as a *factor* edge.  An
@@ -117,7 +119,8 @@ def related_axes(relations: Iterable[Any]) -> dict[tuple[Any, Any], set[tuple[An
         return seen
 
     out: dict[tuple[Any, Any], set[tuple[Any, Any]]] = {}
-    for ref in {*ident, *factor}:
+    known = {*ident, *factor}
+    for ref in known if wanted is None else known.intersection(wanted):
         if ref[0] == "new":
             continue
         cls = closure([ref])
