@@ -453,7 +453,8 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
     for key, lays in disc.param_axes.items():
         for axis, raw in enumerate(lays):
             resolved = table.resolve(raw)
-            for atom in table.atoms_in(resolved):
+            atoms = table.atoms_in(resolved)
+            for atom in atoms:
                 if atom not in names:
                     base = key.rsplit(".", 1)[0] if "." in key else key
                     if atom in labels:
@@ -469,13 +470,18 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
             because = tuple(r.short() for r in table.fixed_reasons(raw))  # also partly fixed
             for alias in disc.aliases[key]:
                 axes[(alias, axis)] = AxisSpec(alias, axis, size, tree, because)
-                for atom in dict.fromkeys(table.atoms_in(resolved)):
+                for atom in dict.fromkeys(atoms):
                     members.setdefault(atom, []).append(Member(alias, axis, tree))
     joined: dict[int, dict[str, None]] = {a: {} for a in names}
     named_under: dict[int, list[int]] = {}  # atom -> its named atoms now (the table is final)
+    # (atom, where) pairs done: a refinement into k atoms records k links from one end at one node
+    done: set[tuple[int, str]] = set()
     for link in table.links:
         where = f"{link.node} ({link.op})"
         for end in (link.a, link.b):
+            if (end, where) in done:
+                continue
+            done.add((end, where))
             under = named_under.get(end)
             if under is None:
                 under = named_under[end] = [a for a in table.atoms_in(Atom(end)) if a in joined]
