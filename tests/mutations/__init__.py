@@ -229,7 +229,7 @@ def run_tests(root: Path, args: Sequence[str], name: str, timeout: float,
               stop_first: bool = True) -> Outcome:
     """Run pytest ``args`` in ``root``; the verdict is ``caught`` when a test failed."""
     xml = root / ".mutation-junit.xml"
-    cmd = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", *args, "-q", "-n", "0", "-p", "no:cacheprovider",
            f"--junitxml={xml}", *(["-x"] if stop_first else [])]
     start = time.perf_counter()
     try:
