@@ -164,25 +164,39 @@ def repair_states(
 
 @dataclass(frozen=True)
 class FusionRecord:
-    """What :func:`load_fusion` reads back: the spec and every model's maps (None: unaligned)."""
+    """What :func:`load_fusion` reads back: the spec (the fused model's), every model's maps
+    (None: unaligned) and, for models of different widths, every model's own spec (else None)."""
 
     spec: PermutationSpec
     maps: list[Maps] | None
+    specs: list[PermutationSpec] | None = None
 
 
-def fusion_to_dict(spec: PermutationSpec, maps: Sequence[Mapping[str, GroupMap]] | None
-                   ) -> dict[str, Any]:
-    return {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(),
-            "maps": None if maps is None else [{g: m.to_dict() for g, m in mk.items()}
-                                               for mk in maps]}
+def fusion_to_dict(spec: PermutationSpec, maps: Sequence[Mapping[str, GroupMap]] | None,
+                   specs: Sequence[PermutationSpec] | None = None) -> dict[str, Any]:
+    out = {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(),
+           "maps": None if maps is None else [{g: m.to_dict() for g, m in mk.items()}
+                                              for mk in maps]}
+    if specs is not None:
+        out["specs"] = [s.to_dict() for s in specs]
+    return out
+
+
+def _check_record(spec: PermutationSpec, maps: Sequence[Mapping[str, GroupMap]] | None,
+                  specs: Sequence[PermutationSpec] | None, what: str) -> None:
+    if specs is not None and maps is not None and len(specs) != len(maps):
+        raise InputError(f"{what}: {len(specs)} specs for {len(maps)} models' maps; pass "
+                         f"report.spec, report.maps, specs=report.specs of one fusion")
 
 
 def save_fusion(path: str | Path, spec: PermutationSpec,
-                maps: Sequence[Mapping[str, GroupMap]] | None) -> Path:
+                maps: Sequence[Mapping[str, GroupMap]] | None,
+                specs: Sequence[PermutationSpec] | None = None) -> Path:
     """Write ``spec`` and ``maps`` (e.g. ``report.spec, report.maps``) to ``path``, atomically (a
     half-written file never replaces an old one): ``.json`` (readable; dense maps as nested
     lists) or ``.pt`` (the spec as JSON text beside the maps' tensors, read back with
-    ``torch.load(weights_only=True)``: for large dense maps)."""
+    ``torch.load(weights_only=True)``: for large dense maps).  Models of different widths:
+    also ``specs=report.specs`` (each model's own spec; ``spec`` is then the fused model's)."""
     from .exporter import publish, staged_file
 
     target = Path(path)
@@ -190,16 +204,24 @@ def save_fusion(path: str | Path, spec: PermutationSpec,
         raise InputError(f"a fusion record is a .json or .pt file, got {target.name!r}")
     if not target.parent.is_dir():
         raise InputError(f"folder {str(target.parent)!r} does not exist; create it first")
+    _check_record(spec, maps, specs, "save_fusion")
     with staged_file(target) as staged:
         if target.suffix == ".json":
-            staged.write_text(json.dumps(fusion_to_dict(spec, maps)))
+            staged.write_text(json.dumps(fusion_to_dict(spec, maps, specs)))
         else:
-            torch.save({"format": FORMAT, "version": VERSION, "spec": spec.to_json(None),
-                        "maps": None if maps is None else [
-                            {g: m.to_dict(lists=False) for g, m in mk.items()} for mk in maps]},
-                       staged)
+            record: dict[str, Any] = {
+                "format": FORMAT, "version": VERSION, "spec": spec.to_json(None),
+                "maps": None if maps is None else [
+                    {g: m.to_dict(lists=False) for g, m in mk.items()} for mk in maps]}
+            if specs is not None:
+                record["specs"] = [s.to_json(None) for s in specs]
+            torch.save(record, staged)
         publish(staged, target)
     return target
+
+
+def _spec_from(d: Any) -> PermutationSpec:
+    return PermutationSpec.from_json(d if isinstance(d, str) else json.dumps(d))
 
 
 def load_fusion(path: str | Path) -> FusionRecord:
@@ -214,28 +236,70 @@ def load_fusion(path: str | Path) -> FusionRecord:
         raise SpecError(f"can not read fusion record {str(path)!r}: {exc}") from exc
     if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
         raise SpecError(f"{str(path)!r} is not an fxfuse fusion record of version {VERSION}")
-    spec_text = d["spec"] if isinstance(d["spec"], str) else json.dumps(d["spec"])
-    spec = PermutationSpec.from_json(spec_text)
+    spec = _spec_from(d["spec"])
     try:
         maps = None if d["maps"] is None else [
             {g: GroupMap.from_dict(m) for g, m in mk.items()} for mk in d["maps"]]
+        specs = None if d.get("specs") is None else [_spec_from(s) for s in d["specs"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise SpecError(f"malformed maps in {str(path)!r}: {exc}") from exc
-    return FusionRecord(spec, maps)
+    if specs is not None and maps is not None and len(specs) != len(maps):
+        raise SpecError(f"{str(path)!r} holds {len(specs)} specs for {len(maps)} models' maps")
+    return FusionRecord(spec, maps, specs)
 
 
 def apply_fusion(models: Sequence[nn.Module], record: FusionRecord,
-                 weights: Sequence[float] | None = None) -> nn.Module:
-    """Re-apply a recorded fusion to the same models (no search): a new model of model 0's class
-    with the merged state (the inputs are untouched; no repair is re-run)."""
+                 weights: Sequence[float] | None = None,
+                 target: int | nn.Module | None = None) -> nn.Module:
+    """Re-apply a recorded fusion to the same models (no search): a new model with the merged
+    state (the inputs are untouched; no repair is re-run), of model 0's class, or for models of
+    different widths (``record.specs``) a copy of ``target``: a model of the fused widths, or
+    the index of one among ``models`` (default: the first model at the fused widths)."""
     from .fuse import check_models, interpolation_weights
+    from .pairing import resized, same_widths, sizes_of
 
-    check_models(models, same_shapes=True)
-    if record.maps is not None and len(record.maps) != len(models):
-        raise InputError(f"the record holds maps for {len(record.maps)} models, got "
-                         f"{len(models)}")
+    n = len(record.specs) if record.specs is not None else (
+        len(record.maps) if record.maps is not None else None)
+    check_models(models, same_shapes=record.specs is None)
+    if n is not None and n != len(models):
+        raise InputError(f"the record holds maps for {n} models, got {len(models)}")
     w = interpolation_weights(weights, len(models))
-    merged = merge_states(record.spec, [m.state_dict() for m in models], record.maps, w)
-    fused = copy.deepcopy(models[0])
+    if record.specs is None:
+        if target is not None:
+            raise InputError("apply_fusion(target=...) is for records of models of different "
+                             "widths; this record's models share one spec")
+        merged = merge_states(record.spec, [m.state_dict() for m in models], record.maps, w)
+        fused = copy.deepcopy(models[0])
+        fused.load_state_dict(merged)
+        return fused
+    from .errors import ArchitectureMismatchError
+
+    states = [m.state_dict() for m in models]
+    for k, (spec, state) in enumerate(zip(record.specs, states)):
+        found = resized(spec, state, f"models[{k}]")
+        if not same_widths(found, spec):
+            raise ArchitectureMismatchError(
+                f"models[{k}] has group sizes {sizes_of(found)}, the record was made for "
+                f"{sizes_of(spec)}: pass the models of the recorded fusion, in its order")
+    merged = merge_states(record.specs, states, record.maps, w)
+    if target is None:
+        at = [k for k, spec in enumerate(record.specs) if same_widths(spec, record.spec)]
+        if not at:
+            raise InputError("no model is at the fused widths: pass target=, a model of the "
+                             "fused architecture (e.g. the one given to fuse(target=...))")
+        target = at[0]
+    if isinstance(target, int):
+        if not 0 <= target < len(models):
+            raise InputError(f"target={target} is not an index into the {len(models)} models")
+        target = models[target]
+    if not isinstance(target, nn.Module):
+        raise InputError(f"target is a {type(target).__name__}: pass a model or an index")
+    shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    wrong = [k for k, v in merged.items() if k in shapes and shapes[k] != tuple(v.shape)]
+    if wrong:
+        raise ArchitectureMismatchError(
+            f"target's {wrong[0]!r} is {shapes[wrong[0]]}, the fused model's is "
+            f"{tuple(merged[wrong[0]].shape)}: target must be a model at the fused widths")
+    fused = copy.deepcopy(target)
     fused.load_state_dict(merged)
     return fused

@@ -288,3 +288,33 @@ def test_a_spec_resized_to_a_state_of_other_widths() -> None:
     bad["head.weight"] = torch.zeros(12, 8)
     with pytest.raises(fxfuse.ArchitectureMismatchError, match="head.weight:0 has length 12"):
         resized(fxfuse.find_groups(mlp((32, 16), 0), X), bad, "client 3")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".pt"])
+def test_a_saved_fusion_of_other_widths_re_applies(tmp_path, suffix: str) -> None:
+    """save_fusion(..., specs=report.specs) keeps every model's own spec: apply_fusion rebuilds
+    the fused model from the same models (no search) at the target's widths, refuses them in
+    another order, and writes nothing on bad input."""
+    from fxfuse.core import apply_fusion, load_fusion, save_fusion
+    from fxfuse.passes import FusionReport
+
+    wide, narrow = mlp((48, 24), 0), mlp((32, 16), 1)
+    report = FusionReport()
+    fused = fxfuse.fuse([wide, narrow], X[:4], align=fxfuse.OptimalTransport(), target=1,
+                        progress=False, report=report)
+    assert report.specs is not None and report.maps is not None
+    path = save_fusion(tmp_path / f"f{suffix}", report.spec, report.maps, specs=report.specs)  # type: ignore[arg-type]
+    record = load_fusion(path)
+    assert record.specs == report.specs and record.spec == report.spec
+    for target in (None, 1, mlp((32, 16), 7)):  # default: the model at the fused widths
+        again = apply_fusion([wide, narrow], record, target=target)
+        assert isinstance(again, MLP) and again is not narrow
+        for k, v in fused.state_dict().items():
+            torch.testing.assert_close(again.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+    with pytest.raises(fxfuse.ArchitectureMismatchError, match="models\\[0\\].*recorded fusion"):
+        apply_fusion([narrow, wide], record)
+    with pytest.raises(fxfuse.ArchitectureMismatchError, match="fused widths"):
+        apply_fusion([wide, narrow], record, target=0)
+    with pytest.raises(fxfuse.InputError, match="2 specs for 1"):
+        save_fusion(tmp_path / "g.json", report.spec, report.maps[:1], specs=report.specs)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"f{suffix}"]

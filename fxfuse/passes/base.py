@@ -47,7 +47,8 @@ class FusionReport:
     # maps[k][group]: the GroupMap taking model k into the fused basis (fxfuse.maps); for a
     # permutation alignment, perms[k] as maps.  Save with fxfuse.save_fusion(path, spec, maps).
     maps: list[dict[str, GroupMap]] | None = None
-    # models of different widths: each model's own spec (``spec`` is the target's); else None
+    # models of different widths: each model's own spec (``spec`` is the target's); else None.
+    # Save with fxfuse.save_fusion(path, spec, maps, specs=specs).
     specs: list[PermutationSpec] | None = None
 
     def __str__(self) -> str:
