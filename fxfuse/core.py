@@ -132,27 +132,45 @@ def merge_states(spec: PermutationSpec | Sequence[PermutationSpec] | None,
 
 
 def repair_states(
-    spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]],
+    spec: PermutationSpec | Sequence[PermutationSpec],
+    states: Sequence[Mapping[str, torch.Tensor]],
     maps: Sequence[Mapping[str, GroupMap]] | None, merged: Mapping[str, torch.Tensor],
-    config: Any, factory: Callable[[], nn.Module], *, data: Any = None,
-    weights: Sequence[float] | None = None, device: str | torch.device = "cpu",
+    config: Any, factory: Callable[[], nn.Module] | Sequence[Callable[[], nn.Module]], *,
+    data: Any = None, weights: Sequence[float] | None = None, device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> State:
     """The merged state repaired by the registered repair ``config`` (ResetBatchNorm, Repair, ...)
     on ``data``: the models run, so ``factory`` builds them (the endpoints from ``states``, the
     fused model from ``merged``); ``maps`` and ``weights`` are the ones the merge used (REPAIR's
-    targets are the endpoints' statistics in the fused basis, interpolated by ``weights``)."""
+    targets are the endpoints' statistics in the fused basis, interpolated by ``weights``).
+    Models of different widths (as for :func:`merge_states`): ``spec`` is one spec per state
+    and ``factory`` one per state; the fused model is built by the first factory whose state has
+    the merged state's widths."""
     from .fuse import interpolation_weights
     from .methods import passes_for, with_data
+    from .pairing import resized, same_widths
     from .passes.base import FusionState
 
     dev = torch.device(device)
-    models = _models_from(factory, states)
-    fused = factory().to(dev)
+    factories = [factory] * len(states) if callable(factory) else list(factory)
+    specs = None if isinstance(spec, PermutationSpec) else list(spec)
+    for what, n in (("factories", len(factories)), ("specs", len(specs or states))):
+        if n != len(states):
+            raise InputError(f"repair_states: {n} {what} for {len(states)} states")
+    models = [_models_from(f, [s])[0] for f, s in zip(factories, states)]
+    target = spec if isinstance(spec, PermutationSpec) else resized(
+        specs[0], merged, "the merged state")  # type: ignore[index]
+    make = factories[0] if specs is None else next(
+        (f for f, sp in zip(factories, specs) if same_widths(sp, target)), None)
+    if make is None:
+        raise InputError("repair_states: no state has the merged state's widths, so no factory "
+                         "builds the fused model; give one factory per state, one of them at "
+                         "the fused widths")
+    fused = make().to(dev)
     fused.load_state_dict(with_metadata(dict(merged), merged))
     state = FusionState(models=models, example_inputs=(),
                         weights=interpolation_weights(weights, len(states)), device=dev,
-                        progress=progress, spec=spec,
+                        progress=progress, spec=target, specs=specs, target=fused,
                         states=[{k: v.detach().to(dev) for k, v in s.items()} for s in states],
                         maps=None if maps is None else [dict(m) for m in maps], fused=fused)
     for p in passes_for(with_data(config, data), "repair"):

@@ -199,6 +199,34 @@ def test_repair_across_widths() -> None:
         assert bool(torch.isfinite(out).all())
 
 
+def test_the_functional_core_repairs_across_widths_as_fuse_does() -> None:
+    """align_states / merge_states / repair_states on state dicts of two widths (one spec and
+    one factory per state) give fuse's repaired model, for REPAIR and ResetBatchNorm."""
+    from fxfuse.core import align_states, merge_states, repair_states
+
+    a = trained_stats(ConvBN(8), 1)
+    b = trained_stats(ConvBN(4), 2)
+    states = [a.state_dict(), b.state_dict()]
+    specs = [fxfuse.find_groups(m, IMG) for m in (a, b)]
+    factories = [lambda: ConvBN(8), lambda: ConvBN(4)]
+    ot = fxfuse.OptimalTransport()
+    maps = align_states(specs, states, ot, anchor=1)
+    merged = merge_states(specs, states, maps, [0.5, 0.5])
+    for repair in (fxfuse.Repair(), fxfuse.ResetBatchNorm()):
+        fused = fxfuse.fuse([a, b], IMG, align=ot, target=1, repair=repair, data=[IMG],
+                            progress=False)
+        repaired = repair_states(specs, states, maps, merged, repair, factories, data=[IMG])
+        assert any(not torch.equal(repaired[k], merged[k]) for k in merged)  # it repaired
+        for k, v in fused.state_dict().items():
+            torch.testing.assert_close(repaired[k], v, rtol=1e-5, atol=1e-6)
+    with pytest.raises(fxfuse.InputError, match="1 factories for 2 states"):
+        repair_states(specs, states, maps, merged, fxfuse.Repair(), factories[:1], data=[IMG])
+    with pytest.raises(fxfuse.InputError, match="no state has the merged state's widths"):
+        # both states wide, the merged state narrow: no factory builds the fused model
+        repair_states([specs[0]] * 2, [states[0]] * 2, [maps[0]] * 2, merged, fxfuse.Repair(),
+                      [factories[0]] * 2, data=[IMG])
+
+
 # -- bad input --------------------------------------------------------------------------------------
 def test_bad_target_anchor_and_importance() -> None:
     a, b = mlp((32, 16), 0), mlp((16, 8), 1)
