@@ -1,0 +1,46 @@
+"""find_groups pauses Python's cyclic garbage collector while it runs and leaves it as it was."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import fxfuse
+import models
+
+
+def _mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    entry = models.get("mlp")
+    return entry.factory(), entry.example_inputs()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_collector_state_is_restored(enabled: bool) -> None:
+    model, inputs = _mlp()
+    seen: list[bool] = []
+    real = fxfuse.groups.discover
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        fxfuse.groups.discover = spy  # type: ignore[assignment]
+        fxfuse.find_groups(model, inputs)
+        assert seen == [False]  # paused while discovery ran
+        assert gc.isenabled() is enabled
+    finally:
+        fxfuse.groups.discover = real  # type: ignore[assignment]
+        (gc.enable if was else gc.disable)()
+
+
+def test_collector_is_restored_after_an_error() -> None:
+    model, _ = _mlp()
+    assert gc.isenabled()
+    with pytest.raises(fxfuse.InputError):
+        fxfuse.find_groups(model, torch.randn(2, 3))  # the wrong input shape
+    assert gc.isenabled()
