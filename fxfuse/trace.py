@@ -143,9 +143,8 @@ def trace_graph(model: nn.Module, stack_traces: bool = True) -> GraphTrace:
     make); otherwise the graph's targets name the model's own attributes."""
     if not isinstance(model, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    tracer = _Tracer(stack_traces)
     try:
-        graph = tracer.trace(model)
+        tracer, graph = _trace_root(model, stack_traces)
         gm = (fx.GraphModule(tracer.root, graph, type(model).__name__)
               if any(_is_wrapped_call(n) for n in graph.nodes) else None)
     except Exception as exc:
@@ -156,6 +155,25 @@ def trace_graph(model: nn.Module, stack_traces: bool = True) -> GraphTrace:
     opaque.update(inline_wrapped_functions(gm, stack_traces))
     gm.meta[OPAQUE] = opaque
     return GraphTrace.of(gm)
+
+
+def _trace_root(model: nn.Module, stack_traces: bool) -> tuple[_Tracer, fx.Graph]:
+    """fx's trace of ``model``; where it fails, once more with buffers as graph nodes (fx
+    otherwise hands ``forward`` a buffer's tensor, so ``self.cos[:x.size(1)]`` slices a tensor
+    by a proxy and fails: rotary tables, position ids).  Buffers stay constants when the plain
+    trace works, so those graphs are as before; the first failure is the one raised."""
+    tracer = _Tracer(stack_traces)
+    try:
+        return tracer, tracer.trace(model)
+    except Exception as first:
+        if not any(True for _ in model.buffers()):
+            raise
+        tracer = _Tracer(stack_traces)
+        tracer.proxy_buffer_attributes = True
+        try:
+            return tracer, tracer.trace(model)
+        except Exception:
+            raise first from None
 
 
 def symbolic_trace(model: nn.Module, stack_traces: bool = True) -> fx.GraphModule:

@@ -12,6 +12,7 @@ import fxfuse
 import models
 from fxfuse.ir.layout import Fixed, Prod, Unit
 from fxfuse.testing import randomize_constants, uncovered_layers
+from models.transformer import LlamaLM
 
 
 def llama() -> tuple[nn.Module, tuple, fxfuse.PermutationSpec]:
@@ -21,9 +22,40 @@ def llama() -> tuple[nn.Module, tuple, fxfuse.PermutationSpec]:
     return model, inputs, fxfuse.find_groups(model, inputs)
 
 
+class CheckedLlama(LlamaLM):
+    """The zoo's LlamaLM with a length check: Python control flow on a shape, which symbolic
+    tracing can not follow and torch.export (static shapes) can."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.size(1) > self.cos.shape[0]:
+            raise ValueError("the sequence is longer than the rotary table")
+        return super().forward(ids)
+
+
+def exported_llama() -> tuple[nn.Module, tuple, fxfuse.PermutationSpec]:
+    entry = models.get("llama_lm")
+    model = CheckedLlama()
+    model.load_state_dict(randomize_constants(entry.factory(), seed=1).state_dict())
+    inputs = entry.example_inputs()
+    return model.eval(), inputs, fxfuse.find_groups(model, inputs)
+
+
 def test_symbolic_trace_failure_falls_back_to_torch_export() -> None:
-    _, _, spec = llama()
+    _, _, spec = exported_llama()
     assert spec.tracer == "torch.export"
+
+
+def test_a_buffer_sliced_by_a_traced_length_traces_symbolically() -> None:
+    """``self.cos[:ids.size(1)]`` slices a buffer by a traced value: fx's plain trace hands
+    ``forward`` the buffer's tensor and fails; the retry with buffers as graph nodes traces it,
+    with the groups the export path finds."""
+    model, inputs, spec = llama()
+    assert spec.tracer == "torch.fx.symbolic_trace"
+    exported = fxfuse.find_groups(model, inputs, tracer="export")
+    assert sorted(g.size for g in spec.groups) == sorted(g.size for g in exported.groups)
+    assert {k for k, a in spec.axes.items() if a.groups} == {
+        k for k, a in exported.axes.items() if a.groups}
+    assert fxfuse.verify(model, spec, inputs).max_rel_diff < 1e-5
 
 
 def test_gqa_head_permutation_moves_whole_kv_groups() -> None:
@@ -119,7 +151,7 @@ def test_hugging_face_model(name: str) -> None:
 
 
 def test_fusing_an_exported_model_by_weight_and_by_activation_matching() -> None:
-    model, inputs, spec = llama()
+    model, inputs, spec = exported_llama()
     assert spec.tracer == "torch.export"
     copy = fxfuse.permute(model, spec, spec.random_perms(seed=4))
     fused = fxfuse.fuse([model, copy], inputs, progress=False)
