@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError, SpecError
+from .errors import ArchitectureMismatchError, InputError, SpecError, quote_error
 from .groups.spec import PermutationSpec
 from .maps import GroupMap, apply_maps, perm_maps, rebase
 from .permute import with_metadata
@@ -92,7 +92,12 @@ def _models_from(factory: Callable[[], nn.Module], states: Sequence[Mapping[str,
     models = []
     for s in states:
         m = factory()
-        m.load_state_dict(with_metadata(dict(s), s))
+        try:
+            m.load_state_dict(with_metadata(dict(s), s))
+        except RuntimeError as exc:  # torch's strict load: missing / unexpected keys, shapes
+            raise ArchitectureMismatchError(
+                f"a state does not load into the factory's model ({quote_error(exc, 300)}); "
+                f"states of other widths need one factory per state") from exc
         models.append(m)
     return models
 
@@ -154,7 +159,8 @@ def repair_states(
     dev = torch.device(device)
     factories = [factory] * len(states) if callable(factory) else list(factory)
     specs = None if isinstance(spec, PermutationSpec) else list(spec)
-    for what, n in (("factories", len(factories)), ("specs", len(specs or states))):
+    for what, n in (("factories", len(factories)),
+                    ("specs", len(states) if specs is None else len(specs))):
         if n != len(states):
             raise InputError(f"repair_states: {n} {what} for {len(states)} states")
     models = [_models_from(f, [s])[0] for f, s in zip(factories, states)]
@@ -200,7 +206,7 @@ def fusion_to_dict(spec: PermutationSpec, maps: Sequence[Mapping[str, GroupMap]]
     return out
 
 
-def _check_record(spec: PermutationSpec, maps: Sequence[Mapping[str, GroupMap]] | None,
+def _check_record(maps: Sequence[Mapping[str, GroupMap]] | None,
                   specs: Sequence[PermutationSpec] | None, what: str) -> None:
     if specs is not None and maps is not None and len(specs) != len(maps):
         raise InputError(f"{what}: {len(specs)} specs for {len(maps)} models' maps; pass "
@@ -222,7 +228,7 @@ def save_fusion(path: str | Path, spec: PermutationSpec,
         raise InputError(f"a fusion record is a .json or .pt file, got {target.name!r}")
     if not target.parent.is_dir():
         raise InputError(f"folder {str(target.parent)!r} does not exist; create it first")
-    _check_record(spec, maps, specs, "save_fusion")
+    _check_record(maps, specs, "save_fusion")
     with staged_file(target) as staged:
         if target.suffix == ".json":
             staged.write_text(json.dumps(fusion_to_dict(spec, maps, specs)))
@@ -258,9 +264,12 @@ def load_fusion(path: str | Path) -> FusionRecord:
     try:
         maps = None if d["maps"] is None else [
             {g: GroupMap.from_dict(m) for g, m in mk.items()} for mk in d["maps"]]
-        specs = None if d.get("specs") is None else [_spec_from(s) for s in d["specs"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise SpecError(f"malformed maps in {str(path)!r}: {exc}") from exc
+    try:
+        specs = None if d.get("specs") is None else [_spec_from(s) for s in d["specs"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpecError(f"malformed per-model specs in {str(path)!r}: {exc}") from exc
     if specs is not None and maps is not None and len(specs) != len(maps):
         raise SpecError(f"{str(path)!r} holds {len(specs)} specs for {len(maps)} models' maps")
     return FusionRecord(spec, maps, specs)
@@ -290,8 +299,6 @@ def apply_fusion(models: Sequence[nn.Module], record: FusionRecord,
         fused = copy.deepcopy(models[0])
         fused.load_state_dict(merged)
         return fused
-    from .errors import ArchitectureMismatchError
-
     states = [m.state_dict() for m in models]
     for k, (spec, state) in enumerate(zip(record.specs, states)):
         found = resized(spec, state, f"models[{k}]")
@@ -313,7 +320,12 @@ def apply_fusion(models: Sequence[nn.Module], record: FusionRecord,
     if not isinstance(target, nn.Module):
         raise InputError(f"target is a {type(target).__name__}: pass a model or an index")
     shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
-    wrong = [k for k, v in merged.items() if k in shapes and shapes[k] != tuple(v.shape)]
+    if set(shapes) != set(merged):
+        odd = sorted(set(shapes) ^ set(merged))[0]
+        raise ArchitectureMismatchError(
+            f"target {'has' if odd in shapes else 'lacks'} {odd!r}, which the fused model "
+            f"{'lacks' if odd in shapes else 'has'}: target must be of the models' architecture")
+    wrong = [k for k, v in merged.items() if shapes[k] != tuple(v.shape)]
     if wrong:
         raise ArchitectureMismatchError(
             f"target's {wrong[0]!r} is {shapes[wrong[0]]}, the fused model's is "

@@ -221,6 +221,10 @@ def test_the_functional_core_repairs_across_widths_as_fuse_does() -> None:
             torch.testing.assert_close(repaired[k], v, rtol=1e-5, atol=1e-6)
     with pytest.raises(fxfuse.InputError, match="1 factories for 2 states"):
         repair_states(specs, states, maps, merged, fxfuse.Repair(), factories[:1], data=[IMG])
+    with pytest.raises(fxfuse.InputError, match="0 specs for 2 states"):
+        repair_states([], states, maps, merged, fxfuse.Repair(), factories, data=[IMG])
+    with pytest.raises(fxfuse.ArchitectureMismatchError, match="one factory per state"):
+        repair_states(specs, states, maps, merged, fxfuse.Repair(), factories[0], data=[IMG])
     with pytest.raises(fxfuse.InputError, match="no state has the merged state's widths"):
         # both states wide, the merged state narrow: no factory builds the fused model
         repair_states([specs[0]] * 2, [states[0]] * 2, [maps[0]] * 2, merged, fxfuse.Repair(),
@@ -343,6 +347,8 @@ def test_a_saved_fusion_of_other_widths_re_applies(tmp_path, suffix: str) -> Non
         apply_fusion([narrow, wide], record)
     with pytest.raises(fxfuse.ArchitectureMismatchError, match="fused widths"):
         apply_fusion([wide, narrow], record, target=0)
+    with pytest.raises(fxfuse.ArchitectureMismatchError, match="lacks"):
+        apply_fusion([wide, narrow], record, target=nn.Sequential(nn.Linear(784, 32)))
     with pytest.raises(fxfuse.InputError, match="2 specs for 1"):
         save_fusion(tmp_path / "g.json", report.spec, report.maps[:1], specs=report.specs)  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"f{suffix}"]

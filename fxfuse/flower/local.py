@@ -216,7 +216,7 @@ class LocalFederation:
         run_id = started.group(1) if started else None
         next_status = time.monotonic() + _STATUS_EVERY_S
         finished: tuple[str, str] | None = None
-        while time.monotonic() < deadline:
+        while True:
             self._remember()  # remember the app processes, to be sure stop() ends them all
             if target.is_file():
                 return dict(json.loads(target.read_text()))
@@ -225,8 +225,11 @@ class LocalFederation:
                 raise FederationError(f"run {run_id} is {finished[0]} without writing "
                                       f"{target.name}: {finished[1] or 'no details'}"
                                       f"{self.logs()}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             if run_id is not None and time.monotonic() >= next_status:
-                finished = self._finished(run_id)
+                finished = self._finished(run_id, left)
                 next_status = time.monotonic() + _STATUS_EVERY_S
                 if finished is not None:
                     time.sleep(1.0)  # the file is written before the run finishes
@@ -235,14 +238,19 @@ class LocalFederation:
         raise FederationError(f"no {target.name} within {timeout:.0f} s (the ServerApp failed "
                               f"or is still running){self.logs()}")
 
-    def _finished(self, run_id: str) -> tuple[str, str] | None:
+    def _finished(self, run_id: str, wait: float) -> tuple[str, str] | None:
         """``(status, details)`` of run ``run_id`` once the SuperLink reports it finished
-        (``flwr ls``), else None (also when the status cannot be read: the timeout decides)."""
+        (``flwr ls``, given at most ``wait`` seconds), else None (also when the status can not
+        be read: the timeout decides)."""
         with contextlib.suppress(subprocess.SubprocessError, OSError, ValueError):
             out = subprocess.run([self._exe("flwr"), "ls", CONNECTION, "--run-id", run_id,
                                   "--format", "json"], env=self.env(), cwd=self.workdir,
-                                 capture_output=True, text=True, timeout=60)
-            for run in json.loads(out.stdout).get("runs", []):
+                                 capture_output=True, text=True, timeout=max(1.0, min(60, wait)))
+            listing = json.loads(out.stdout)
+            runs = listing.get("runs", []) if isinstance(listing, dict) else []
+            for run in runs if isinstance(runs, list) else []:
+                if not isinstance(run, dict):
+                    continue
                 status = str(run.get("status", ""))
                 if str(run.get("run-id")) == run_id and status.startswith("finished"):
                     return status, str(run.get("status-details", ""))
