@@ -38,7 +38,10 @@ then Hungarian steps (:func:`~fxfuse.solvers.assignment.max_assignment`) until t
 until the pairwise matchings ``U_a U_b^T`` are those of the last or the one before (the
 universe's labels are free, and under ties they drift while every pairwise matching stays
 put: measured on two ResNet-20 x4s, the rule on ``U`` ran the Hungarian tail to its end with
-the pairwise matchings fixed for the last five iterations).  At
+the pairwise matchings fixed for the last five iterations).  The costs read only the pairwise
+matchings, so a repeat is a fixed point of the step up to the universe's labelling; with N > 2
+models and ties a further step could still relabel its way to other pairwise matchings, so
+"unchanged results" under this rule is measured (MLP, ResNet-20 x1 / x4 pairs), not proven.  At
 most ``max_iter`` iterations, the last ``hungarian_tail`` of them Hungarian.  The defaults are the
 paper code's schedule (tau 0.05 -> 0.005 by 0.9, 200 Sinkhorn iterations + 100 per step, tol
 2e-3, patience 50, 2000 iterations, 75 Hungarian); its 4-norm distance is replaced by the squared

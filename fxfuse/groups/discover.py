@@ -469,7 +469,6 @@ class _Driver:
                                  f"the rule does not relate axis {d} of tensor #{i}", base.source)
                     self.table.fix(lo, why)
 
-
     def _layout(self, e: Any, handles: list[tuple[Layout, ...]], mentioned: set[tuple[int, int]],
                 local: dict[str, Atom]) -> Layout:
         """The layout a rule's axis expression ``e`` stands for (axis references are looked up in
