@@ -236,6 +236,49 @@ def test_shuffle_of_a_concatenation_interleaves_independent_blocks(tracer: str) 
     assert not out_changes(model, moved, (x,))
 
 
+class _CatShuffleGroupNorm(nn.Module):
+    """cat(a, b) (8 + 8) shuffled into 2 blocks, then GroupNorm(2, 16) or a conv of 2 groups."""
+
+    def __init__(self, after: str) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 3, padding=1)
+        self.after = nn.GroupNorm(2, 16) if after == "groupnorm" else nn.Conv2d(16, 6, 1, groups=2)
+        self.c = nn.Conv2d(16 if after == "groupnorm" else 6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat((self.a(x), self.b(x)), 1)
+        n, c, h, w = y.size()
+        y = torch.transpose(y.view(n, 2, c // 2, h, w), 1, 2).contiguous().view(n, -1, h, w)
+        return self.c(self.after(y)).mean((2, 3))
+
+
+@pytest.mark.parametrize("after", ["groupnorm", "grouped_conv"])
+def test_groups_after_a_shuffle_keep_the_shuffled_blocks_apart(after: str) -> None:
+    """``I_2(a, b) = G ⊗ W`` (``|G| = 2`` normalisation or conv groups, ``|W| = 8``): ``W`` need
+    only keep each position's parity, ``W = I_2(w_0, w_1)``, so ``a = G ⊗ w_0`` and
+    ``b = G ⊗ w_1`` are permuted independently (not one ``G ⊗ W_1`` for both)."""
+    model, x = randomize_constants(_CatShuffleGroupNorm(after), seed=0), torch.randn(2, 3, 4, 4)
+    spec = fxfuse.find_groups(model, x)
+    ga, gb = groups_of(spec, "a.weight"), groups_of(spec, "b.weight")
+    assert len(ga) == len(gb) == 2 and ga[0] == gb[0] and ga[1] != gb[1], (ga, gb)
+    fxfuse.verify(model, spec, x)
+    # a's and b's rows permuted differently within each group (and the shuffled axis with them)
+    w0, w1 = torch.tensor([1, 3, 0, 2]), torch.tensor([2, 0, 3, 1])
+    rows_a, rows_b = torch.cat([w0, w0 + 4]), torch.cat([w1, w1 + 4])
+    w = torch.stack([w0 * 2, w1 * 2 + 1], 1).reshape(-1)
+    cols = torch.cat([w, w + 8])  # the shuffled axis: group g, position u*2 + j
+    state, moved = model.state_dict(), copy.deepcopy(model)
+    new = {**state, "a.weight": state["a.weight"][rows_a], "a.bias": state["a.bias"][rows_a],
+           "b.weight": state["b.weight"][rows_b], "b.bias": state["b.bias"][rows_b]}
+    if after == "groupnorm":
+        new.update({"after.weight": state["after.weight"][cols],
+                    "after.bias": state["after.bias"][cols], "c.weight": state["c.weight"][:, cols]})
+    else:
+        new["after.weight"] = state["after.weight"][:, w]
+    moved.load_state_dict(new)
+    assert not out_changes(model, moved, (x,))
+
+
 # -- weight tying ------------------------------------------------------------------------------
 @pytest.mark.parametrize("steps", [1, 3, 6])
 def test_neural_ode_block_iterated_k_times_has_one_set_of_groups(steps: int) -> None:

@@ -149,11 +149,25 @@ def test_unify_interleave_with_a_product_fixes_the_factor_between_blocks() -> No
     _unified(Interleave((a, b)), Prod((y, z)), t)
     assert t.resolve(z) == Fixed(2)
     assert t.find(a.id) == t.find(y.id) == t.find(b.id)
-    t2 = AtomTable()  # a trailing factor larger than k is split first
-    a, b, y, z = t2.new(6), t2.new(6), t2.new(3), t2.new(4)
-    _unified(Interleave((a, b)), Prod((y, z)), t2)
-    ra = t2.resolve(a)
-    assert ra == t2.resolve(b) and isinstance(ra, Prod) and len(t2.atoms_in(ra)) == 2
+
+
+def test_unify_interleave_with_a_larger_trailing_factor_keeps_the_blocks_apart() -> None:
+    """``I_2(a, b) = Y ⊗ Z``, ``|Z| = 4``: ``Z`` need only keep each position's parity,
+    ``Z = I_2(z_0, z_1)`` and ``a = Y ⊗ z_0``, ``b = Y ⊗ z_1`` (not one ``Y ⊗ Z_1`` for both)."""
+    t = AtomTable()
+    a, b, y, z = t.new(6), t.new(6), t.new(3), t.new(4)
+    _unified(Interleave((a, b)), Prod((y, z)), t)
+    ra, rb, rz = t.resolve(a), t.resolve(b), t.resolve(z)
+    assert isinstance(rz, Interleave) and len(rz.parts) == 2
+    assert ra == Prod((t.resolve(y), rz.parts[0])) and rb == Prod((t.resolve(y), rz.parts[1]))
+    assert len(set(t.atoms_in(Interleave((a, b))))) == 3  # y, z_0, z_1
+    t2 = AtomTable()  # I_4(c) = Y ⊗ Z ⊗ W, |W| = 2 consumed (fixed), Z = I_2(z_0, z_1)
+    cs = [t2.new(6) for _ in range(4)]
+    y, z, w = t2.new(3), t2.new(4), t2.new(2)
+    _unified(Interleave(tuple(cs)), Prod((y, z, w)), t2)
+    assert t2.resolve(w) == Fixed(2)
+    r = [t2.resolve(c) for c in cs]
+    assert r[0] == r[1] != r[2] == r[3] and len(set(t2.atoms_in(Interleave(tuple(cs))))) == 3
 
 
 def test_unify_sound_on_random_pairs() -> None:

@@ -458,7 +458,12 @@ class AtomTable:
 
     def _unify_interleave_prod(self, a: Interleave, b: Prod, why: Reason) -> None:
         """``I_k(c) = Y ⊗ Z`` with ``|Z| = k``: ``P_Z`` would move a position to another child, so
-        ``Z`` is fixed and every child is ``Y`` (trailing factors are split to make ``|Z| = k``)."""
+        ``Z`` is fixed and every child is ``Y``.  Trailing factors ``T`` with ``|T|`` dividing
+        ``k`` are consumed (and fixed: position mod ``|T|`` is position mod ``k`` mod ``|T|``);
+        where the next one, an atom ``z``, is larger and ``need = k / |T|`` divides ``|z|``,
+        ``P_z`` need only keep each position's residue mod ``need``: ``z`` is refined into
+        ``I_need(z_0, .., z_need-1)`` and the sides unified again, the normal form reading
+        ``Y ⊗ I(z) ⊗ T`` as ``I_k(Y ⊗ z_j repeated |T| times)``.  A larger ``Fixed`` is split."""
         k = len(a.parts)
         parts = list(b.parts)
         need, i = k, len(parts)
@@ -468,7 +473,15 @@ class AtomTable:
                 need //= f
                 i -= 1
                 continue
-            pieces = self._split_prod(parts[i - 1], f // need) if f % need == 0 else None
+            z = parts[i - 1]
+            if isinstance(z, Atom) and f % need == 0:
+                if i < len(parts):
+                    self.fix(Prod(tuple(parts[i:])), self._between_blocks(why))
+                self._refine(z.id, Interleave(tuple(self.new(f // need) for _ in range(need))),
+                             why)
+                self.unify(a, b, why)
+                return
+            pieces = self._split_prod(z, f // need) if f % need == 0 else None
             if pieces is None:
                 self._conflict(a, b, why)
                 return
@@ -477,12 +490,16 @@ class AtomTable:
         if need > 1:  # pragma: no cover - |b| = k * |child| is a multiple of k
             self._conflict(a, b, why)
             return
-        detail = _also(why, "an interleaved axis is also a product: the factor that would move "
-                            "positions between the interleaved blocks is fixed")
-        self.fix(Prod(tuple(parts[i:])), Reason("conflict", why.node, why.op, detail, why.source))
+        self.fix(Prod(tuple(parts[i:])), self._between_blocks(why))
         head = Prod(tuple(parts[:i]))
         for c in a.parts:
             self.unify(c, head, why)
+
+    @staticmethod
+    def _between_blocks(why: Reason) -> Reason:
+        detail = _also(why, "an interleaved axis is also a product: the factor that would move "
+                            "positions between the interleaved blocks is fixed")
+        return Reason("conflict", why.node, why.op, detail, why.source)
 
     def _unify_prod(self, a: Prod, b: Prod, why: Reason) -> None:
         x, ra = a.parts[0], a.parts[1:]
