@@ -54,9 +54,33 @@ weight matching's cost product for that member: the mapping and the distances), 
 one batch (:func:`~fxfuse.solvers.sinkhorn.sinkhorn`), a block of members whose neighbours'
 matchings did not change is not recomputed, and the reference side's rows and norms are cached.
 
+**Models of different widths** (:mod:`fxfuse.pairing`; ``fuse(..., target=)``).  The universe
+has the target's widths ``m``; model ``k`` with ``n_k`` units has ``U_k[g]: (n_k, m)`` with the
+Sinkhorn marginals ``U_k 1 = 1``, ``U_k^T 1 = (n_k / m) 1`` (each model unit carries mass 1,
+spread evenly over the universe: :func:`~fxfuse.solvers.sinkhorn.sinkhorn` of a rectangular
+score; for ``n_k = m`` the doubly-stochastic case), started at ``(1 + init_noise * r) / m``.
+The pairwise matching is taken to rows summing to 1, ``X_ij = (m / n_j) U_i U_j^T: (n_i, n_j)``
+(each unit of model ``i`` a convex combination of model ``j``'s, the way OT's features
+average a wider model's units), so the kernels are rectangular: model ``i``'s rows laid out by
+its own spec, model ``j``'s tensor with its neighbours mapped by ``X_ij`` to model ``i``'s
+widths and its rows of ``g`` laid out at its own size; the gradient of
+``<A_ij, X_ij>`` is ``(m / n_j) A_ij U_j``.  The hard steps are the assignment where
+``n_k = m`` and otherwise the exact transport plan of ``G_k`` with uniform marginals (POT's
+``emd``, as exact OT: a vertex of the same polytope: each unit copied ``m / n_k`` times into a
+wider universe, ``n_k / m`` units clustered into each unit of a narrower one), times ``n_k``;
+convergence is the same rule on the dense pairwise matchings.  Model ``k``'s map onto the
+anchor's units (the model at the target's widths, :func:`fxfuse.fuse`'s ``anchor``) is
+:meth:`GroupMap.from_coupling` of ``U_k U_a^T`` (the merge averages the units a fused unit
+receives, the unmerge splits or sums outgoing weights; fused weights are then those of OT's
+convention, and a narrow model fused with an exact widening of itself, every unit copied
+``m / n`` times, gives back its function); with no model at the target's widths, onto the
+universe's own units (``U_k``).  Where every model has the target's widths none of this runs:
+the result is bit-identical to the equal-width algorithm above.
+
 **Result.**  Each model's permutation into the universe, re-expressed in model 0's basis (the
 report's convention: model 0's is the identity), so inputs and outputs (never in a group) stay
-fixed and MergeWeights averages as for weight matching.  :class:`GraphObjective` is the objective
+fixed and MergeWeights averages as for weight matching; for models of different widths, maps
+(above).  :class:`GraphObjective` is the objective
 ``sum_{i != j} sum_g <A_ij[g], X_ij[g]>`` of hard matchings (what the tests compare with brute
 force).
 """
@@ -69,16 +93,17 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, PipelineError
+from ..errors import ArchitectureMismatchError, InputError, PipelineError
 from ..groups.spec import PermutationSpec, tree_groups
-from ..ir.coords import as_rows
+from ..ir.coords import as_rows, group_rows
 from ..ir.layout import Unit
-from ..maps import OUT, GroupMap, map_groups
+from ..maps import OUT, GroupMap, index_perms, map_groups
+from ..pairing import sizes_of
 from ..passes.base import FusionState, Pass, progress
 from ..solvers.assignment import WarmAssignment, max_assignment
 from ..solvers.sinkhorn import WarmSinkhorn
 from .weights import _CostCache, _identity, _WeightMatcher
-from .widths import require_equal_widths
+from .widths import width_mismatch
 
 
 @dataclass(frozen=True)
@@ -156,16 +181,19 @@ class GraphMatching:
 def _map_soft(t: torch.Tensor, axis: int, tree: Any, mats: Mapping[str, torch.Tensor],
               sizes: Mapping[str, int], index: Mapping[str, torch.Tensor] | None = None
               ) -> torch.Tensor:
-    """``t`` with ``mats[h]: (n_h, n_h)`` applied to each group ``h``'s factor of ``axis``;
-    ``index[h]``: ``mats[h]``'s permutation where it is one (``mats[h][a, index[h][a]] = 1``),
-    applied by indexing instead (the same values: a 0/1 product adds one term)."""
+    """``t`` with ``mats[h]: (n'_h, n_h)`` applied to each group ``h``'s factor of ``axis``
+    (``sizes``: ``t``'s group sizes, ``n_h``; ``n'_h = n_h`` but for models of different
+    widths); ``index[h]``: ``mats[h]``'s permutation where it is one
+    (``mats[h][a, index[h][a]] = 1``), applied by indexing instead (the same values: a 0/1
+    product adds one term)."""
     index = index or {}
     if isinstance(tree, Unit):
         if tree.group in index:
             return t.index_select(axis, index[tree.group])
         mat = mats[tree.group]
         moved = t.movedim(axis, 0)
-        out = (mat.to(t.dtype) @ moved.reshape(moved.shape[0], -1)).reshape(moved.shape)
+        out = (mat.to(t.dtype) @ moved.reshape(moved.shape[0], -1)).reshape(
+            mat.shape[0], *moved.shape[1:])
         return out.movedim(0, axis)
     maps = {h: GroupMap(index=index[h]) if h in index else GroupMap(merge=m, unmerge=m.T)
             for h, m in mats.items()}
@@ -196,12 +224,30 @@ class _Affinity(_CostCache):
     matchings changed is reused (exact: the same inputs give the same kernel)."""
 
     def __init__(self, matcher: _WeightMatcher, ref: dict[str, torch.Tensor],
-                 other: dict[str, torch.Tensor], bandwidth: float) -> None:
+                 other: dict[str, torch.Tensor], bandwidth: float,
+                 other_sizes: Mapping[str, int] | None = None) -> None:
         super().__init__(matcher, ref, other, _identity(matcher.spec, matcher.device), False)
         self.bandwidth = bandwidth
         self.soft: dict[str, torch.Tensor] = {}
         self._sq: dict[tuple[str, str, int], torch.Tensor] = {}
         self.index: dict[str, torch.Tensor] = {}
+        # model j's group sizes where they differ from model i's (different widths: its rows
+        # of the group matched are laid out at its own size, every other group at model i's)
+        self.other_sizes = dict(other_sizes) if other_sizes is not None else dict(matcher.sizes)
+        self._rows: dict[tuple[str, str, int], torch.Tensor] = {}
+
+    def _other_rows(self, name: str, key: str, axis: int, rows: torch.Tensor) -> torch.Tensor:
+        """The rows of model j's mapped tensor: ``rows`` where the group has model i's size,
+        else laid out with the group at model j's size and the other groups at model i's."""
+        n = self.other_sizes[name]
+        if n == self.m.sizes[name]:
+            return rows
+        hit = self._rows.get((name, key, axis))
+        if hit is None:
+            r = group_rows(self.m.trees[key][axis], name, {**self.m.sizes, name: n})
+            assert r is not None  # the same layout as model i's, whose rows exist
+            hit = self._rows[(name, key, axis)] = r.to(self.m.device)
+        return hit
 
     def set_soft(self, soft: dict[str, torch.Tensor],
                  index: dict[str, torch.Tensor] | None = None) -> None:
@@ -224,12 +270,13 @@ class _Affinity(_CostCache):
                 mats = {h: self.soft[h] for h in dict.fromkeys(tree_groups(tree))
                         if (ax != axis or h != name) and h in self.soft}
                 if mats:
-                    b = _map_soft(b, ax, tree, mats, m.sizes, self.index)
+                    b = _map_soft(b, ax, tree, mats, self.other_sizes, self.index)
             x = self._ref_rows(name, key, axis, rows, False)
             x2 = self._sq.get((name, key, axis))
             if x2 is None:
                 x2 = self._sq[(name, key, axis)] = x.square().sum(1)
-            k = _kernel(x, as_rows(b, axis, rows).to(x.dtype), self.bandwidth, x2)
+            y = as_rows(b, axis, self._other_rows(name, key, axis, rows))
+            k = _kernel(x, y.to(x.dtype), self.bandwidth, x2)
             total = k if total is None else total.add_(k)
         assert total is not None
         return total
@@ -259,26 +306,33 @@ class _GraduatedAssignment:
     """The universe matchings ``U[k][g]`` of N models and the annealing loop (module doc)."""
 
     def __init__(self, spec: PermutationSpec, states: Sequence[dict[str, torch.Tensor]],
-                 device: torch.device, params: set[str] | None, cfg: GraphMatching) -> None:
+                 device: torch.device, params: set[str] | None, cfg: GraphMatching,
+                 specs: Sequence[PermutationSpec] | None = None) -> None:
         self.cfg = cfg
         self.matcher = _WeightMatcher(spec, device, params)
         self.names = [g.name for g in spec.groups if self.matcher.members[g.name]]
         self.n = len(states)
+        self.universe = dict(self.matcher.sizes)  # the target's widths
+        # one matcher per model where widths differ (each model's rows by its own spec)
+        self.matchers = [self.matcher if s is None or sizes_of(s) == self.universe else
+                         _WeightMatcher(s, device, params)
+                         for s in (specs if specs is not None else [None] * self.n)]
+        self.rect = any(m is not self.matcher for m in self.matchers)
         dtype = next((v.dtype for v in states[0].values() if v.is_floating_point()),
                      torch.float32)
         self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        self.pairs = {(i, j): _Affinity(self.matcher, dict(states[i]), dict(states[j]),
-                                        cfg.bandwidth)
+        self.pairs = {(i, j): _Affinity(self.matchers[i], dict(states[i]), dict(states[j]),
+                                        cfg.bandwidth, self.matchers[j].sizes)
                       for i in range(self.n) for j in range(self.n) if i != j}
         gen = torch.Generator().manual_seed(cfg.seed)
         self.u: list[dict[str, torch.Tensor]] = []
-        for _ in range(self.n):
+        for k in range(self.n):
             per: dict[str, torch.Tensor] = {}
             for name in self.names:
-                size = self.matcher.sizes[name]
-                r = torch.rand(size, size, generator=gen, dtype=torch.float64) * 2 - 1
-                per[name] = ((1 + cfg.init_noise * r) / size).to(device=device,
-                                                                   dtype=self.dtype)
+                size, width = self.matchers[k].sizes[name], self.universe[name]
+                r = torch.rand(size, width, generator=gen, dtype=torch.float64) * 2 - 1
+                per[name] = ((1 + cfg.init_noise * r) / width).to(device=device,
+                                                                    dtype=self.dtype)
             self.u.append(per)
         self.iterations = 0
         self.soft_iterations = 0
@@ -286,6 +340,14 @@ class _GraduatedAssignment:
         self.assign = WarmAssignment()
         # model k's hard matchings (model unit -> universe unit) once U_k is hard, else None
         self.cols: list[dict[str, torch.Tensor] | None] = [None] * self.n
+
+    def _pairwise(self, i: int, j: int, g: str) -> torch.Tensor:
+        """``X_ij[g] = U_i U_j^T``, taken to rows summing to 1 where model ``j``'s width is not
+        the universe's (``U_j``'s columns then sum to ``n_j / m``): each unit of model ``i`` a
+        convex combination of model ``j``'s, as OT's features average a wider model's units."""
+        x = self.u[i][g] @ self.u[j][g].T
+        n_j, m = self.matchers[j].sizes[g], self.universe[g]
+        return x if n_j == m else x.mul_(m / n_j)
 
     def gradient(self, i: int) -> dict[str, torch.Tensor]:
         """``G_i[g] = 1/(N-1) sum_{j != i} A_ij[g] U_j[g]`` under the current matchings.  Where
@@ -306,14 +368,15 @@ class _GraduatedAssignment:
                     1, index[g][:, None], 1.0) for g in self.names}
                 self.pairs[(i, j)].set_soft(soft, index)
             else:
-                self.pairs[(i, j)].set_soft({g: self.u[i][g] @ self.u[j][g].T
-                                             for g in self.names})
+                self.pairs[(i, j)].set_soft({g: self._pairwise(i, j, g) for g in self.names})
         for g in self.names:
             acc: torch.Tensor | None = None
             for j in range(self.n):
                 if j != i:
                     aff = self.pairs[(i, j)].affinity(g)
                     term = aff[:, back[j][g]] if j in back else aff @ self.u[j][g]
+                    if self.matchers[j].sizes[g] != self.universe[g]:  # d<A, X_ij>/dU_i
+                        term.mul_(self.universe[g] / self.matchers[j].sizes[g])
                     acc = term if acc is None else acc.add_(term)
             assert acc is not None
             out[g] = acc.div_(self.n - 1)
@@ -325,13 +388,16 @@ class _GraduatedAssignment:
         tau, iters, hard, count = cfg.tau, cfg.sinkhorn_iter, False, 0
         prev = [dict(uk) for uk in self.u]
         pairwise: list[list[dict[str, list[int]]]] = []  # the last two hard iterations'
+        pairs_dense: list[list[list[torch.Tensor]]] = []  # the same, models of other widths
         for e in progress(range(cfg.max_iter), "graph matching iterations", show):
             if e >= cfg.max_iter - cfg.hungarian_tail:
                 hard = True
             check = 0.0
             for i in range(self.n):
                 grad = self.gradient(i)
-                if hard:  # warm-started from the group's last assignment, as weight matching's
+                if hard and self.rect:
+                    new = {g: self.harden(i, g, grad[g]) for g in self.names}
+                elif hard:  # warm-started from the group's last assignment, as weight matching's
                     cols = {g: self.assign.solve((i, g), grad[g]).to(grad[g].device)
                             for g in self.names}
                     new = {g: _hard(grad[g], cols[g]) for g in self.names}
@@ -347,7 +413,13 @@ class _GraduatedAssignment:
                 prev[i], self.u[i] = self.u[i], new
             self.iterations = e + 1
             self.soft_iterations += not hard
-            if hard:  # converged: the pairwise matchings (not the universe's labels) are stable
+            if hard and self.rect:  # the same rule on the dense pairwise matchings
+                dense = [[self._pairwise(0, k, g) for g in self.names] for k in range(self.n)]
+                seen = any(all(torch.equal(a, b) for a, b in zip(sum(dense, []), sum(p, [])))
+                           for p in pairs_dense[-2:])
+                check = 0.0 if seen else float("inf")
+                pairs_dense = [*pairs_dense[-1:], dense]
+            elif hard:  # converged: the pairwise matchings (not the universe's labels) are stable
                 rel = _relative(self.u)
                 check = 0.0 if rel in pairwise[-2:] else float("inf")
                 pairwise = [*pairwise[-1:], rel]
@@ -363,9 +435,28 @@ class _GraduatedAssignment:
             else:
                 count += 1
         self.final_tau = tau
-        if not hard:  # max_iter ended the schedule during annealing (hungarian_tail = 0)
+        if not hard and self.rect:
+            self.u = [{g: self.harden(k, g, uk[g]) for g in self.names}
+                      for k, uk in enumerate(self.u)]
+        elif not hard:  # max_iter ended the schedule during annealing (hungarian_tail = 0)
             self.u = [{g: _hard(uk[g]) for g in self.names} for uk in self.u]
         return self.u
+
+    def harden(self, k: int, g: str, scores: torch.Tensor) -> torch.Tensor:
+        """The hard matching of model ``k``'s scores ``(n, m)`` into the universe, for models
+        of different widths: the assignment where ``n = m`` (a permutation), else the exact
+        transport plan maximising ``<scores, T>`` with uniform marginals (a vertex of the
+        Sinkhorn polytope: rows sum to 1, columns to ``n / m``; copies of a unit where the
+        universe is wider, clusters where it is narrower)."""
+        n, m = scores.shape
+        if n == m:
+            return _hard(scores, self.assign.solve((k, g), scores))
+        from .ot import transport  # POT: the fxfuse[ot] extra, as OT fusion needs
+
+        s = scores.double().cpu()
+        plan = transport(s.max() - s, torch.full((n,), 1.0 / n, dtype=torch.float64),
+                         torch.full((m,), 1.0 / m, dtype=torch.float64), 0.0)
+        return (plan * n).to(device=scores.device, dtype=scores.dtype)
 
 
 def _relative(u: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, list[int]]]:
@@ -388,6 +479,29 @@ def universe_perms(u: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpe
         for g, m in uk.items():
             perms[g] = m.argmax(0)[inv0[g]].to(device)
         out.append(perms)
+    return out
+
+
+def universe_maps(u: Sequence[Mapping[str, torch.Tensor]], specs: Sequence[PermutationSpec],
+                  anchor: int | None) -> list[dict[str, GroupMap]]:
+    """Hard universe matchings ``U[k][g]: (n_k, m)`` of models of different widths as each
+    model's maps onto model ``anchor``'s units: the coupling of model ``k``'s units with the
+    anchor's is the pairwise matching ``U_k U_a^T`` (:meth:`GroupMap.from_coupling`: a
+    permutation where both have ``m`` units, copies or clusters where widths differ), so the
+    anchor's maps are the identity; ``anchor=None`` (no model has the target's widths): onto
+    the universe's own units, ``U_k`` itself.  Groups without a matching keep the identity
+    (their widths are equal: :meth:`AlignGraph.requires`)."""
+    out: list[dict[str, GroupMap]] = []
+    for k, uk in enumerate(u):
+        maps: dict[str, GroupMap] = {}
+        for g in specs[k].groups:
+            if g.name not in uk:
+                maps[g.name] = GroupMap(index=torch.arange(g.size))
+                continue
+            coupling = uk[g.name] if anchor is None else uk[g.name] @ u[anchor][g.name].T
+            c = coupling.double().cpu()
+            maps[g.name] = GroupMap.from_coupling(c.where(c > 1e-12, torch.zeros_like(c)))
+        out.append(maps)
     return out
 
 
@@ -433,7 +547,8 @@ class GraphObjective:
 
 class AlignGraph(Pass):
     """Graph matching of every model into a universe (graduated assignment), as permutations
-    into model 0's basis."""
+    into model 0's basis; models of different widths: as maps onto the anchor's units (module
+    doc)."""
 
     name = "align-graph"
 
@@ -443,14 +558,42 @@ class AlignGraph(Pass):
     def requires(self, state: FusionState) -> None:
         if state.spec is None or not state.states:
             raise PipelineError("align-graph needs the discovered groups and model states")
-        require_equal_widths(state, "GraphMatching")
+        if width_mismatch(state) is not None:  # a group with no rows can not be matched
+            members = _WeightMatcher(state.spec, torch.device("cpu")).members
+            differ = [g.name for g in state.spec.groups if not members[g.name]
+                      and any(s.group(g.name).size != g.size for s in state.specs or [])]
+            try:
+                import ot  # noqa: F401  (the hard steps of unequal widths: exact transport)
+            except ImportError as exc:
+                raise InputError(
+                    f"GraphMatching of models of different widths needs POT for its exact "
+                    f"transport steps (import failed: {exc}); install the extra: python -m pip "
+                    f"install 'fxfuse[ot]'") from exc
+            if differ:
+                raise ArchitectureMismatchError(
+                    f"GraphMatching: group {differ[0]!r} has no tensor laid out one row per "
+                    f"unit to compare its units on, and its width differs between the models: "
+                    f"fuse models that have its width")
 
     def call(self, state: FusionState) -> None:
         assert state.spec is not None
         cfg = self.config
+        specs = state.specs if width_mismatch(state) is not None else None
         solver = _GraduatedAssignment(state.spec, state.states, state.device,
-                                      _learned_params(state), cfg)
-        state.perms = universe_perms(solver.run(state.progress), state.spec, state.device)
+                                      _learned_params(state), cfg, specs)
+        u = solver.run(state.progress)
+        if solver.rect:
+            state.maps = universe_maps(u, [state.spec_of(k) for k in range(solver.n)],
+                                       state.anchor)
+            if all(mp.is_permutation for mk in state.maps for mp in mk.values()):
+                state.perms = index_perms(state.maps)
+            where = ("the universe's units (the target is none of the models)"
+                     if state.anchor is None else f"models[{state.anchor}]'s units")
+            state.report.notes.append(f"graph matching: models of different widths matched "
+                                      f"into a universe at the target's widths, maps onto "
+                                      f"{where}")
+        else:
+            state.perms = universe_perms(u, state.spec, state.device)
         state.report.notes.append(
             f"graph matching: {solver.iterations} iterations ({solver.soft_iterations} Sinkhorn, "
             f"tau {cfg.tau:g} -> {solver.final_tau:g}, then Hungarian), "

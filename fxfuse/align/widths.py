@@ -1,8 +1,9 @@
 """The guard of the methods that need every model at the target's widths.
 
-Weight matching, activation matching and graph matching search permutations: a permutation maps
-``n`` units to ``n``.  Models of different widths (:mod:`fxfuse.pairing`) need a map from ``n``
-units to ``m``: optimal transport (:class:`fxfuse.OptimalTransport`) or neuron interpolation.
+Weight matching and activation matching search permutations: a permutation maps ``n`` units to
+``n``.  Models of different widths (:mod:`fxfuse.pairing`) need a map from ``n`` units to ``m``:
+optimal transport (:class:`fxfuse.OptimalTransport`), graph matching into a universe at the
+target's widths (:class:`fxfuse.GraphMatching`) or neuron interpolation.
 """
 
 from __future__ import annotations
@@ -34,5 +35,5 @@ def require_equal_widths(state: FusionState, method: str) -> None:
     if why is not None:
         raise ArchitectureMismatchError(
             f"{method} needs every model at the target's widths, but {why}. For models of "
-            f"different widths use align=fxfuse.OptimalTransport() (or neuron interpolation), "
-            f"which map n units onto m")
+            f"different widths use align=fxfuse.OptimalTransport() (or fxfuse.GraphMatching(), "
+            f"or neuron interpolation), which map n units onto m")

@@ -118,7 +118,7 @@ def add_fuse(sub: _SubParsers) -> None:
                         "have its own widths, e.g. '{\"width\": 2}' (default: none)")
     f.add_argument("--target", type=Integer(0), metavar="INDEX",
                    help="which CHECKPOINT's architecture (class and widths) the fused model has, "
-                        "counting from 0; checkpoints of other widths need --align ot "
+                        "counting from 0; checkpoints of other widths need --align ot or graph "
                         "(default: 0)")
     f.add_argument("--align", choices=_method_choices("align"), default="weight",
                    help=f"a registered align method: {_method_help('align')}; none: plain "

@@ -129,8 +129,8 @@ def check_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor],
         if tuple(t.shape) != tuple(ref.shape) and spec is None:
             return None, (f"does not fit the server's architecture: {key!r} has shape "
                           f"{tuple(t.shape)}, the server's model {tuple(ref.shape)} (clients of "
-                          "other widths are fused with align=OptimalTransport() and no "
-                          "repair)")
+                          "other widths are fused with align=OptimalTransport() or GraphMatching() "
+                          "and no repair)")
         if t.is_floating_point() != ref.is_floating_point():
             return None, f"sent {key!r} as {t.dtype}, the server's model holds {ref.dtype}"
         out[key] = t.to(ref.dtype) if t.dtype != ref.dtype else t
@@ -147,7 +147,7 @@ def check_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor],
 
 #: Align methods that map ``n`` units onto ``m`` (recipe names): only these take clients whose
 #: widths differ from the server model's (fused into the server model's widths).
-WIDTH_CHANGING = {"ot"}
+WIDTH_CHANGING = {"ot", "graph"}
 
 
 def _width_changing(align: Any) -> bool:

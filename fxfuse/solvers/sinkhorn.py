@@ -9,6 +9,12 @@ by alternating column and row normalisation.  As ``tau -> 0`` ``S`` tends to the
 permutation of ``s`` (the entropic regularisation of the assignment problem, weight ``tau``): what
 graduated assignment anneals towards (Gold & Rangarajan 1996; GAMF, Liu et al. 2022).
 
+**Rectangular scores** ``s: (n, m)`` (a model of ``n`` units matched into a universe of ``m``):
+rows still sum to 1 (each unit carries mass 1) and columns to ``n / m`` (the mass spread evenly
+over the universe), ``S 1 = 1``, ``S^T 1 = (n / m) 1``: the transport polytope with uniform
+marginals scaled to one unit of mass per row, whose vertices are the exact transport plans; for
+``n = m`` it is the doubly-stochastic case above, computed by the same operations.
+
 Numerics (Schmitzer's stabilised scaling): the potentials ``f, g`` live in the log domain, the
 iterations run on ``K = exp(s / tau + f 1^T + 1 g^T)`` in float64 as scalings ``u, v``
 (``v = 1 / K^T u``, ``u = 1 / K v``: two matrix-vector products per iteration instead of two
@@ -46,9 +52,11 @@ def sinkhorn(scores: torch.Tensor, tau: float, max_iter: int, tol: float = 1e-3,
              g0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S, g * tau)``: the doubly-stochastic ``S`` of ``scores: (n, n)`` at temperature ``tau``
     (module doc, in ``scores``' dtype) and its column potential in score units, to warm-start
-    the next solve; ``g0``: such a potential (None: zeros)."""
+    the next solve; ``g0``: such a potential (None: zeros).  Rectangular ``scores: (n, m)``:
+    columns sum to ``n / m`` (module doc)."""
     s = scores.double() / tau
     n = s.shape[1]
+    col = s.shape[0] / n  # the column mass: 1 for a square problem
     g = torch.zeros(n, dtype=torch.float64, device=s.device) if g0 is None else g0.double() / tau
     f = -torch.logsumexp(s + g[None, :], dim=1)
     k = torch.exp(s + f[:, None] + g[None, :])
@@ -57,6 +65,8 @@ def sinkhorn(scores: torch.Tensor, tau: float, max_iter: int, tol: float = 1e-3,
     for it in range(max_iter):
         check = it % CHECK_EVERY == 0
         ktu = k.T @ u
+        if col != 1:
+            ktu.div_(col)
         if check and tol > 0 and float((v * ktu - 1).abs().max()) <= tol:
             break
         v = (ktu.clamp_min_(1e-300)).reciprocal_()
@@ -146,7 +156,8 @@ class WarmSinkhorn:
         for key, scores in problems.items():
             g0 = self._g.get(key)
             warm = g0 is not None and g0.numel() == scores.shape[1]
-            alone = (key,) if scores.shape[1] > BATCH_MAX else ()
+            alone = (key,) if scores.shape[1] > BATCH_MAX or scores.shape[0] != scores.shape[1] \
+                else ()  # rectangular problems (module doc) are solved alone
             buckets.setdefault((tuple(scores.shape), scores.dtype, warm, alone), []).append(key)
         out: dict[Hashable, torch.Tensor] = {}
         for (_, _, warm, _), keys in buckets.items():
