@@ -491,3 +491,28 @@ def test_federated_clients_of_other_widths_by_graph_matching() -> None:
     wm = aggregate_updates(ups, spec=spec, factory=lambda: net(0), reference=server.state_dict(),
                            align=fxfuse.WeightMatching())
     assert [r.name for r in wm.rejected] == ["b", "c"]
+
+
+def test_cli_fuses_checkpoints_of_different_widths_with_graph(tmp_path) -> None:
+    """``fxfuse fuse ... --align graph --target 1`` with one --factory-args per checkpoint
+    writes the fused model at checkpoint 1's widths (the paper's schedule: the CLI's default)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    paths = []
+    for i, hidden in enumerate(([16, 8], [8, 4])):
+        paths.append(tmp_path / f"m{i}.pt")
+        torch.save(models.zoo.mlp(hidden=hidden, seed=i).state_dict(), paths[-1])
+    out = tmp_path / "fused.pt"
+    res = subprocess.run(
+        [sys.executable, "-m", "fxfuse", "fuse", "models.zoo:mlp", *map(str, paths),
+         "--input-shape", "2,1,28,28", "--factory-args", '{"hidden": [16, 8]}',
+         "--factory-args", '{"hidden": [8, 4]}', "--align", "graph", "--target", "1",
+         "--out", str(out), "--quiet"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "align-graph" in res.stdout and "different widths" in res.stdout
+    state = torch.load(out, weights_only=True)
+    assert state["features.0.weight"].shape == (8, 784)
+    assert state["features.2.weight"].shape == (4, 8)
