@@ -279,6 +279,35 @@ def test_groups_after_a_shuffle_keep_the_shuffled_blocks_apart(after: str) -> No
     assert not out_changes(model, moved, (x,))
 
 
+class _ShuffleSliced(nn.Module):
+    """cat(a, b) (3 + 3) shuffled, then sliced at ``cut`` and read by two convs."""
+
+    def __init__(self, cut: int) -> None:
+        super().__init__()
+        self.cut = cut
+        self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        self.c1, self.c2 = nn.Conv2d(cut, 4, 1), nn.Conv2d(6 - cut, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat((self.a(x), self.b(x)), 1)
+        n, c, h, w = y.size()
+        y = torch.transpose(y.view(n, 2, c // 2, h, w), 1, 2).contiguous().view(n, -1, h, w)
+        return (self.c1(y[:, :self.cut]) + self.c2(y[:, self.cut:])).mean((2, 3))
+
+
+@pytest.mark.parametrize("cut", [1, 5])
+def test_a_slice_inside_a_shuffled_row_says_why_on_every_axis_it_fixes(cut: int) -> None:
+    """A cut in the first or the last row of interleave(a, b) fixes that row's positions: the
+    reason is on both blocks' axes and on the axis of the conv that reads the bigger slice."""
+    model, x = randomize_constants(_ShuffleSliced(cut), seed=0), torch.randn(2, 3, 4, 4)
+    spec = fxfuse.find_groups(model, x)
+    reader = ("c2.weight", 1) if cut == 1 else ("c1.weight", 1)
+    for key in (("a.weight", 0), ("b.weight", 0), reader):
+        assert spec.groups_of(*key), key  # partly permuted
+        assert any("interleaved axis" in w for w in spec.axes[key].fixed_because), key
+    fxfuse.verify(model, spec, x)
+
+
 # -- weight tying ------------------------------------------------------------------------------
 @pytest.mark.parametrize("steps", [1, 3, 6])
 def test_neural_ode_block_iterated_k_times_has_one_set_of_groups(steps: int) -> None:

@@ -142,6 +142,31 @@ def test_unify_interleave_with_a_sum_cut_between_a_row_fixes_that_row_only() -> 
     assert any("interleaved" in w.detail for w in t.fixed_reasons(a))  # and says why
 
 
+@pytest.mark.parametrize("cut", [1, 3, 5])
+def test_every_position_a_cut_fixes_says_why(cut: int) -> None:
+    """``I_2(a, b)`` (blocks of 3) cut in its first, middle and last row: the axis, both halves
+    and an axis that later reads a half (unified again with the resolved pieces) all give the
+    reason; in the last row too, where the row's pieces are the blocks' whole tails."""
+    t = AtomTable()
+    a, b = t.new(3), t.new(3)
+    lo, hi = t.new(cut), t.new(6 - cut)
+    _unified(Interleave((a, b)), Sum((lo, hi)), t)
+    lo2, hi2 = t.new(cut), t.new(6 - cut)  # a second slice of the shuffled tensor
+    _unified(Interleave((a, b)), Sum((lo2, hi2)), t)
+    reader_lo, reader_hi = t.new(cut), t.new(6 - cut)  # the convs that read the slices
+    _unified(lo2, reader_lo, t)
+    _unified(hi2, reader_hi, t)
+    for lay in (Interleave((a, b)), lo, hi, lo2, hi2, reader_lo, reader_hi):
+        r = t.resolve(lay)
+        if t.size(lay) > 1 and (r == Fixed(t.size(lay)) or _has_fixed(r)):
+            assert any("interleaved" in w.detail for w in t.fixed_reasons(lay)), (lay, r)
+    assert _has_fixed(t.resolve(reader_lo if cut == 5 else reader_hi))
+
+
+def _has_fixed(lay: Layout) -> bool:
+    return isinstance(lay, Fixed) or (not isinstance(lay, Atom) and any(map(_has_fixed, lay.parts)))
+
+
 def test_unify_interleave_with_a_product_fixes_the_factor_between_blocks() -> None:
     """``I_2(a, b) = Y ⊗ Z``, ``|Z| = 2``: ``Z`` fixed, ``a = b = Y``."""
     t = AtomTable()

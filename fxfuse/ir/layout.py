@@ -141,6 +141,14 @@ class AtomTable:
         self._labels: dict[int, str] = {}  # atom -> what a rule called it ("heads", "groups")
         self._also: dict[int, list[Reason]] = {}  # fixed root -> later input/output reasons
         self._fixed_from: dict[int, list[int]] = {}  # root fixed by unifying with these roots
+        # refined root -> the size-1 atoms fixed by an interleave's cut (:meth:`_split_interleave`)
+        # in the layout it was refined to: resolved, they are plain Fixed(1), and their reason
+        # would be lost to every axis that holds them
+        self._cut_rows: dict[int, list[int]] = {}
+        # during one (outermost) unify: the cut-fixed size-1 atoms of both sides, and those its
+        # cuts make; the pieces the recursion relates are resolved (Fixed(1), no atom to follow)
+        self._rows: list[int] | None = None
+        self._any_cut = False
         # root -> its resolved layout: a refined atom resolves through the whole chain of its
         # refinements, and deep concat networks (DenseNet) resolve the same long chains again for
         # every layout that holds them.  A resolved layout changes only when one of its free atoms
@@ -385,6 +393,7 @@ class AtomTable:
                 out.append(r)
             elif self._refined[r] is not None:
                 self._fixed_roots(self._refined[r], out)  # type: ignore[arg-type]
+                out += self._cut_rows.get(r, ())
         elif isinstance(lay, NODES):
             for p in lay.parts:
                 self._fixed_roots(p, out)
@@ -399,10 +408,17 @@ class AtomTable:
         self._substituted(b)
         self.links.append(Link(a, b, *self._where))
 
-    def _refine(self, a: int, tree: Layout, why: Reason) -> None:
+    def _refine(self, a: int, tree: Layout, why: Reason, source: Layout | None = None) -> None:
+        """``P_a`` := ``tree`` (resolved); ``source``, ``tree`` before resolution, says which of
+        its ``Fixed(1)`` positions an interleave's cut fixed (their reasons stay with ``a``)."""
         if a in self.atoms_in(tree):  # occurs check: a = f(a) has no solution but the identity
             self.fix(Prod((Atom(a), tree)), why)
             return
+        rows = [r for r in self._fixed_roots(source) if self._size[r] == 1] if source else []
+        if not rows and self._rows and _has_fixed(tree):
+            rows = list(dict.fromkeys(self._rows))
+        if rows:
+            self._cut_rows[a] = rows
         self._refined[a] = tree
         self._substituted(a)
         for b in self.atoms_in(tree):
@@ -410,17 +426,32 @@ class AtomTable:
 
     def unify(self, x: Layout, y: Layout, why: Reason) -> None:
         """Constrain ``x`` and ``y`` to describe the same permutation of one axis."""
+        if self._rows is not None:  # inside another unify
+            self._unify(x, y, why)
+            return
+        self._rows = [r for r in (*self._fixed_roots(x), *self._fixed_roots(y))
+                      if self._size[r] == 1] if self._any_cut else []
+        try:
+            self._unify(x, y, why)
+        finally:
+            self._rows = None
+
+    def _unify(self, x: Layout, y: Layout, why: Reason) -> None:
         a, b = self.resolve(x), self.resolve(y)
         sa, sb = self.size(a), self.size(b)
         if sa != sb:
             raise ValueError(f"cannot relate axes of sizes {sa} and {sb}")
         if a == b:
+            if isinstance(a, Fixed) and self._rows:
+                self._mark_rows(x, y)
             return
         if isinstance(a, Fixed) or isinstance(b, Fixed):
             # the free side inherits the reason the other side is fixed (e.g. "model input"),
             # and remembers where it came from, so a later input/output reason reaches both
             fixed_side, free_side = (x, b) if isinstance(a, Fixed) else (y, a)
             known = self.fixed_reasons(fixed_side)
+            if not known and self._rows:  # a resolved piece of a cut interleave
+                known = self._row_reasons()
             sources = self._fixed_roots(fixed_side)
             free_roots = self.atoms_in(free_side)
             self.fix(free_side, known[0] if known else why)
@@ -429,9 +460,9 @@ class AtomTable:
         elif isinstance(a, Atom) and isinstance(b, Atom):
             self._union(a.id, b.id)
         elif isinstance(a, Atom):
-            self._refine(a.id, b, why)
+            self._refine(a.id, b, why, y)
         elif isinstance(b, Atom):
-            self._refine(b.id, a, why)
+            self._refine(b.id, a, why, x)
         elif isinstance(a, Prod) and isinstance(b, Prod):
             self._unify_prod(a, b, why)
         elif isinstance(a, Interleave) and isinstance(b, Interleave):
@@ -594,7 +625,9 @@ class AtomTable:
                           ) -> tuple[Layout, Layout] | None:
         """``I_k(c)`` cut at ``s = m*k + r``: every child cut at ``m``; for ``r > 0`` also at
         ``m + 1``, the row between (one position of each child) fixed:
-        ``I(c) = I(c[:m]) ⊕ Fixed(k) ⊕ I(c[m+1:])``, cut inside the ``Fixed(k)``."""
+        ``I(c) = I(c[:m]) ⊕ c_0[m] ⊕ .. ⊕ c_k-1[m] ⊕ I(c[m+1:])``, cut after ``c_r-1[m]``.  The
+        row's pieces are size-1 atoms (fixed, with the reason, for every axis that holds them) or
+        ``Fixed(1)`` where the child was fixed there already."""
         k = len(y.parts)
         n = self.size(y.parts[0])
         m, r = divmod(s, k)
@@ -616,7 +649,9 @@ class AtomTable:
                     return None
                 row.append(pieces[0])
                 tail = pieces[1]
-            elif r:
+            elif r:  # the cut is in the last row: the tail is that row's position
+                assert tail is not None
+                row.append(tail)
                 tail = None
             if head is not None:
                 heads.append(head)
@@ -629,10 +664,13 @@ class AtomTable:
             for root in self._raw_roots(Sum(tuple(heads + row + tails))):
                 if self._size[root] == 1 and self._fixed[root] is None:
                     self._fixed[root] = fixed
+                    self._any_cut = True
+                    if self._rows is not None:
+                        self._rows.append(root)
         first = [Interleave(tuple(heads))] if heads else []
         rest = [Interleave(tuple(tails))] if tails else []
         if r:
-            return Sum((*first, Fixed(r))), Sum((Fixed(k - r), *rest))
+            return Sum((*first, *row[:r])), Sum((*row[r:], *rest))
         return first[0], rest[0]
 
     def _raw_roots(self, lay: Layout, out: list[int] | None = None) -> list[int]:
@@ -650,6 +688,26 @@ class AtomTable:
             for p in lay.parts:
                 self._raw_roots(p, out)
         return out
+
+    def _row_reasons(self) -> list[Reason]:
+        """The reasons of this unify's cut-fixed rows (:attr:`_rows`)."""
+        out: list[Reason] = []
+        for r in self._rows or ():
+            why = self._fixed[r]
+            if why is not None and why not in out:
+                out.append(why)
+        return out
+
+    def _mark_rows(self, x: Layout, y: Layout) -> None:
+        """``x`` and ``y`` both fixed, inside a unify that cut an interleave: their size-1 atoms
+        (which resolve to ``Fixed(1)`` and so are never fixed) get the cut's reason, where
+        neither side has a reason of its own."""
+        if self.fixed_reasons(x) or self.fixed_reasons(y):
+            return
+        why = self._row_reasons()
+        for r in (*self._raw_roots(x), *self._raw_roots(y)):
+            if self._size[r] == 1 and self._fixed[r] is None and why:
+                self._fixed[r] = why[0]
 
     def _conflict(self, a: Layout, b: Layout, why: Reason) -> None:
         detail = f"{why.detail}; no common refinement of the two axis structures, fixed both"
@@ -670,6 +728,10 @@ def _regroup(parts: tuple[Any, ...], k: int) -> tuple[Any, ...]:
     if m == 1:
         return parts
     return tuple(Interleave(tuple(parts[jj * k + j] for jj in range(m))) for j in range(k))
+
+
+def _has_fixed(lay: Layout) -> bool:
+    return isinstance(lay, Fixed) or (isinstance(lay, NODES) and any(map(_has_fixed, lay.parts)))
 
 
 def _atom_ids(lay: Layout, out: list[int] | None = None) -> list[int]:
