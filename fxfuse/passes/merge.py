@@ -41,8 +41,8 @@ class MergeWeights(Pass):
 
             raise ArchitectureMismatchError(
                 f"averaging without alignment needs every model at the target's widths, but "
-                f"{width_mismatch(state)}; use align=fxfuse.OptimalTransport() for models of "
-                f"different widths")
+                f"{width_mismatch(state)}; use align=fxfuse.OptimalTransport() (or "
+                f"fxfuse.GraphMatching()) for models of different widths")
         if maps is not None and state.anchor not in (None, 0):
             maps = self._to_anchor_basis(state, maps)
         specs = state.specs if state.specs is not None else state.spec
