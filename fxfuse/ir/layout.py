@@ -30,13 +30,19 @@ Normal form (:meth:`AtomTable.resolve`): atoms of size 1 are ``Fixed(1)``; neste
 are flattened; adjacent ``Fixed`` children merge; a product whose leading factor is a sum is
 distributed, ``(A ⊕ B) ⊗ C = (A ⊗ C) ⊕ (B ⊗ C)`` (true for the leading factor only).
 Interleaves (``I_k(c)`` for ``Interleave(c_1, .., c_k)``): one child is the child; all children
-equal is a product, ``I_k(c, .., c) = c ⊗ Fixed(k)``; a child that is itself an interleave of
-``m`` (every child one, or a ``Fixed`` / ``X ⊗ Fixed(f)`` read as ``m`` equal ones) flattens,
-``I_k(I_m(c_j0, .., c_j(m-1)) for j) = I_km(c_{j, j'} at j'*k + j)``; cuts common to every child
+equal is a product, ``I_k(c, .., c) = c ⊗ Fixed(k)``; children flatten at the gcd ``m`` of
+their periods (an interleave's count; ``f`` for ``Fixed(f)`` and ``X ⊗ Fixed(f)``, read as ``f``
+equal children; 1 otherwise), every child read as ``I_m`` (``I_K(d) = I_m(I_K/m(d_j, d_j+m, ..)
+for j)``), ``I_k(I_m(c_j0, .., c_j(m-1)) for j) = I_km(c_{j, j'} at j'*k + j)``, so an interleave
+is kept at its finest count; cuts common to every child
 (between blocks of a sum, anywhere in a ``Fixed``) distribute,
 ``I(A1 ⊕ A2, B1 ⊕ B2) = I(A1, B1) ⊕ I(A2, B2)`` for ``|A1| = |B1|``; a product ending in an
 interleave (or in an interleave then a ``Fixed``) is the interleave of products,
 ``Y ⊗ I_k(c) = I_k(Y ⊗ c_1, .., Y ⊗ c_k)`` and ``I_k(c) ⊗ Fixed(f) = I_kf(c_j at j*f + t)``.
+Equal permutation sets then give equal trees (tested by enumeration on small layouts) except for
+three spellings left open: ``Fixed(k) ⊗ X = X ⊕ .. ⊕ X``, an interleave inside a product before a
+free factor (``Y ⊗ I(c) ⊗ Z``), and a row rotation beside ``Fixed`` positions
+(``Fixed(2) ⊕ I(A, Fixed(2)) = Fixed(1) ⊕ I(Fixed(2), A) ⊕ Fixed(1)``).
 """
 
 from __future__ import annotations
@@ -279,13 +285,12 @@ class AtomTable:
         k = len(parts)
         if k == 1:
             return parts[0]
-        inner = {len(p.parts) for p in parts if isinstance(p, Interleave)}
-        if len(inner) == 1:  # I_k(I_m(c_j.) for j) = I_km(c_jj' at j'*k + j)
-            m = inner.pop()
-            views = [self._as_interleave(p, m) for p in parts]
-            if all(v is not None for v in views):
-                return self.resolve(Interleave(tuple(
-                    v[jj] for jj in range(m) for v in views if v is not None)))
+        m = 0
+        for p in parts:
+            m = gcd(m, _period(p))
+        if m > 1:  # I_k(I_m(c_j.) for j) = I_km(c_jj' at j'*k + j), m the children's gcd period
+            views = [_as_interleave(p, m) for p in parts]
+            return self.resolve(Interleave(tuple(v[jj] for jj in range(m) for v in views)))
         if all(p == parts[0] for p in parts):  # I_k(c, .., c) = c ⊗ Fixed(k)
             return self.resolve(Prod((parts[0], Fixed(k))))
         n = self.size(parts[0])
@@ -298,16 +303,6 @@ class AtomTable:
             return self.resolve(Sum(tuple(Interleave(tuple(pc[i] for pc in pieces))
                                           for i in range(len(cuts) + 1))))
         return Interleave(tuple(parts))
-
-    def _as_interleave(self, p: Layout, m: int) -> tuple[Layout, ...] | None:
-        """``p`` (resolved) read as an interleave of ``m`` children, or None."""
-        if isinstance(p, Interleave):
-            return p.parts if len(p.parts) == m else None
-        if isinstance(p, Fixed):
-            return (Fixed(p.n // m),) * m if p.n % m == 0 else None
-        if isinstance(p, Prod) and isinstance(p.parts[-1], Fixed) and p.parts[-1].n % m == 0:
-            return (Prod(p.parts[:-1] + (Fixed(p.parts[-1].n // m),)),) * m
-        return None
 
     def _free_cuts(self, p: Layout) -> set[int]:
         """Positions ``0 < s < |p|`` where ``p`` (resolved) is a sum of two layouts as it stands:
@@ -719,6 +714,30 @@ class AtomTable:
 def _also(why: Reason, what: str) -> str:
     """``what``, after the rule's own detail where it has one."""
     return f"{why.detail}; {what}" if why.detail else what
+
+
+def _period(p: Layout) -> int:
+    """The ``m`` for which :func:`_as_interleave` reads ``p`` (resolved) as ``I_m`` (and so as
+    ``I_d`` for every ``d | m``): its count for an interleave, ``f`` for ``Fixed(f)`` and
+    ``X ⊗ Fixed(f)`` (``m`` equal children ``X ⊗ Fixed(f/m)``), 1 for anything else."""
+    if isinstance(p, Interleave):
+        return len(p.parts)
+    if isinstance(p, Fixed):
+        return p.n
+    if isinstance(p, Prod) and isinstance(p.parts[-1], Fixed):
+        return p.parts[-1].n
+    return 1
+
+
+def _as_interleave(p: Layout, m: int) -> tuple[Layout, ...]:
+    """``p`` (resolved, ``m`` dividing :func:`_period`) read as an interleave of ``m`` children:
+    ``I_K(d) = I_m(I_K/m(d_j, d_j+m, ..) for j)``, ``X ⊗ Fixed(f) = I_m(X ⊗ Fixed(f/m), ..)``."""
+    if isinstance(p, Interleave):
+        return _regroup(p.parts, m)
+    if isinstance(p, Fixed):
+        return (Fixed(p.n // m),) * m
+    assert isinstance(p, Prod) and isinstance(p.parts[-1], Fixed)
+    return (Prod(p.parts[:-1] + (Fixed(p.parts[-1].n // m),)),) * m
 
 
 def _regroup(parts: tuple[Any, ...], k: int) -> tuple[Any, ...]:
