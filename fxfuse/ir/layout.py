@@ -42,13 +42,14 @@ interleave (or in an interleave then a ``Fixed``) is the interleave of products,
 Equal permutation sets then give equal trees (tested by enumeration on small layouts) except for
 three spellings left open: ``Fixed(k) ⊗ X = X ⊕ .. ⊕ X``, an interleave inside a product before a
 free factor (``Y ⊗ I(c) ⊗ Z``), and a row rotation beside ``Fixed`` positions
-(``Fixed(2) ⊕ I(A, Fixed(2)) = Fixed(1) ⊕ I(Fixed(2), A) ⊕ Fixed(1)``).
+(``Fixed(2) ⊕ I(A, Fixed(2)) = Fixed(1) ⊕ I(Fixed(2), A) ⊕ Fixed(1)``).  The interleave's normal
+form, unification and cuts are in :mod:`fxfuse.ir.interleave`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import gcd, prod
+from math import prod
 from typing import Any
 
 
@@ -233,7 +234,7 @@ class AtomTable:
         if isinstance(lay, Prod):
             return self._resolve_prod(lay)
         if isinstance(lay, Interleave):
-            return self._resolve_interleave(lay)
+            return _il.resolve_interleave(self, lay)
         return self._resolve_sum(lay)
 
     def _resolve_prod(self, lay: Prod) -> Layout:
@@ -279,67 +280,6 @@ class AtomTable:
         if all(isinstance(f, Fixed) for f in parts):
             return Fixed(sum(f.n for f in parts if isinstance(f, Fixed)))
         return Sum(tuple(parts))
-
-    def _resolve_interleave(self, lay: Interleave) -> Layout:
-        parts = [self.resolve(p) for p in lay.parts]
-        k = len(parts)
-        if k == 1:
-            return parts[0]
-        m = 0
-        for p in parts:
-            m = gcd(m, _period(p))
-        if m > 1:  # I_k(I_m(c_j.) for j) = I_km(c_jj' at j'*k + j), m the children's gcd period
-            views = [_as_interleave(p, m) for p in parts]
-            return self.resolve(Interleave(tuple(v[jj] for jj in range(m) for v in views)))
-        if all(p == parts[0] for p in parts):  # I_k(c, .., c) = c ⊗ Fixed(k)
-            return self.resolve(Prod((parts[0], Fixed(k))))
-        n = self.size(parts[0])
-        common = set(range(1, n))
-        for p in parts:
-            common &= self._free_cuts(p)
-        if common:  # I(A1 ⊕ A2, B1 ⊕ B2) = I(A1, B1) ⊕ I(A2, B2)
-            cuts = sorted(common)
-            pieces = [self._cut_at(p, cuts) for p in parts]
-            return self.resolve(Sum(tuple(Interleave(tuple(pc[i] for pc in pieces))
-                                          for i in range(len(cuts) + 1))))
-        return Interleave(tuple(parts))
-
-    def _free_cuts(self, p: Layout) -> set[int]:
-        """Positions ``0 < s < |p|`` where ``p`` (resolved) is a sum of two layouts as it stands:
-        between the blocks of a sum, anywhere inside a ``Fixed``."""
-        out: set[int] = set()
-        off = 0
-        for q in p.parts if isinstance(p, Sum) else (p,):
-            n = self.size(q)
-            if off:
-                out.add(off)
-            if isinstance(q, Fixed):
-                out.update(range(off + 1, off + n))
-            off += n
-        return out
-
-    def _cut_at(self, p: Layout, cuts: list[int]) -> list[Layout]:
-        """``p`` (resolved) cut at free cuts (:meth:`_free_cuts`): ``len(cuts) + 1`` pieces."""
-        blocks: list[list[Layout]] = [[]]
-        off, i = 0, 0
-        for q in p.parts if isinstance(p, Sum) else (p,):
-            n = self.size(q)
-            if isinstance(q, Fixed):
-                start = off
-                while i < len(cuts) and cuts[i] < off + n:
-                    if cuts[i] > start:
-                        blocks[-1].append(Fixed(cuts[i] - start))
-                    blocks.append([])
-                    start = cuts[i]
-                    i += 1
-                blocks[-1].append(Fixed(off + n - start))
-            else:
-                if i < len(cuts) and cuts[i] == off:
-                    blocks.append([])
-                    i += 1
-                blocks[-1].append(q)
-            off += n
-        return [b[0] if len(b) == 1 else Sum(tuple(b)) for b in blocks]
 
     def atoms_in(self, lay: Layout) -> list[int]:
         """Root ids of the free atoms of ``lay`` (after resolution), left to right."""
@@ -461,71 +401,13 @@ class AtomTable:
         elif isinstance(a, Prod) and isinstance(b, Prod):
             self._unify_prod(a, b, why)
         elif isinstance(a, Interleave) and isinstance(b, Interleave):
-            self._unify_interleave(a, b, why)
+            _il.unify_interleaves(self, a, b, why)
         elif isinstance(a, Interleave) and isinstance(b, Prod):
-            self._unify_interleave_prod(a, b, why)
+            _il.unify_interleave_prod(self, a, b, why)
         elif isinstance(a, Prod) and isinstance(b, Interleave):
-            self._unify_interleave_prod(b, a, why)
+            _il.unify_interleave_prod(self, b, a, why)
         else:
             self._unify_sum(a, b, why)
-
-    def _unify_interleave(self, a: Interleave, b: Interleave, why: Reason) -> None:
-        """Children pairwise, after reading the one with more children as an interleave of the
-        other's count (``I_km(d) = I_k(I_m(d_j, d_j+k, ..) for j)``); counts with no common factor
-        have no common refinement here."""
-        ka, kb = len(a.parts), len(b.parts)
-        k = gcd(ka, kb)
-        if k == 1:
-            self._conflict(a, b, why)
-            return
-        xs, ys = _regroup(a.parts, k), _regroup(b.parts, k)
-        for x, y in zip(xs, ys):
-            self.unify(x, y, why)
-
-    def _unify_interleave_prod(self, a: Interleave, b: Prod, why: Reason) -> None:
-        """``I_k(c) = Y ⊗ Z`` with ``|Z| = k``: ``P_Z`` would move a position to another child, so
-        ``Z`` is fixed and every child is ``Y``.  Trailing factors ``T`` with ``|T|`` dividing
-        ``k`` are consumed (and fixed: position mod ``|T|`` is position mod ``k`` mod ``|T|``);
-        where the next one, an atom ``z``, is larger and ``need = k / |T|`` divides ``|z|``,
-        ``P_z`` need only keep each position's residue mod ``need``: ``z`` is refined into
-        ``I_need(z_0, .., z_need-1)`` and the sides unified again, the normal form reading
-        ``Y ⊗ I(z) ⊗ T`` as ``I_k(Y ⊗ z_j repeated |T| times)``.  A larger ``Fixed`` is split."""
-        k = len(a.parts)
-        parts = list(b.parts)
-        need, i = k, len(parts)
-        while need > 1 and i > 0:
-            f = self.size(parts[i - 1])
-            if need % f == 0:
-                need //= f
-                i -= 1
-                continue
-            z = parts[i - 1]
-            if isinstance(z, Atom) and f % need == 0:
-                if i < len(parts):
-                    self.fix(Prod(tuple(parts[i:])), self._between_blocks(why))
-                self._refine(z.id, Interleave(tuple(self.new(f // need) for _ in range(need))),
-                             why)
-                self.unify(a, b, why)
-                return
-            pieces = self._split_prod(z, f // need) if f % need == 0 else None
-            if pieces is None:
-                self._conflict(a, b, why)
-                return
-            parts[i - 1: i] = list(pieces)
-            need = 1
-        if need > 1:  # pragma: no cover - |b| = k * |child| is a multiple of k
-            self._conflict(a, b, why)
-            return
-        self.fix(Prod(tuple(parts[i:])), self._between_blocks(why))
-        head = Prod(tuple(parts[:i]))
-        for c in a.parts:
-            self.unify(c, head, why)
-
-    @staticmethod
-    def _between_blocks(why: Reason) -> Reason:
-        detail = _also(why, "an interleaved axis is also a product: the factor that would move "
-                            "positions between the interleaved blocks is fixed")
-        return Reason("conflict", why.node, why.op, detail, why.source)
 
     def _unify_prod(self, a: Prod, b: Prod, why: Reason) -> None:
         x, ra = a.parts[0], a.parts[1:]
@@ -594,7 +476,7 @@ class AtomTable:
                 return None
             return Prod((pieces[0],) + rest), Prod((pieces[1],) + rest)
         if isinstance(y, Interleave):
-            return self._split_interleave(y, k, why)
+            return _il.split_interleave(self, y, k, why)
         return None
 
     def _split_any(self, y: Layout, k: int, why: Reason | None = None
@@ -615,58 +497,6 @@ class AtomTable:
                 return Sum(y.parts[:i] + (pieces[0],)), Sum((pieces[1],) + y.parts[i + 1:])
             off += n
         return None  # pragma: no cover - 0 < k < |y|
-
-    def _split_interleave(self, y: Interleave, s: int, why: Reason | None = None
-                          ) -> tuple[Layout, Layout] | None:
-        """``I_k(c)`` cut at ``s = m*k + r``: every child cut at ``m``; for ``r > 0`` also at
-        ``m + 1``, the row between (one position of each child) fixed:
-        ``I(c) = I(c[:m]) ⊕ c_0[m] ⊕ .. ⊕ c_k-1[m] ⊕ I(c[m+1:])``, cut after ``c_r-1[m]``.  The
-        row's pieces are size-1 atoms (fixed, with the reason, for every axis that holds them) or
-        ``Fixed(1)`` where the child was fixed there already."""
-        k = len(y.parts)
-        n = self.size(y.parts[0])
-        m, r = divmod(s, k)
-        heads: list[Layout] = []
-        tails: list[Layout] = []
-        row: list[Layout] = []  # the row the cut falls in, one position of each child
-        for c in y.parts:
-            head: Layout | None = None
-            tail: Layout | None = c
-            if m:
-                pieces = self._split_any(c, m, why)
-                if pieces is None:
-                    return None
-                head, tail = pieces
-            if r and m + 1 < n:
-                assert tail is not None
-                pieces = self._split_any(tail, 1, why)  # a size-1 piece resolves to Fixed(1)
-                if pieces is None:
-                    return None
-                row.append(pieces[0])
-                tail = pieces[1]
-            elif r:  # the cut is in the last row: the tail is that row's position
-                assert tail is not None
-                row.append(tail)
-                tail = None
-            if head is not None:
-                heads.append(head)
-            if tail is not None:
-                tails.append(tail)
-        if why is not None:  # say why the positions left alone in their block stay fixed
-            detail = _also(why, "a split of an interleaved axis (inside a row, or into blocks of "
-                                "one position) fixes those positions")
-            fixed = Reason("conflict", why.node, why.op, detail, why.source)
-            for root in self._raw_roots(Sum(tuple(heads + row + tails))):
-                if self._size[root] == 1 and self._fixed[root] is None:
-                    self._fixed[root] = fixed
-                    self._any_cut = True
-                    if self._rows is not None:
-                        self._rows.append(root)
-        first = [Interleave(tuple(heads))] if heads else []
-        rest = [Interleave(tuple(tails))] if tails else []
-        if r:
-            return Sum((*first, *row[:r])), Sum((*row[r:], *rest))
-        return first[0], rest[0]
 
     def _raw_roots(self, lay: Layout, out: list[int] | None = None) -> list[int]:
         """Roots of every atom ``lay`` is made of, through refinements, fixed or not (a size-1
@@ -716,39 +546,6 @@ def _also(why: Reason, what: str) -> str:
     return f"{why.detail}; {what}" if why.detail else what
 
 
-def _period(p: Layout) -> int:
-    """The ``m`` for which :func:`_as_interleave` reads ``p`` (resolved) as ``I_m`` (and so as
-    ``I_d`` for every ``d | m``): its count for an interleave, ``f`` for ``Fixed(f)`` and
-    ``X ⊗ Fixed(f)`` (``m`` equal children ``X ⊗ Fixed(f/m)``), 1 for anything else."""
-    if isinstance(p, Interleave):
-        return len(p.parts)
-    if isinstance(p, Fixed):
-        return p.n
-    if isinstance(p, Prod) and isinstance(p.parts[-1], Fixed):
-        return p.parts[-1].n
-    return 1
-
-
-def _as_interleave(p: Layout, m: int) -> tuple[Layout, ...]:
-    """``p`` (resolved, ``m`` dividing :func:`_period`) read as an interleave of ``m`` children:
-    ``I_K(d) = I_m(I_K/m(d_j, d_j+m, ..) for j)``, ``X ⊗ Fixed(f) = I_m(X ⊗ Fixed(f/m), ..)``."""
-    if isinstance(p, Interleave):
-        return _regroup(p.parts, m)
-    if isinstance(p, Fixed):
-        return (Fixed(p.n // m),) * m
-    assert isinstance(p, Prod) and isinstance(p.parts[-1], Fixed)
-    return (Prod(p.parts[:-1] + (Fixed(p.parts[-1].n // m),)),) * m
-
-
-def _regroup(parts: tuple[Any, ...], k: int) -> tuple[Any, ...]:
-    """The children of ``I_{k*m}(parts)`` read as ``I_k(I_m(..))``: child ``j`` of the outer
-    interleave is ``I_m(parts[j], parts[j + k], ..)``."""
-    m = len(parts) // k
-    if m == 1:
-        return parts
-    return tuple(Interleave(tuple(parts[jj * k + j] for jj in range(m))) for j in range(k))
-
-
 def _has_fixed(lay: Layout) -> bool:
     return isinstance(lay, Fixed) or (isinstance(lay, NODES) and any(map(_has_fixed, lay.parts)))
 
@@ -762,3 +559,6 @@ def _atom_ids(lay: Layout, out: list[int] | None = None) -> list[int]:
         for p in lay.parts:
             _atom_ids(p, out)
     return out
+
+
+from . import interleave as _il  # noqa: E402  (interleave.py builds on the nodes above)
