@@ -47,7 +47,7 @@ from benchmarks._report import (  # noqa: E402
 from benchmarks.ot_fusion import HALF, WIDE, acc, train  # noqa: E402
 from fxfuse.core import merge_states  # noqa: E402
 from fxfuse.data import load_mnist  # noqa: E402
-from fxfuse.maps import GroupMap  # noqa: E402
+from fxfuse.pairing import in_order_maps  # noqa: E402
 
 BEGIN, END = "<!-- graph-matching-widths:begin -->", "<!-- graph-matching-widths:end -->"
 COMMAND = "python benchmarks/graph_widths.py --write"
@@ -57,15 +57,7 @@ THREADS = 1
 def in_order(models: list[nn.Module], x: torch.Tensor, target: int) -> nn.Module:
     """The unaligned average of models of different widths (module doc)."""
     specs = [fxfuse.find_groups(m, x) for m in models]
-    maps = []
-    for s in specs:
-        mk = {}
-        for g in s.groups:
-            n, m = g.size, specs[target].group(g.name).size
-            mk[g.name] = (GroupMap(index=torch.arange(n)) if n == m else
-                          GroupMap.copies(torch.arange(m) % n, n) if m > n else
-                          GroupMap.clusters(torch.arange(n) % m, m))
-        maps.append(mk)
+    maps = in_order_maps(specs, target)
     out = copy.deepcopy(models[target])
     out.load_state_dict(merge_states(specs, [m.state_dict() for m in models], maps, [0.5, 0.5]))
     return out

@@ -154,3 +154,24 @@ def width_table(target: PermutationSpec, specs: Sequence[PermutationSpec]) -> li
 
 __all__ = ["pair_specs", "resized", "same_widths", "sizes_of", "structure_difference",
            "width_table"]
+
+
+def in_order_maps(specs: Sequence[PermutationSpec], target: int) -> list[dict[str, Any]]:
+    """What averaging models of different widths "as they are" means (the baseline an
+    alignment across widths is measured against): per model and group, unit ``j`` of ``n`` goes
+    to fused unit ``j mod m`` of the target's ``m`` (clusters) where ``n > m``, fused unit ``i``
+    copies unit ``i mod n`` where ``n < m``, the identity where equal.  ``GroupMap`` values."""
+    import torch
+
+    from .maps import GroupMap
+
+    out = []
+    for spec in specs:
+        maps: dict[str, Any] = {}
+        for g in spec.groups:
+            n, m = g.size, specs[target].group(g.name).size
+            maps[g.name] = (GroupMap(index=torch.arange(n)) if n == m else
+                            GroupMap.copies(torch.arange(m) % n, n) if m > n else
+                            GroupMap.clusters(torch.arange(n) % m, m))
+        out.append(maps)
+    return out

@@ -21,6 +21,7 @@ import models
 from fxfuse.align.graph import GraphMatching, GraphObjective
 from fxfuse.core import merge_states
 from fxfuse.maps import GroupMap, apply_maps
+from fxfuse.pairing import in_order_maps
 from fxfuse.passes import FusionReport
 from fxfuse.permute import rel_diff
 from fxfuse.solvers.assignment import max_assignment
@@ -317,21 +318,6 @@ def _widened(narrow: nn.Module, wide: nn.Module, x: torch.Tensor, seed: int) -> 
     return out.eval()
 
 
-def _in_order(specs: list[fxfuse.PermutationSpec], target: int) -> list[dict[str, GroupMap]]:
-    """The unaligned maps of models of different widths (what averaging "as they are" means
-    there): unit j goes to fused unit j mod m (clusters) or fused unit i copies unit i mod n."""
-    out = []
-    for s in specs:
-        mk = {}
-        for g in s.groups:
-            n, m = g.size, specs[target].group(g.name).size
-            mk[g.name] = (GroupMap(index=torch.arange(n)) if n == m else
-                          GroupMap.copies(torch.arange(m) % n, n) if m > n else
-                          GroupMap.clusters(torch.arange(n) % m, m))
-        out.append(mk)
-    return out
-
-
 @pytest.mark.parametrize("case", ["mlp", "cnn-bn", "residual"])
 def test_a_narrow_model_and_its_widening_fuse_into_its_function(case: str) -> None:
     """Into either model's widths: into the narrow one the wide model's copies are clustered
@@ -364,7 +350,7 @@ def test_a_narrow_model_and_its_widening_fuse_into_its_function(case: str) -> No
         assert any("different widths" in n for n in report.notes)
         specs = report.specs
         naive = merge_states(specs, [w.state_dict(), narrow.state_dict()],
-                             _in_order(specs, target), [0.5, 0.5])
+                             in_order_maps(specs, target), [0.5, 0.5])
         plain = copy.deepcopy((w, narrow)[target])
         plain.load_state_dict(naive)
         with torch.no_grad():
@@ -410,7 +396,7 @@ def test_two_trained_mlps_of_different_widths() -> None:
                               progress=False))
         plain = copy.deepcopy((a, b)[target])
         plain.load_state_dict(merge_states(specs, [a.state_dict(), b.state_dict()],
-                                           _in_order(specs, target), [0.5, 0.5]))
+                                           in_order_maps(specs, target), [0.5, 0.5]))
         assert gm < 0.5 * loss(plain), target
         assert gm < 2 * ot, target
         assert gm < 4 * max(loss(a), loss(b)), target
