@@ -53,7 +53,6 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-import models  # noqa: E402
 from benchmarks._report import (  # noqa: E402
     RESULTS_PATH,
     Lap,
@@ -164,11 +163,10 @@ def short_error(exc: BaseException, limit: int = 80) -> str:
 
 
 def worker(tool: str, name: str, repeats: int, timeout: float, threads: int) -> int:
-    """Child process: time ``tool`` on zoo model ``name``; print one JSON line."""
+    """Child process: time ``tool`` on zoo model ``name``; print one JSON line.  The tool is
+    imported (and timed) before the zoo, which imports parts of fxfuse (``models/leaf.py``
+    registers a rule)."""
     torch.set_num_threads(threads)
-    entry = models.ZOO[name]
-    inputs = entry.example_inputs()
-    model = entry.factory()
     out: dict[str, Any] = {}
     if tool == "fxfuse":
         def load() -> Any:
@@ -192,6 +190,13 @@ def worker(tool: str, name: str, repeats: int, timeout: float, threads: int) -> 
     except ImportError as exc:
         print(json.dumps({"status": f"not installed ({short_error(exc, 60)})"}))
         return 0
+    loaded_by_import = len(sys.modules) - before
+    import models
+
+    entry = models.ZOO[name]
+    inputs = entry.example_inputs()
+    model = entry.factory()
+    before = len(sys.modules)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -201,7 +206,7 @@ def worker(tool: str, name: str, repeats: int, timeout: float, threads: int) -> 
                 # neither
                 result, first = timed(lambda: call(lib))
             cold = Lap(import_lap.wall_s + first.wall_s, import_lap.cpu_s + first.cpu_s)
-            loaded = len(sys.modules) - before
+            loaded = loaded_by_import + len(sys.modules) - before
             laps = []
             for _ in range(repeats):  # no forced collection between calls: each call pays for
                 # the collections it triggers, the garbage left by the call before included
@@ -242,6 +247,8 @@ def measure(tool: str, name: str, repeats: int, timeout: float,
 
 
 def bench_model(name: str, index: int, repeats: int, timeout: float, threads: int) -> Row:
+    import models
+
     entry = models.ZOO[name]
     large = "large" in entry.tags
     n = repeats if repeats > 0 else (REPEATS_LARGE if large else REPEATS_SMALL)
@@ -411,6 +418,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def selected_models(spec: str) -> list[str]:
+    import models
+
     if not spec:
         return models.names() + models.names("large")
     chosen = [n.strip() for n in spec.split(",") if n.strip()]
