@@ -152,10 +152,6 @@ def width_table(target: PermutationSpec, specs: Sequence[PermutationSpec]) -> li
     return lines
 
 
-__all__ = ["pair_specs", "resized", "same_widths", "sizes_of", "structure_difference",
-           "width_table"]
-
-
 def in_order_maps(specs: Sequence[PermutationSpec], target: int) -> list[dict[str, Any]]:
     """What averaging models of different widths "as they are" means (the baseline an
     alignment across widths is measured against): per model and group, unit ``j`` of ``n`` goes
@@ -175,3 +171,7 @@ def in_order_maps(specs: Sequence[PermutationSpec], target: int) -> list[dict[st
                             GroupMap.clusters(torch.arange(n) % m, m))
         out.append(maps)
     return out
+
+
+__all__ = ["in_order_maps", "pair_specs", "resized", "same_widths", "sizes_of",
+           "structure_difference", "width_table"]

@@ -166,7 +166,7 @@ def _trace_root(model: nn.Module, stack_traces: bool) -> tuple[_Tracer, fx.Graph
     try:
         return tracer, tracer.trace(model)
     except Exception as first:
-        if not any(True for _ in model.buffers()):
+        if next(model.buffers(), None) is None:
             raise
         tracer = _Tracer(stack_traces)
         tracer.proxy_buffer_attributes = True
