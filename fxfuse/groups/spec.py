@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import PermutationError, SpecError
-from ..ir.layout import Atom, Fixed, Interleave, Layout, Prod, Reason, Sum, Tree, Unit
+from ..ir.layout import Atom, AtomTable, Fixed, Interleave, Layout, Prod, Reason, Sum, Tree, Unit
+from ..ir.layout import _atom_ids as atom_ids
 from .discover import AXES, Discovery, TensorAxes
 from .roles import finish_roles
 
@@ -172,8 +173,12 @@ class PermutationSpec:
     def lint(self, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
         """Check the spec's invariants (and, given ``shapes``, that it fits those tensors)."""
         sizes = {g.name: g.size for g in self.groups}
+        known: dict[int, tuple[Tree, int]] = {}  # id(tree) -> its size (aliases share one tree)
         for (key, axis), a in self.axes.items():
-            if tree_size(a.layout, sizes) != a.size:
+            hit = known.get(id(a.layout))
+            if hit is None:
+                hit = known[id(a.layout)] = (a.layout, tree_size(a.layout, sizes))
+            if hit[1] != a.size:
                 raise SpecError(f"{key}:{axis}: layout {tree_str(a.layout)} does not have size "
                                 f"{a.size}")
             if shapes is not None:
@@ -439,6 +444,14 @@ def to_tree(lay: Layout, name: Callable[[int], str | None],
 
 # -- derivation from discovery ---------------------------------------------------------------------
 def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
+    """The frozen spec of a finished discovery: one group per free atom class of the parameter
+    axes (named after the first parameter that has it), each axis' layout as a tree over group
+    names, the nodes whose rules joined each group, and the activation layouts.
+
+    Layouts resolved by the atom table are in normal form (``resolve`` is idempotent on them)
+    and the table hands out one resolved object per atom class, shared by every axis made of it
+    (every input channel of a DenseNet block's convs reads the same concatenation), so each
+    resolved layout is converted to a tree once and its atoms listed once (:class:`_Trees`)."""
     table = disc.table
     names: dict[int, str] = {}
     taken: set[str] = set()
@@ -450,10 +463,11 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
     whole = {r.id for lays in disc.param_axes.values() for r in map(table.resolve, lays)
              if isinstance(r, Atom)}
     labels = {a: lab for a, lab in table.labels().items() if a not in whole}
+    param_trees = _Trees(names.__getitem__)
     for key, lays in disc.param_axes.items():
         for axis, raw in enumerate(lays):
             resolved = table.resolve(raw)
-            atoms = table.atoms_in(resolved)
+            atoms = param_trees.atoms(resolved)
             for atom in atoms:
                 if atom not in names:
                     base = key.rsplit(".", 1)[0] if "." in key else key
@@ -465,13 +479,75 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
                         name = f"{base}#{k}"
                     names[atom] = name
                     taken.add(name)
-            tree = to_tree(resolved, names.__getitem__)
+            tree = param_trees.tree(resolved)
             size = disc.param_shapes[key][axis]
             because = tuple(r.short() for r in table.fixed_reasons(raw))  # also partly fixed
+            distinct = list(dict.fromkeys(atoms))
             for alias in disc.aliases[key]:
                 axes[(alias, axis)] = AxisSpec(alias, axis, size, tree, because)
-                for atom in dict.fromkeys(atoms):
-                    members.setdefault(atom, []).append(Member(alias, axis, tree))
+                member = Member(alias, axis, tree)  # one object in each of its groups' lists
+                for atom in distinct:
+                    members.setdefault(atom, []).append(member)
+    node_trees = _Trees(names.get, table.atom_size, param_trees._atoms)
+    joined = _joined_by(table, names, node_trees.atoms)
+    groups = [Group(names[a], table.atom_size(a), members[a], tuple(joined[a])) for a in names]
+    cuts = [CutRecord(r.node, r.op, r.detail, r.source) for r in _unique(disc.cuts)]
+    activations: dict[str, tuple[Tree, ...]] = {}
+    for node in disc.gm.graph.nodes:
+        axes_meta = node.meta.get(AXES)
+        if node.op.startswith("call") and isinstance(axes_meta, TensorAxes):
+            node_lays = [table.resolve(lay) for lay in axes_meta.layouts]
+            if any(a in names for lay_ in node_lays for a in node_trees.atoms(lay_)):
+                activations[node.name] = tuple(node_trees.tree(lay_) for lay_ in node_lays)
+    roles = {ka: r for ka, r in finish_roles(disc.roles, disc.aliases).items() if ka in axes}
+    probed = [CutRecord(r.node, r.op, r.detail, r.source) for r in _unique(disc.probed)]
+    return PermutationSpec(groups, axes, cuts, model_name, disc.tracer, activations, roles,
+                           disc.buffers, probed, tuple(disc.notes))
+
+
+class _Trees:
+    """Trees and atom lists of resolved layouts, each computed once per layout object (the
+    memo holds the layout, so an id is never reused while it is in use), with one ``Unit`` per
+    atom: :func:`to_tree` with the same ``name`` / ``size``, whose answers must not change while
+    the memo is used (the table is final; an atom's name, once given, stays)."""
+
+    def __init__(self, name: Callable[[int], str | None],
+                 size: Callable[[int], int] | None = None,
+                 atoms: dict[int, tuple[Layout, list[int]]] | None = None) -> None:
+        self.name, self.size = name, size
+        self._trees: dict[int, tuple[Layout, Tree]] = {}
+        self._atoms = {} if atoms is None else atoms  # may be shared: it does not depend on names
+        self._leaves: dict[int, Tree] = {}
+
+    def atoms(self, resolved: Layout) -> list[int]:
+        """The atom ids of ``resolved``, left to right (``AtomTable.atoms_in`` of a layout in
+        normal form, without resolving it again)."""
+        hit = self._atoms.get(id(resolved))
+        if hit is None:
+            hit = self._atoms[id(resolved)] = (resolved, atom_ids(resolved))
+        return hit[1]
+
+    def tree(self, resolved: Layout) -> Tree:
+        hit = self._trees.get(id(resolved))
+        if hit is None:
+            hit = self._trees[id(resolved)] = (resolved, self._convert(resolved))
+        return hit[1]
+
+    def _convert(self, lay: Layout) -> Tree:
+        if isinstance(lay, Atom):
+            leaf = self._leaves.get(lay.id)
+            if leaf is None:
+                leaf = self._leaves[lay.id] = to_tree(lay, self.name, self.size)
+            return leaf
+        if isinstance(lay, Fixed):
+            return lay  # a frozen Fixed(n) is its own tree
+        return type(lay)(tuple([self._convert(c) for c in lay.parts]))  # Prod / Sum / Interleave
+
+
+def _joined_by(table: AtomTable, names: Mapping[int, str],
+               atoms: Callable[[Layout], list[int]]) -> dict[int, dict[str, None]]:
+    """Provenance: for every named atom, the ``"node (op)"`` of each rule that linked an atom
+    it is made of, in the order the links were made (``atoms``: a resolved layout's atom ids)."""
     joined: dict[int, dict[str, None]] = {a: {} for a in names}
     named_under: dict[int, list[int]] = {}  # atom -> its named atoms now (the table is final)
     # (atom, where) pairs done: a refinement into k atoms records k links from one end at one node
@@ -484,23 +560,11 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
             done.add((end, where))
             under = named_under.get(end)
             if under is None:
-                under = named_under[end] = [a for a in table.atoms_in(Atom(end)) if a in joined]
+                under = named_under[end] = [a for a in atoms(table.resolve(Atom(end)))
+                                            if a in joined]
             for atom in under:
                 joined[atom][where] = None
-    groups = [Group(names[a], table.atom_size(a), members[a], tuple(joined[a])) for a in names]
-    cuts = [CutRecord(r.node, r.op, r.detail, r.source) for r in _unique(disc.cuts)]
-    activations: dict[str, tuple[Tree, ...]] = {}
-    for node in disc.gm.graph.nodes:
-        axes_meta = node.meta.get(AXES)
-        if node.op.startswith("call") and isinstance(axes_meta, TensorAxes):
-            node_lays = [table.resolve(lay) for lay in axes_meta.layouts]
-            if any(a in names for lay_ in node_lays for a in table.atoms_in(lay_)):
-                activations[node.name] = tuple(
-                    to_tree(lay_, names.get, table.atom_size) for lay_ in node_lays)
-    roles = {ka: r for ka, r in finish_roles(disc.roles, disc.aliases).items() if ka in axes}
-    probed = [CutRecord(r.node, r.op, r.detail, r.source) for r in _unique(disc.probed)]
-    return PermutationSpec(groups, axes, cuts, model_name, disc.tracer, activations, roles,
-                           disc.buffers, probed, tuple(disc.notes))
+    return joined
 
 
 def _unique(reasons: list[Reason]) -> list[Reason]:
