@@ -79,7 +79,9 @@ NUM_THREADS = 1  # discovery is Python-bound; one thread is steadier on the shar
 FIXED_COST_S = 0.002  # issue 21: fxfuse's fixed cost under 2 ms
 TARGET_MODEL = "resnet50"
 TARGET_SECONDS = 1.0
-TOOLS = ("fxfuse", "torch-pruning")
+TOOLS = ("fxfuse", "torch-pruning", "torch.fx")
+# "torch.fx": torch's own symbolic tracer alone (`torch.fx.Tracer().trace(model)`, no fxfuse
+# code): the floor under any discovery that traces with torch.fx on every call
 
 
 class BenchTimeout(Exception):
@@ -131,6 +133,7 @@ class Row:
     cuts: int | None
     fxfuse: Timing
     tp: Timing
+    fx_trace: Timing
 
 
 # -- the child process: one tool, one model -------------------------------------------------------
@@ -176,6 +179,19 @@ def worker(tool: str, name: str, repeats: int, timeout: float, threads: int) -> 
 
         def call(lib: Any) -> Any:
             return lib.find_groups(model, inputs)
+    elif tool == "torch.fx":
+        def load() -> Any:
+            import torch.fx
+
+            return torch.fx
+
+        def call(lib: Any) -> Any:  # as fxfuse's tracer: buffers as nodes if the plain trace fails
+            try:
+                return lib.Tracer().trace(model)
+            except Exception:
+                tracer = lib.Tracer()
+                tracer.proxy_buffer_attributes = True
+                return tracer.trace(model)
     else:
         def load() -> Any:
             import torch_pruning
@@ -257,7 +273,7 @@ def bench_model(name: str, index: int, repeats: int, timeout: float, threads: in
     fx, fx_data = results["fxfuse"]
     tp_timing, _ = results["torch-pruning"]
     return Row(name, large, n, fx_data.get("groups"), fx_data.get("perm_axes"),
-               fx_data.get("cuts"), fx, tp_timing)
+               fx_data.get("cuts"), fx, tp_timing, results["torch.fx"][0])
 
 
 # -- reporting ----------------------------------------------------------------------------------
@@ -270,11 +286,17 @@ def ratio(row: Row) -> float | None:
     return None if fx is None or tp is None or tp == 0 else fx / tp
 
 
+def trace_ratio(row: Row) -> float | None:
+    fx, tp = row.fx_trace.median_s, row.tp.median_s
+    return None if fx is None or tp is None or tp == 0 else fx / tp
+
+
 def render_table(rows: list[Row]) -> str:
     lines = [
         "| model | runs | groups | permutable axes | cuts | fxfuse cold | fxfuse median (min) "
-        "[CPU] | torch-pruning cold | torch-pruning median (min) [CPU] | fxfuse / tp (medians) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "[CPU] | torch-pruning cold | torch-pruning median (min) [CPU] | fxfuse / tp (medians) "
+        "| torch.fx trace alone median (min) [CPU] | trace alone / tp |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         name = f"{r.model} (large)" if r.large else r.model
@@ -282,7 +304,8 @@ def render_table(rows: list[Row]) -> str:
         lines.append(
             f"| {name} | {r.repeats} | {fmt_count(r.groups)} | {fmt_count(r.perm_axes)} | "
             f"{fmt_count(r.cuts)} | {r.fxfuse.cold_cell()} | {r.fxfuse.cell()} | "
-            f"{r.tp.cold_cell()} | {r.tp.cell()} | {'-' if q is None else f'{q:.2f}x'} |"
+            f"{r.tp.cold_cell()} | {r.tp.cell()} | {'-' if q is None else f'{q:.2f}x'} | "
+            f"{r.fx_trace.cell()} | {'-' if (t := trace_ratio(r)) is None else f'{t:.2f}x'} |"
         )
     return "\n".join(lines)
 
@@ -333,6 +356,16 @@ def verdicts(rows: list[Row]) -> list[str]:
         out.append(f"- fxfuse's fixed cost under {fmt_seconds(FIXED_COST_S)} (at most its smallest "
                    f"warm median, {low.model}: {fmt_seconds(low_s)}): "
                    f"{'PASS' if low_s < FIXED_COST_S else '**FAIL**'}")
+    floor = [r for r in rows if trace_ratio(r) is not None]
+    above = [r for r in floor if (trace_ratio(r) or 0.0) > 1.0]
+    if floor:
+        out.append(f"- The floor of tracing with torch.fx: torch's own `Tracer().trace` alone (no "
+                   f"fxfuse code) is slower than torch-pruning's whole `build_dependency` on "
+                   f"{len(above)} of {len(floor)} models"
+                   + (": " + ", ".join(f"{r.model} ({trace_ratio(r):.2f}x)" for r in above)
+                      if above else "")
+                   + ". On those, a discovery that runs fx's symbolic trace on every call can "
+                   "not be at or below torch-pruning, however fast the rest of it is.")
     if fx_only:
         out.append("- Not compared (torch-pruning has no timing: its status is in the table): "
                    + ", ".join(fx_only))
@@ -368,7 +401,10 @@ def render_section(rows: list[Row], args: argparse.Namespace, total_s: float) ->
         "of Python modules loaded meanwhile; where fxfuse's cold call spends its time is in "
         "the discovery-profile section), then " + run_kind + ". fxfuse: `fxfuse.find_groups(model, inputs)` "
         "end to end (tracing, shape recording, discovery, spec build); torch-pruning: "
-        "`tp.DependencyGraph().build_dependency(model, example_inputs=inputs)`. Cells: wall-time "
+        "`tp.DependencyGraph().build_dependency(model, example_inputs=inputs)`; torch.fx (a "
+        "reference, in its own child process too): `torch.fx.Tracer().trace(model)` alone "
+        "(retried with `proxy_buffer_attributes=True` where the plain trace fails, as fxfuse "
+        "does), the symbolic trace fxfuse's discovery starts from, without fxfuse's code. Cells: wall-time "
         "median (min) [median CPU time of the process, all threads]; no garbage collection is "
         "forced between the timed calls (each pays for the collections it triggers, the garbage "
         "of the call before it included). A tool slower than "
