@@ -122,6 +122,17 @@ class _Handles:
         return v
 
 
+@dataclass(frozen=True, slots=True)
+class _ModuleTensor:
+    """One parameter or buffer of a called module: its name there, its state_dict key (``None``
+    for a buffer outside the state_dict), shape and dtype, and the parameter axes it is."""
+
+    name: str
+    key: str | None
+    meta: TensorMeta
+    origins: Origins | None
+
+
 class _Driver:
     def __init__(self, model: nn.Module, gm: GraphTrace, strict: bool, fix_io: bool,
                  lifted: dict[str, str] | None = None, probe: bool = True) -> None:
@@ -153,6 +164,11 @@ class _Driver:
         self.roles: dict[tuple[str, int], set[str | None]] = {}
         self.shuffles = find_shuffles(gm.graph)  # node name -> its channel shuffle chain
         self._shuffle_on: dict[str, bool] = {}  # chain's first node -> read as one op
+        # per call, looked up once: submodules by qualified name, and each called module's
+        # tensors (a block called k times, or a module under several names, reads them k times)
+        self._submodules: dict[str, nn.Module] = {"": gm.root}
+        self._tensors_of: dict[int, list[_ModuleTensor]] = {}
+        self._near: dict[Any, dict[tuple[Any, Any], set[tuple[Any, Any]]]] = {}
 
     # -- helpers ------------------------------------------------------------------------------
     def _fresh(self, value: Any) -> Any:
@@ -236,8 +252,21 @@ class _Driver:
                      "in the state_dict, so it can not be permuted")
         self._fix_all(self._tensor_axes(node.meta[AXES]), why)
 
+    def _submodule(self, target: str) -> nn.Module:
+        """``root.get_submodule(target)``, each prefix of a dotted name walked once per call."""
+        hit = self._submodules.get(target)
+        if hit is not None:
+            return hit
+        parent, _, name = target.rpartition(".")
+        up = self._submodule(parent)
+        sub = getattr(up, name, None)
+        if not isinstance(sub, nn.Module):
+            return self.gm.root.get_submodule(target)  # raises get_submodule's own error
+        self._submodules[target] = sub
+        return sub
+
     def _call(self, node: fx.Node) -> None:
-        module = self.gm.root.get_submodule(str(node.target)) if node.op == "call_module" else None
+        module = self._submodule(str(node.target)) if node.op == "call_module" else None
         opname = type(module).__name__ if module is not None else target_name(node.target)
         self.table.at(node.name, opname)
         chain = self.shuffles.get(node.name)
@@ -389,21 +418,32 @@ class _Driver:
         """Handles of a called module's parameters and buffers (a buffer outside the state_dict
         is a constant: fixed)."""
         params: dict[str, TensorHandle] = {}
-        for name, t in [*module.named_parameters(remove_duplicate=False),
-                        *module.named_buffers(remove_duplicate=False)]:
-            if t is None:
-                continue
-            lays = self._param_layouts(t)
-            if lays is None:
-                lays = tuple(self.table.new(s) for s in t.shape)
+        for mt in self._module_tensors(module):
+            if mt.key is not None:
+                self.used.add(mt.key)
+                lays = self.param_axes[mt.key]
+            else:
+                lays = tuple(self.table.new(s) for s in mt.meta.shape)
                 why = Reason("constant", node.name, opname,
-                             f"buffer {name!r} is not in the state_dict")
+                             f"buffer {mt.name!r} is not in the state_dict")
                 for lay in lays:
                     self.table.fix(lay, why)
-            key = self.key_of.get(id(t))
-            params[name] = hs.handle(lays, TensorMeta(tuple(t.shape), t.dtype),
-                                     _param_origins(key, t.ndim) if key is not None else None)
+            params[mt.name] = hs.handle(lays, mt.meta, mt.origins)
         return params
+
+    def _module_tensors(self, module: nn.Module) -> list[_ModuleTensor]:
+        """A module's parameters then buffers (``named_parameters`` / ``named_buffers``, with
+        duplicates), once per module object per call."""
+        hit = self._tensors_of.get(id(module))
+        if hit is not None:
+            return hit
+        out: list[_ModuleTensor] = []
+        for name, t in _named_tensors(module):
+            key = self.key_of.get(id(t))
+            out.append(_ModuleTensor(name, key, TensorMeta(tuple(t.shape), t.dtype),
+                                     _param_origins(key, t.ndim) if key is not None else None))
+        self._tensors_of[id(module)] = out
+        return out
 
     def _record_use(self, node: fx.Node, relations: list[Any], sources: list[Origins | None],
                     out_value: Any, module: nn.Module | None,
@@ -418,11 +458,11 @@ class _Driver:
             return  # only activations in: no parameter axis gets a role here
         if all(sources[i] is not None for i in inputs):  # a view: its outputs' origins
             wanted = [(h.index, d) for h in _handles_in(out_value) for d in range(len(h.shape))]
-            near = related_axes(relations, wanted)
+            near = self._related(relations, wanted)
             self.lineage[node.name] = _view_origins(out_value, near, sources, inputs)
             return
         # roles of the parameter axes among the inputs
-        near = related_axes(relations, [(t, a) for t in inputs for a in range(len(sources[t] or ()))])
+        near = self._related(relations, [(t, a) for t in inputs for a in range(len(sources[t] or ()))])
         table = role_table(module)
         names = {h.index: name for name, h in params.items()}
         for t in inputs:
@@ -440,6 +480,20 @@ class _Driver:
                 for key, axis in keys:
                     self.roles.setdefault((key, axis), set()).add(role)
 
+    def _related(self, relations: list[Any], wanted: list[tuple[int, int]]
+                 ) -> dict[tuple[Any, Any], set[tuple[Any, Any]]]:
+        """:func:`~fxfuse.groups.roles.related_axes`, once per distinct (relations, wanted) in
+        a call: relations name tensors by their number in the op, so every conv (or norm, or
+        linear) of one form has the same ones.  The result is only read."""
+        try:
+            key = (tuple(relations), tuple(wanted))
+            hit = self._near.get(key)
+        except TypeError:  # a rule's expression that does not hash (a list inside a Prod)
+            return related_axes(relations, wanted)
+        if hit is None:
+            hit = self._near[key] = related_axes(relations, wanted)
+        return hit
+
     def _fix_handles(self, handles: list[tuple[Layout, ...]], why: Reason) -> None:
         for lays in handles:
             for lay in lays:
@@ -449,17 +503,16 @@ class _Driver:
                shapes: list[tuple[int, ...]], base: Reason, cut_kind: str = "rule") -> None:
         mentioned: set[tuple[int, int]] = set()
         local: dict[str, Atom] = {}
-
-        def lay(e: Any) -> Layout:
-            return self._layout(e, handles, mentioned, local)
-
+        layout, table = self._layout, self.table
         for r in relations:
             if isinstance(r, Same):
-                self.table.unify(lay(r.a), lay(r.b), base)
+                table.unify(layout(r.a, handles, mentioned, local),
+                            layout(r.b, handles, mentioned, local), base)
             elif isinstance(r, Cut):
-                self.table.fix(lay(r.a), Reason(cut_kind, base.node, base.op, r.why, base.source))
+                table.fix(layout(r.a, handles, mentioned, local),
+                          Reason(cut_kind, base.node, base.op, r.why, base.source))
             elif isinstance(r, Free):
-                lay(r.a)
+                layout(r.a, handles, mentioned, local)
             else:
                 raise TypeError(f"not a relation: {r!r}")
         for i, lays in enumerate(handles):
@@ -510,6 +563,21 @@ def _fill(v: Any, values: dict[int, torch.Tensor]) -> Any:
     if isinstance(v, slice):
         return slice(_fill(v.start, values), _fill(v.stop, values), _fill(v.step, values))
     return v
+
+
+def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``[*named_parameters(remove_duplicate=False), *named_buffers(remove_duplicate=False)]``;
+    for a module without submodules (most called modules) read from its own tables, which is
+    what those two walks read there."""
+    cls, base = type(module), nn.Module
+    if (module._modules or cls.named_parameters is not base.named_parameters
+            or cls.named_buffers is not base.named_buffers
+            or cls.named_modules is not base.named_modules):
+        return [(name, t) for name, t in [*module.named_parameters(remove_duplicate=False),
+                                          *module.named_buffers(remove_duplicate=False)]
+                if t is not None]
+    return [(name, t) for table in (module._parameters, module._buffers)
+            for name, t in table.items() if t is not None]
 
 
 def _param_origins(key: str, ndim: int) -> Origins:

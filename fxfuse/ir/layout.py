@@ -287,8 +287,12 @@ class AtomTable:
 
     def fixed_reasons(self, lay: Layout) -> list[Reason]:
         """Reasons recorded on the fixed atom classes underneath ``lay`` (unresolved walk)."""
+        return self._reasons_of(self._fixed_roots(lay))
+
+    def _reasons_of(self, roots: list[int]) -> list[Reason]:
+        """The reasons of fixed roots ``roots``, each once, in order (:meth:`fixed_reasons`)."""
         out: list[Reason] = []
-        for r in self._fixed_roots(lay):
+        for r in roots:
             why = self._fixed[r]
             for w in (why, *self._also.get(r, ())):
                 if w is not None and w not in out:
@@ -302,8 +306,19 @@ class AtomTable:
         for r in self._holders.pop(a, ()):
             self._resolved.pop(r, None)
 
+    def _free_roots(self, lay: Layout) -> list[int]:
+        """:meth:`atoms_in`, without building the layout of an atom whose class is not refined
+        (``[root]`` if free and of size > 1, else none: :meth:`resolve`'s first cases)."""
+        if type(lay) is Atom:
+            r = self.find(lay.id)
+            if self._fixed[r] is not None or self._size[r] == 1:
+                return []
+            if self._refined[r] is None:
+                return [r]
+        return self.atoms_in(lay)
+
     def fix(self, lay: Layout, why: Reason) -> None:
-        for r in self.atoms_in(lay):
+        for r in self._free_roots(lay):
             self._fixed[r] = why
             self._substituted(r)
         if why.kind in ("input", "output"):  # also note it where something else fixed it first
@@ -346,21 +361,27 @@ class AtomTable:
     def _refine(self, a: int, tree: Layout, why: Reason, source: Layout | None = None) -> None:
         """``P_a`` := ``tree`` (resolved); ``source``, ``tree`` before resolution, says which of
         its ``Fixed(1)`` positions an interleave's cut fixed (their reasons stay with ``a``)."""
-        if a in self.atoms_in(tree):  # occurs check: a = f(a) has no solution but the identity
+        atoms = self.atoms_in(tree)  # not changed by refining ``a``, which is not among them
+        if a in atoms:  # occurs check: a = f(a) has no solution but the identity
             self.fix(Prod((Atom(a), tree)), why)
             return
-        rows = [r for r in self._fixed_roots(source) if self._size[r] == 1] if source else []
+        # size-1 atoms are fixed only by an interleave's cut (:attr:`_any_cut`): without one,
+        # ``source`` holds none and the walk is skipped
+        rows = ([r for r in self._fixed_roots(source) if self._size[r] == 1]
+                if source is not None and self._any_cut else [])
         if not rows and self._rows and _has_fixed(tree):
             rows = list(dict.fromkeys(self._rows))
         if rows:
             self._cut_rows[a] = rows
         self._refined[a] = tree
         self._substituted(a)
-        for b in self.atoms_in(tree):
-            self.links.append(Link(a, b, *self._where))
+        node, op = self._where
+        self.links += [Link(a, b, node, op) for b in atoms]
 
     def unify(self, x: Layout, y: Layout, why: Reason) -> None:
         """Constrain ``x`` and ``y`` to describe the same permutation of one axis."""
+        if type(x) is Atom and type(y) is Atom and self._unify_atoms(x.id, y.id):
+            return
         if self._rows is not None:  # inside another unify
             self._unify(x, y, why)
             return
@@ -371,9 +392,30 @@ class AtomTable:
         finally:
             self._rows = None
 
+    def _unify_atoms(self, i: int, j: int) -> bool:
+        """The common case of :meth:`unify`, two atoms whose classes are not refined and have
+        one size ``n > 1``, done as :meth:`_unify` does it without building their layouts: both
+        free, a union; one fixed, the other is fixed with its first reason and remembers where
+        it came from; both fixed, nothing (unless an interleave's cut rows are pending: then,
+        and in every other case, False: :meth:`_unify` decides)."""
+        a, b = self.find(i), self.find(j)
+        size, refined = self._size, self._refined
+        if size[a] != size[b] or size[a] == 1 or refined[a] is not None or refined[b] is not None:
+            return False
+        fa, fb = self._fixed[a], self._fixed[b]
+        if fa is None and fb is None:
+            self._union(a, b)
+        elif fa is None or fb is None:
+            fixed, free = (a, b) if fb is None else (b, a)
+            self.fix(Atom(free), self._fixed[fixed])  # type: ignore[arg-type]
+            self._fixed_from.setdefault(free, []).append(fixed)
+        elif self._rows:
+            return False
+        return True
+
     def _unify(self, x: Layout, y: Layout, why: Reason) -> None:
         a, b = self.resolve(x), self.resolve(y)
-        sa, sb = self.size(a), self.size(b)
+        sa, sb = self._size_of(x, a), self._size_of(y, b)
         if sa != sb:
             raise ValueError(f"cannot relate axes of sizes {sa} and {sb}")
         if a == b:
@@ -384,10 +426,10 @@ class AtomTable:
             # the free side inherits the reason the other side is fixed (e.g. "model input"),
             # and remembers where it came from, so a later input/output reason reaches both
             fixed_side, free_side = (x, b) if isinstance(a, Fixed) else (y, a)
-            known = self.fixed_reasons(fixed_side)
+            sources = self._fixed_roots(fixed_side)
+            known = self._reasons_of(sources)
             if not known and self._rows:  # a resolved piece of a cut interleave
                 known = self._row_reasons()
-            sources = self._fixed_roots(fixed_side)
             free_roots = self.atoms_in(free_side)
             self.fix(free_side, known[0] if known else why)
             for r in free_roots:
@@ -408,6 +450,11 @@ class AtomTable:
             _il.unify_interleave_prod(self, b, a, why)
         else:
             self._unify_sum(a, b, why)
+
+    def _size_of(self, lay: Layout, resolved: Layout) -> int:
+        """``|lay|``, its resolution being ``resolved``: an atom's size is its class's (every
+        refinement keeps the size), no walk of a long refinement."""
+        return self._size[self.find(lay.id)] if type(lay) is Atom else self.size(resolved)
 
     def _unify_prod(self, a: Prod, b: Prod, why: Reason) -> None:
         x, ra = a.parts[0], a.parts[1:]

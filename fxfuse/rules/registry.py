@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -114,27 +115,32 @@ class Cut:
 Relation = Same | Free | Cut
 
 
+@lru_cache(maxsize=4096)
+def _axis_refs(tensor: int, ndim: int) -> tuple[AxisRef, ...]:
+    """The axis references of a tensor handle (immutable values, so every handle of one index
+    and rank shares them: rules index axes many times, and most handles have 2-4 axes)."""
+    return tuple(AxisRef(tensor, d) for d in range(ndim))
+
+
 class TensorHandle:
     """What a rule sees of one tensor: its shape and its axes (``t[d]``, negative ``d`` allowed)."""
 
-    __slots__ = ("index", "shape", "dtype")
+    __slots__ = ("index", "shape", "dtype", "ndim", "_axes")
 
     def __init__(self, index: int, shape: Sequence[int], dtype: torch.dtype) -> None:
         self.index = index
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = tuple(map(int, shape))
         self.dtype = dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
+        self.ndim = len(self.shape)
+        self._axes = _axis_refs(index, self.ndim)
 
     def __getitem__(self, d: int) -> AxisRef:
         if not -self.ndim <= d < self.ndim:
             raise IndexError(f"axis {d} out of range for a tensor of shape {self.shape}")
-        return AxisRef(self.index, d % self.ndim)
+        return self._axes[d]
 
     def axes(self) -> list[AxisRef]:
-        return [AxisRef(self.index, d) for d in range(self.ndim)]
+        return list(self._axes)
 
     def __repr__(self) -> str:
         return f"TensorHandle(#{self.index}, shape={self.shape})"
