@@ -21,6 +21,7 @@ import contextlib
 import copy
 import inspect
 import itertools
+import math
 import operator
 import os
 import traceback
@@ -65,16 +66,101 @@ class GraphTrace:
         return cls(gm, gm.graph, gm.meta)
 
 
+# fx's wrapper for a leaf function (an fx internal): where it is missing, fx's own autowrap runs
+_create_wrapped_func: Callable[..., Any] | None = getattr(
+    fx._symbolic_trace, "_create_wrapped_func", None)
+
+# math function -> its fx wrapper, made once per process (see _Tracer)
+_MATH_WRAPPERS: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _math_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:
+    wrapped = _MATH_WRAPPERS.get(fn)
+    if wrapped is None:
+        assert _create_wrapped_func is not None
+        wrapped = _create_wrapped_func(fn)
+        wrapped.__fx_already_patched = True  # type: ignore[attr-defined]  # as fx marks its own
+        _MATH_WRAPPERS[fn] = wrapped
+    return wrapped
+
+
+# argument types fx's create_arg returns as they are (its ``_create_arg_bypass``), exact types
+_LEAF_ARGS = frozenset((int, float, bool, str, type(None)))
+
+
 class _Tracer(fx.Tracer):
     """fx tracing with fxfuse's leaves: modules with a rule.  Every other module is traced
     into; one that can not be (its ``forward`` raised on proxies) is rolled back and kept as an
-    opaque ``call_module`` node (``self.opaque``: node name -> why)."""
+    opaque ``call_module`` node (``self.opaque``: node name -> why).
+
+    fx's *autowrap* (a ``math`` function called with a Proxy becomes a ``call_function`` node of
+    it) wraps every public function of ``math`` anew on each trace (``functools.wraps`` of ~60
+    functions: a third of a small model's trace).  This tracer turns fx's off
+    (``autowrap_modules=()``) and patches the same names (``math``'s own, those of the root's
+    ``forward`` globals and of each called module's ``forward`` globals, each looked up when fx
+    would) with fx's wrappers made once per process, so the graph is fx's.  On a torch without
+    ``_create_wrapped_func`` fx's own autowrap runs."""
 
     def __init__(self, stack_traces: bool) -> None:
-        super().__init__()
+        own_wrap = _create_wrapped_func is not None
+        if own_wrap:
+            super().__init__(autowrap_modules=())  # type: ignore[arg-type]  # fx: tuple[Module]
+        else:  # pragma: no cover - another torch version
+            super().__init__()
+        self._own_wrap = own_wrap
         self.stack_traces = stack_traces
         self.opaque: dict[str, str] = {}
         self._proxy_cache: dict[str, Any] | None = None
+        self._math_ids: set[int] = set()
+        self._patched: list[tuple[dict[str, Any], str, Any]] = []
+        self._visited: set[int] = set()
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        if not self._own_wrap:
+            return super().trace(root, concrete_args)
+        self._patched, self._visited = [], set()
+        # fx's Tracer(autowrap_modules=(math,)): the public callables of math, by id
+        self._math_ids = {id(v) for k, v in math.__dict__.items()
+                          if not k.startswith("_") and callable(v)}
+        try:
+            fn = getattr(type(root), self.traced_func_name, None) if isinstance(
+                root, nn.Module) else root
+            self._autowrap(getattr(fn, "__globals__", None))  # fx: the root's globals first,
+            self._autowrap(math.__dict__)                      # then math's
+            return super().trace(root, concrete_args)
+        finally:
+            for frame, name, orig in reversed(self._patched):
+                frame[name] = orig
+            self._patched = []
+
+    def _autowrap(self, frame: dict[str, Any] | None) -> None:
+        """fx's ``_autowrap_check``: the math functions among ``frame``'s public names, each
+        replaced by its wrapper until the trace ends (each frame once per trace)."""
+        if frame is None or id(frame) in self._visited:
+            return
+        self._visited.add(id(frame))
+        ids = self._math_ids
+        for name, value in list(frame.items()):
+            if id(value) in ids and not name.startswith("_") and callable(value):
+                self._patched.append((frame, name, value))
+                frame[name] = _math_wrapper(value)
+
+    def create_arg(self, a: Any) -> Any:
+        """fx's ``create_arg``, without its chain of type checks for the common exact types
+        (a plain Proxy, Python scalars and strings, tuples / lists / str-keyed dicts of them):
+        fx returns the same for those.  Everything else is fx's."""
+        t = type(a)
+        if t is fx.Proxy:
+            return a.node
+        if t in _LEAF_ARGS:
+            return a
+        if t is tuple:
+            return tuple([self.create_arg(e) for e in a])
+        if t is list:
+            return [self.create_arg(e) for e in a]
+        if t is dict and all(type(k) is str for k in a):
+            return {k: self.create_arg(v) for k, v in a.items()}
+        return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return lookup(type(m)) is not None
@@ -96,10 +182,14 @@ class _Tracer(fx.Tracer):
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         self._proxy_cache = parameter_proxy_cache  # to forget proxies of rolled-back nodes
+        if not isinstance(attr_val, torch.Tensor):  # fx proxies only parameters and buffers
+            return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
+        if self._own_wrap:  # fx checks each called module's forward globals (see trace)
+            self._autowrap(getattr(getattr(m, "forward", m), "__globals__", None))
         if lookup(type(m)) is not None:
             return super().call_module(m, forward, args, kwargs)
         before = len(self.graph.nodes)
