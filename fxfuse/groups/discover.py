@@ -103,8 +103,11 @@ class _Handles:
         return TensorHandle(len(self.handles) - 1, meta.shape, meta.dtype)
 
     def wrap(self, axes: Any, val: Any, src: Any = None) -> Any:
-        if isinstance(axes, TensorAxes):
-            return self.handle(axes.layouts, val, src)
+        if type(axes) is TensorAxes:
+            self.handles.append(axes.layouts)
+            self.shapes.append(val.shape)
+            self.sources.append(src)
+            return TensorHandle(len(self.handles) - 1, val.shape, val.dtype)
         if isinstance(axes, tuple) and isinstance(val, (list, tuple)):
             subs = src if isinstance(src, tuple) and len(src) == len(axes) else (None,) * len(axes)
             return type(val)(self.wrap(a, v, u) for a, v, u in zip(axes, val, subs))
@@ -112,7 +115,10 @@ class _Handles:
 
     def arg(self, v: Any) -> Any:
         if isinstance(v, fx.Node):
-            return self.wrap(v.meta.get(AXES), v.meta.get(VALUE), self.lineage.get(v.name))
+            meta = v.meta
+            return self.wrap(meta.get(AXES), meta.get(VALUE), self.lineage.get(v.name))
+        if type(v) in _SCALARS:
+            return v
         if isinstance(v, (list, tuple)):
             return type(v)(self.arg(u) for u in v)
         if isinstance(v, dict):
@@ -120,6 +126,9 @@ class _Handles:
         if isinstance(v, slice):
             return slice(self.arg(v.start), self.arg(v.stop), self.arg(v.step))
         return v
+
+
+_SCALARS = frozenset({int, float, bool, str, type(None)})  # arguments passed through as they are
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,14 +158,14 @@ class _Driver:
         self.aliases: dict[str, list[str]] = {}
         self.param_axes: dict[str, tuple[Layout, ...]] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
-        self.state = model.state_dict(keep_vars=True)
+        self.state = _state_tensors(model)
         self.buffers = frozenset(k for k, t in self.state.items() if not isinstance(t, nn.Parameter))
         for key, t in self.state.items():
             first = self.key_of.setdefault(id(t), key)
             self.aliases.setdefault(first, []).append(key)
-            self.param_shapes[key] = tuple(t.shape)
+            shape = self.param_shapes[key] = tuple(t.shape)
             if first == key:
-                self.param_axes[key] = tuple(self.table.new(s) for s in t.shape)
+                self.param_axes[key] = self.table.new_axes(shape)
         self.used: set[str] = set()
         # for member roles (fxfuse.groups.roles): the parameters each node's value is made of only
         # (a parameter, or a view of parameters), and every op application that reads them
@@ -169,11 +178,13 @@ class _Driver:
         self._submodules: dict[str, nn.Module] = {"": gm.root}
         self._tensors_of: dict[int, list[_ModuleTensor]] = {}
         self._near: dict[Any, dict[tuple[Any, Any], set[tuple[Any, Any]]]] = {}
+        self._plans: dict[Any, list[tuple[int, int, str | None]]] = {}  # see _role_plan
+        self._opnames: dict[Any, str] = {}
 
     # -- helpers ------------------------------------------------------------------------------
     def _fresh(self, value: Any) -> Any:
         if isinstance(value, TensorMeta):
-            return TensorAxes(tuple(self.table.new(s) for s in value.shape))
+            return TensorAxes(self.table.new_axes(value.shape))
         if isinstance(value, (list, tuple)):
             return tuple(self._fresh(v) for v in value)
         return None
@@ -265,9 +276,19 @@ class _Driver:
         self._submodules[target] = sub
         return sub
 
+    def _opname(self, target: Any) -> str:
+        """``target_name(target)``, once per distinct target in a call."""
+        try:
+            hit = self._opnames.get(target)
+        except TypeError:  # an unhashable target
+            return target_name(target)
+        if hit is None:
+            hit = self._opnames[target] = target_name(target)
+        return hit
+
     def _call(self, node: fx.Node) -> None:
         module = self._submodule(str(node.target)) if node.op == "call_module" else None
-        opname = type(module).__name__ if module is not None else target_name(node.target)
+        opname = type(module).__name__ if module is not None else self._opname(node.target)
         self.table.at(node.name, opname)
         chain = self.shuffles.get(node.name)
         if chain is not None and self._shuffle(node, chain, opname):
@@ -452,7 +473,7 @@ class _Driver:
         are parameters is a view of them: its output axes inherit the parameter axes they are
         related to.  Otherwise a parameter axis related to an output axis is output-side, one
         related only to an activation input is input-side."""
-        outs = {h.index for h in _handles_in(out_value)}
+        outs = sorted({h.index for h in _handles_in(out_value)})
         inputs = [i for i in range(len(sources)) if i not in outs]
         if all(sources[i] is None for i in inputs):
             return  # only activations in: no parameter axis gets a role here
@@ -462,23 +483,24 @@ class _Driver:
             self.lineage[node.name] = _view_origins(out_value, near, sources, inputs)
             return
         # roles of the parameter axes among the inputs
-        near = self._related(relations, [(t, a) for t in inputs for a in range(len(sources[t] or ()))])
+        ndims = tuple(-1 if src is None else len(src) for src in sources)  # -1: an activation
+        try:
+            key = (tuple(relations), tuple(outs), ndims)
+            plan = self._plans.get(key)
+        except TypeError:  # a rule's expression that does not hash (a list inside a Prod)
+            key, plan = None, None
+        if plan is None:
+            plan = _role_plan(relations, outs, inputs, ndims)
+            if key is not None:
+                self._plans[key] = plan
         table = role_table(module)
-        names = {h.index: name for name, h in params.items()}
-        for t in inputs:
-            src = sources[t]
-            if src is None:
-                continue
-            for a, keys in enumerate(src):
-                role = None
-                others = near.get((t, a), ())
-                if any(u in outs for u, _ in others):
-                    role = OUT
-                elif any(u in inputs and sources[u] is None for u, _ in others):
-                    role = IN
+        names = {h.index: name for name, h in params.items()} if table else {}
+        roles = self.roles
+        for t, a, role in plan:
+            if table:
                 role = table.get((names.get(t, ""), a), role)
-                for key, axis in keys:
-                    self.roles.setdefault((key, axis), set()).add(role)
+            for key_axis in sources[t][a]:  # type: ignore[index]
+                roles.setdefault(key_axis, set()).add(role)
 
     def _related(self, relations: list[Any], wanted: list[tuple[int, int]]
                  ) -> dict[tuple[Any, Any], set[tuple[Any, Any]]]:
@@ -506,8 +528,14 @@ class _Driver:
         layout, table = self._layout, self.table
         for r in relations:
             if isinstance(r, Same):
-                table.unify(layout(r.a, handles, mentioned, local),
-                            layout(r.b, handles, mentioned, local), base)
+                a, b = r.a, r.b
+                if type(a) is AxisRef and type(b) is AxisRef:  # most relations: axis = axis
+                    mentioned.add((a.tensor, a.axis))
+                    mentioned.add((b.tensor, b.axis))
+                    table.unify(handles[a.tensor][a.axis], handles[b.tensor][b.axis], base)
+                    continue
+                table.unify(layout(a, handles, mentioned, local),
+                            layout(b, handles, mentioned, local), base)
             elif isinstance(r, Cut):
                 table.fix(layout(r.a, handles, mentioned, local),
                           Reason(cut_kind, base.node, base.op, r.why, base.source))
@@ -538,6 +566,27 @@ class _Driver:
         raise TypeError(f"not an axis expression: {e!r}")
 
 
+def _role_plan(relations: list[Any], outs: list[int], inputs: list[int], ndims: tuple[int, ...]
+               ) -> list[tuple[int, int, str | None]]:
+    """``(tensor, axis, role)`` for each parameter axis among an op's inputs: output-side
+    (:data:`OUT`) if the rule relates it to an output axis, else input-side (:data:`IN`) if to an
+    activation input's, else none.  ``ndims[t]``: tensor ``t``'s rank if it is a parameter (or a
+    view of parameters), -1 for an activation.  A function of its arguments only, so a driver
+    keeps one per distinct (relations, outs, ndims)."""
+    wanted = [(t, a) for t in inputs for a in range(max(ndims[t], 0))]
+    near = related_axes(relations, wanted)
+    plan: list[tuple[int, int, str | None]] = []
+    for t, a in wanted:
+        role = None
+        others = near.get((t, a), ())
+        if any(u in outs for u, _ in others):
+            role = OUT
+        elif any(u in inputs and ndims[u] < 0 for u, _ in others):
+            role = IN
+        plan.append((t, a, role))
+    return plan
+
+
 def _view_origins(v: Any, near: dict[tuple[Any, Any], set[tuple[Any, Any]]],
                   sources: list[Origins | None], inputs: list[int]) -> Any:
     """The parameter axes each axis of the output ``v`` of a view of parameters is made of."""
@@ -563,6 +612,35 @@ def _fill(v: Any, values: dict[int, torch.Tensor]) -> Any:
     if isinstance(v, slice):
         return slice(_fill(v.start, values), _fill(v.stop, values), _fill(v.step, values))
     return v
+
+
+def _state_tensors(model: nn.Module) -> dict[str, Any]:
+    """``model.state_dict(keep_vars=True)``: every module's parameters then persistent buffers,
+    then its submodules', keyed by path (a tied tensor under each of its keys).  Walked here
+    for plain modules (that walk is what ``state_dict`` does for them, without its metadata and
+    per-module calls); a module with state_dict hooks, its own ``state_dict`` /
+    ``_save_to_state_dict`` or extra state gets torch's ``state_dict`` itself."""
+    out: dict[str, Any] = {}
+    base = nn.Module
+    todo: list[tuple[str, nn.Module]] = [("", model)]
+    while todo:
+        prefix, module = todo.pop()
+        cls = type(module)
+        if (module._state_dict_hooks or module._state_dict_pre_hooks
+                or cls.state_dict is not base.state_dict
+                or cls._save_to_state_dict is not base._save_to_state_dict
+                or getattr(cls, "get_extra_state", base.get_extra_state) is not base.get_extra_state):
+            return dict(model.state_dict(keep_vars=True))
+        for name, p in module._parameters.items():
+            if p is not None:
+                out[prefix + name] = p
+        skip = module._non_persistent_buffers_set
+        for name, b in module._buffers.items():
+            if b is not None and name not in skip:
+                out[prefix + name] = b
+        todo += [(f"{prefix}{name}.", sub) for name, sub in reversed(module._modules.items())
+                 if sub is not None]
+    return out
 
 
 def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

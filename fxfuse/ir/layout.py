@@ -180,6 +180,15 @@ class AtomTable:
             self._labels[len(self._parent) - 1] = label
         return Atom(len(self._parent) - 1)
 
+    def new_axes(self, shape: tuple[int, ...]) -> tuple[Atom, ...]:
+        """One new atom per axis of a tensor of ``shape`` (:meth:`new` for each, in order)."""
+        n, k = len(self._parent), len(shape)
+        self._parent += range(n, n + k)
+        self._size += shape
+        self._fixed += [None] * k
+        self._refined += [None] * k
+        return tuple(map(Atom, range(n, n + k)))
+
     def labels(self) -> dict[int, str]:
         """Root atom -> the label a rule gave one of its members (first one wins)."""
         out: dict[int, str] = {}

@@ -1,0 +1,127 @@
+"""The rules stage's shortcuts give what the general code gives (discovery's driver and atom
+table): the state walk is ``state_dict(keep_vars=True)``, a leaf module's tensors are its
+``named_parameters`` + ``named_buffers``, the atom-atom unify is the general unify."""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from fxfuse.groups.discover import _named_tensors, _state_tensors
+from fxfuse.ir.layout import Atom, AtomTable, Prod, Reason
+from fxfuse.rules import AxisRef, TensorHandle
+
+
+class _Tied(nn.Module):
+    """Tied weights, a shared submodule, a None parameter, persistent and non-persistent
+    buffers, nesting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+        self.register_buffer("kept", torch.ones(2))
+        self.register_buffer("dropped", torch.ones(2), persistent=False)
+        self.register_parameter("absent", None)
+        self.shared = self.a
+        self.seq = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2, bias=False))
+
+
+class _Extra(nn.Linear):
+    def get_extra_state(self) -> Any:
+        return {"note": 1}
+
+    def set_extra_state(self, state: Any) -> None:
+        pass
+
+
+def _same_state(model: nn.Module) -> None:
+    want = model.state_dict(keep_vars=True)
+    got = _state_tensors(model)
+    assert list(got) == list(want)
+    assert all(got[k] is want[k] if isinstance(want[k], torch.Tensor) else got[k] == want[k]
+               for k in want)
+
+
+def test_state_walk_is_state_dict() -> None:
+    _same_state(_Tied())
+    _same_state(nn.Sequential(_Tied(), nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4))))
+
+
+def test_state_walk_defers_to_hooks_and_extra_state() -> None:
+    m = _Tied()
+
+    def rename(module: nn.Module, sd: OrderedDict[str, Any], prefix: str, local: Any) -> None:
+        sd[prefix + "renamed"] = sd.pop(prefix + "weight")
+
+    m.seq[1]._register_state_dict_hook(rename)
+    _same_state(m)
+    assert "seq.1.renamed" in _state_tensors(m)
+    e = nn.Sequential(_Extra(2, 2))
+    _same_state(e)
+    assert "0._extra_state" in _state_tensors(e)
+
+
+@pytest.mark.parametrize("module", [nn.Linear(3, 2), nn.BatchNorm2d(4), _Tied(),
+                                    nn.MultiheadAttention(4, 2)])
+def test_module_tensors_are_named_parameters_and_buffers(module: nn.Module) -> None:
+    want = [(n, t) for n, t in [*module.named_parameters(remove_duplicate=False),
+                                *module.named_buffers(remove_duplicate=False)] if t is not None]
+    got = _named_tensors(module)
+    assert [n for n, _ in got] == [n for n, _ in want]
+    assert all(a is b for (_, a), (_, b) in zip(got, want))
+
+
+def test_handle_axes() -> None:
+    h = TensorHandle(3, (2, 5, 7), torch.float32)
+    assert h.ndim == 3 and h[0] == AxisRef(3, 0) and h[-1] == AxisRef(3, 2) and h[1] is h[-2]
+    assert h.axes() == [AxisRef(3, d) for d in range(3)]
+    with pytest.raises(IndexError, match="axis 3 out of range"):
+        h[3]
+    with pytest.raises(IndexError, match="axis -4 out of range"):
+        h[-4]
+
+
+def _state(t: AtomTable) -> tuple[Any, ...]:
+    return (t._parent, t._fixed, t._refined, t._fixed_from, t._also, t.links,
+            [t.resolve(Atom(i)) for i in range(len(t._parent))])
+
+
+def test_atom_unify_shortcut_is_the_general_unify() -> None:
+    """Random unions and fixes of atoms (sizes 1-3, some refined into products, some fixed as
+    inputs): :meth:`AtomTable.unify` (with its atom-atom shortcut) and the general
+    :meth:`AtomTable._unify` leave identical tables."""
+    rng = random.Random(0)
+    for trial in range(200):
+        fast, slow = AtomTable(), AtomTable()
+        sizes = [rng.choice((1, 2, 2, 3, 4)) for _ in range(8)]
+        for t in (fast, slow):
+            for s in sizes:
+                t.new(s)
+        for step in range(12):
+            i, j = rng.randrange(8), rng.randrange(8)
+            kind = rng.random()
+            why = Reason("input" if kind < 0.2 else "rule", f"n{step}", "op", f"d{step}")
+            if kind < 0.35:
+                for t in (fast, slow):
+                    t.fix(Atom(i), why)
+                continue
+            if sizes[i] != sizes[j]:
+                continue
+            if kind > 0.9 and sizes[i] == 4:  # refine through a product
+                for t in (fast, slow):
+                    t.unify(Atom(i), Prod((t.new(2), t.new(2))), why)
+                continue
+            fast.unify(Atom(i), Atom(j), why)
+            slow._rows = []
+            try:
+                slow._unify(Atom(i), Atom(j), why)
+            finally:
+                slow._rows = None
+            assert _state(fast) == _state(slow), (trial, step)
