@@ -17,6 +17,7 @@ tracing.  ``gm.meta["fxfuse.opaque"]`` names each opaque call's node and why it 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import inspect
@@ -27,6 +28,7 @@ import os
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -88,6 +90,23 @@ def _math_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:
 _LEAF_ARGS = frozenset((int, float, bool, str, type(None)))
 
 
+class _ModuleStack(collections.OrderedDict[str, Any]):
+    """fx's ``module_stack``, copied into every node's ``meta["nn_module_stack"]`` with
+    ``copy.copy``: here the copy is the same plain ``OrderedDict`` made directly, not through
+    ``copy``'s ``__reduce_ex__`` protocol (a few microseconds a node)."""
+
+    def __copy__(self) -> collections.OrderedDict[str, Any]:
+        return collections.OrderedDict(self)
+
+
+class _Scope(fx.proxy.Scope):
+    """fx's tracer ``scope``, copied (``copy.copy``) on every module call: the copy made
+    directly."""
+
+    def __copy__(self) -> fx.proxy.Scope:
+        return fx.proxy.Scope(self.module_path, self.module_type)
+
+
 class _Tracer(fx.Tracer):
     """fx tracing with fxfuse's leaves: modules with a rule.  Every other module is traced
     into; one that can not be (its ``forward`` raised on proxies) is rolled back and kept as an
@@ -108,6 +127,9 @@ class _Tracer(fx.Tracer):
         else:  # pragma: no cover - another torch version
             super().__init__()
         self._own_wrap = own_wrap
+        # fx's own containers with a cheaper copy (where fx copies them: unused otherwise)
+        self.module_stack = _ModuleStack(self.module_stack)
+        self.scope = _Scope(self.scope.module_path, self.scope.module_type)
         self.stack_traces = stack_traces
         self.opaque: dict[str, str] = {}
         self._proxy_cache: dict[str, Any] | None = None
@@ -403,16 +425,33 @@ def model_device(model: nn.Module) -> torch.device:
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module, no_grad: bool = True) -> Iterator[None]:
     """Eval mode (and no grad unless ``no_grad=False``) for the duration; every module's
-    training flag is restored."""
+    training flag is restored.  Where no module overrides ``train`` or ``__setattr__``,
+    ``eval()`` only sets each module's ``training`` to False: the flags are then set directly
+    (``nn.Module.__setattr__`` and ``train`` cost about a microsecond a module), and only
+    those that change."""
     modes = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
+    plain = all(t.train is _MODULE_TRAIN and t.__setattr__ is _MODULE_SETATTR
+                for t in {type(m) for m, _ in modes})
+    if plain:
+        for m, mode in modes:
+            if mode is not False:
+                object.__setattr__(m, "training", False)
+    else:
+        for model in models:
+            model.eval()
     try:
         with torch.no_grad() if no_grad else contextlib.nullcontext():
             yield
     finally:
         for m, mode in modes:
-            m.training = mode
+            if not plain:
+                m.training = mode
+            elif m.training is not mode:
+                object.__setattr__(m, "training", mode)
+
+
+_MODULE_TRAIN = nn.Module.train
+_MODULE_SETATTR = nn.Module.__setattr__
 
 
 def _cache_configs(model: nn.Module) -> list[Any]:
@@ -652,46 +691,131 @@ def _function_shape(target: Any, args: Any, kwargs: Any) -> tuple[Shape, torch.d
     return _matmul(args[0], args[1], batched=target in (torch.bmm, "bmm"))
 
 
+def _module_value(mod: nn.Module, args: Any, kwargs: Any, call: Callable[[], Any]) -> Any:
+    """The value recorded for a call of ``mod`` (``call()`` runs it): the input itself for a
+    ``SHAPE_PRESERVING`` module, zeros of the formula's shape for a ``HEAVY_MODULES`` one (exact
+    types: no subclasses), else the real output."""
+    if (type(mod) in _SHAPE_PRESERVING and not kwargs and len(args) == 1
+            and isinstance(args[0], torch.Tensor) and args[0].is_floating_point()):
+        return args[0]
+    if type(mod) in _HEAVY_MODULES and not kwargs and len(args) == 1:
+        return _shape_only(_module_shape(mod, args[0]), args, call)
+    return call()
+
+
+def _shape_only(shape: tuple[Shape, torch.dtype] | None, args: Any,
+                fallback: Callable[[], Any]) -> Any:
+    """Zeros of the formula's shape and dtype, on the input's device; the real op where the
+    formula has no answer (an invalid call, whose error the real op gives)."""
+    real = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if real is None or shape is None:
+        return fallback()
+    return torch.zeros(shape[0], dtype=shape[1], device=real.device)
+
+
+_SHAPE_PRESERVING = frozenset(SHAPE_PRESERVING)
+_HEAVY_MODULES = frozenset(HEAVY_MODULES)
+
+
 class _Recorder(fx.Interpreter):
+    """``fx.Interpreter`` with the recorded values of :func:`_module_value` and the heavy
+    functions' shape formulas; the reference that :func:`_record` runs as a plain loop."""
+
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         n.meta[VALUE] = _summarise(result)
         return result
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        mod = self.module.get_submodule(target)
-        if (type(mod) in SHAPE_PRESERVING and not kwargs and len(args) == 1
-                and isinstance(args[0], torch.Tensor) and args[0].is_floating_point()):
-            return args[0]
-        if type(mod) in HEAVY_MODULES and not kwargs and len(args) == 1:  # exact: no subclasses
-            return self._shape_only(
-                _module_shape(mod, args[0]), args,
-                lambda: super(_Recorder, self).call_module(target, args, kwargs))
-        return super().call_module(target, args, kwargs)
+        return _module_value(self.module.get_submodule(target), args, kwargs,
+                             lambda: super(_Recorder, self).call_module(target, args, kwargs))
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if target in HEAVY_FUNCTIONS:
-            return self._shape_only(
+            return _shape_only(
                 _function_shape(target, args, kwargs), args,
                 lambda: super(_Recorder, self).call_function(target, args, kwargs))
         return super().call_function(target, args, kwargs)
 
     def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
         if target in HEAVY_FUNCTIONS:
-            return self._shape_only(
+            return _shape_only(
                 _function_shape(target, args, kwargs), args,
                 lambda: super(_Recorder, self).call_method(target, args, kwargs))
         return super().call_method(target, args, kwargs)
 
-    @staticmethod
-    def _shape_only(shape: tuple[Shape, torch.dtype] | None, args: Any,
-                    fallback: Callable[[], Any]) -> Any:
-        """Zeros of the formula's shape and dtype, on the input's device; the real op where the
-        formula has no answer (an invalid call, whose error the real op gives)."""
-        real = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        if real is None or shape is None:
-            return fallback()
-        return torch.zeros(shape[0], dtype=shape[1], device=real.device)
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def _record(traced: GraphTrace, inputs: Sequence[Any]) -> None:
+    """:class:`_Recorder`'s run as a plain loop over the nodes: the same calls in the same
+    order on the same values, each value dropped after its last use as ``fx.Interpreter`` does,
+    without its per-node dispatch, context managers and argument checks (2-3x less overhead a
+    node).  An error is raised as it comes; :func:`record_values` then reruns
+    :class:`_Recorder` for fx's own error."""
+    root, graph = traced.root, traced.graph
+    drop: dict[fx.Node, list[fx.Node]] = {}  # node -> the values whose last use it is
+    used: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        for n in node.all_input_nodes:
+            if n not in used:
+                used.add(n)
+                drop.setdefault(node, []).append(n)
+    env: dict[fx.Node, Any] = {}
+    load = env.__getitem__
+    map_arg = fx.node.map_arg
+    heavy = HEAVY_FUNCTIONS
+    args_iter = iter(graph.process_inputs(*inputs))
+    for node in graph.nodes:
+        op, target = node.op, node.target
+        args = map_arg(node.args, load)
+        kwargs = map_arg(node.kwargs, load)
+        if op == "call_module":
+            mod = _fetch(root, target)  # type: ignore[arg-type]
+            value = _module_value(mod, args, kwargs, partial(mod, *args, **kwargs))
+        elif op == "call_function":
+            if target in heavy:
+                value = _shape_only(_function_shape(target, args, kwargs), args,
+                                    partial(target, *args, **kwargs))  # type: ignore[arg-type]
+            else:
+                value = target(*args, **kwargs)  # type: ignore[operator]
+        elif op == "call_method":
+            if target in heavy:
+                value = _shape_only(
+                    _function_shape(target, args, kwargs), args,
+                    partial(getattr(args[0], target), *args[1:], **kwargs))  # type: ignore[arg-type]
+            else:
+                value = getattr(args[0], target)(*args[1:], **kwargs)  # type: ignore[arg-type]
+        elif op == "get_attr":
+            value = _fetch(root, target)  # type: ignore[arg-type]
+        elif op == "placeholder":
+            if target.startswith("*"):  # type: ignore[union-attr]
+                value = list(args_iter)
+            else:
+                value = next(args_iter, _MISSING)
+                if value is _MISSING:
+                    if not args:
+                        raise RuntimeError(f"no input for parameter {target}")
+                    value = args[0]
+        elif op == "output":
+            value = args[0]
+        else:
+            raise RuntimeError(f"unknown node op {op!r}")
+        env[node] = value
+        node.meta[VALUE] = _summarise(value)
+        for n in drop.get(node, ()):
+            del env[n]
+        if op == "output":
+            graph.process_outputs(value)
+            return
+
+
+_MISSING = object()
 
 
 def record_values(gm: fx.GraphModule | GraphTrace, inputs: Sequence[Any]) -> None:
@@ -701,11 +825,20 @@ def record_values(gm: fx.GraphModule | GraphTrace, inputs: Sequence[Any]) -> Non
     Values are real except the outputs of arithmetic-heavy ops (``HEAVY_MODULES``,
     ``HEAVY_FUNCTIONS``), whose shapes come from shape formulas and whose values are zeros, and
     of ``SHAPE_PRESERVING`` modules, which pass their input on: discovery needs shapes, not
-    values.
+    values.  Run as a plain loop (:func:`_record`); where it fails, or where fx is asked to
+    preserve node meta during interpretation (``fx.traceback.preserve_node_meta``), as
+    ``fx.Interpreter`` (the failure is then fx's own error, with the node it ran; the nodes
+    before it run twice).
     """
     traced = gm if isinstance(gm, GraphTrace) else GraphTrace.of(gm)
     try:
         with eval_mode(traced.root):
+            if not fx.traceback.has_preserved_node_meta():
+                try:
+                    _record(traced, inputs)
+                    return
+                except Exception:  # fx's run below raises fx's error for it
+                    pass
             _Recorder(traced.root, graph=traced.graph).run(*inputs)
     except Exception as exc:
         raise InputError(

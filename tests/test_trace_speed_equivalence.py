@@ -14,8 +14,18 @@ import torch.fx as fx
 from torch import nn
 
 import models
+from fxfuse.errors import InputError
 from fxfuse.rules import lookup
-from fxfuse.trace import VALUE, _Tracer, record_values, trace_graph
+from fxfuse.trace import (
+    VALUE,
+    GraphTrace,
+    _record,
+    _Recorder,
+    _Tracer,
+    eval_mode,
+    record_values,
+    trace_graph,
+)
 
 # a module whose forward has its own globals (fx patches those when the module is called)
 _NS: dict[str, Any] = {}
@@ -125,3 +135,64 @@ def test_create_arg_keeps_structures_and_constants() -> None:
     model = Args()
     ours, theirs = _Tracer(False).trace(model), _FxTracer().trace(model)
     assert _signature(ours) == _signature(theirs)
+
+
+def _values(traced: GraphTrace) -> list[tuple[str, Any]]:
+    return [(n.name, n.meta[VALUE]) for n in traced.graph.nodes]
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "densenet", "vit_tiny", "shufflenet",
+                                  "tied_block_net", "concat_split_net", "se_net", "llama_lm",
+                                  "flatten_net", "sdpa_net", "glu_mlp"])
+def test_plain_loop_records_what_fx_interpreter_records(name: str) -> None:
+    entry = models.get(name)
+    model, inputs = entry.factory(), entry.example_inputs()
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    traced = trace_graph(model, stack_traces=False)
+    with eval_mode(traced.root):
+        _Recorder(traced.root, graph=traced.graph).run(*inputs)
+    reference = _values(traced)
+    for n in traced.graph.nodes:
+        del n.meta[VALUE]
+    with eval_mode(traced.root):
+        _record(traced, inputs)  # the plain loop itself (record_values falls back on errors)
+    assert _values(traced) == reference
+
+
+def test_a_failing_record_raises_fx_interpreters_error() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Flatten(0))
+    traced = trace_graph(nn.Sequential(model, _Unflat()), stack_traces=False)
+    bad = (torch.randn(2, 4),)
+    with pytest.raises(Exception) as fx_error, eval_mode(traced.root):
+        _Recorder(traced.root, graph=traced.graph).run(*bad)
+    with pytest.raises(InputError) as ours:
+        record_values(traced, bad)
+    assert "While executing" in str(fx_error.value)
+    assert str(fx_error.value).splitlines()[0] in str(ours.value)
+    assert isinstance(ours.value.__cause__, type(fx_error.value))
+
+
+class _Unflat(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(5, -1)  # 6 elements: fails
+
+
+def test_eval_mode_restores_flags_and_calls_overridden_train() -> None:
+    class Frozen(nn.Module):
+        calls: list[bool] = []
+
+        def train(self, mode: bool = True) -> Frozen:
+            Frozen.calls.append(mode)
+            return super().train(mode)
+
+    plain = nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.Sequential(nn.BatchNorm1d(2)))
+    plain[1].eval()
+    before = [m.training for m in plain.modules()]
+    with eval_mode(plain):
+        assert not any(m.training for m in plain.modules())
+        assert not torch.is_grad_enabled()
+    assert [m.training for m in plain.modules()] == before
+    custom = nn.Sequential(nn.Linear(2, 2), Frozen())
+    with eval_mode(custom):
+        assert Frozen.calls == [False] and not any(m.training for m in custom.modules())
+    assert all(m.training for m in custom.modules())
