@@ -95,19 +95,16 @@ class _Handles:
         self.shapes: list[tuple[int, ...]] = []
         self.sources: list[Origins | None] = []
 
-    def handle(self, lays: tuple[Layout, ...], meta: TensorMeta, src: Origins | None = None
-               ) -> TensorHandle:
+    def handle(self, lays: tuple[Layout, ...], shape: tuple[int, ...], dtype: torch.dtype,
+               src: Origins | None = None) -> TensorHandle:
         self.handles.append(lays)
-        self.shapes.append(meta.shape)
+        self.shapes.append(shape)
         self.sources.append(src)
-        return TensorHandle(len(self.handles) - 1, meta.shape, meta.dtype)
+        return TensorHandle(len(self.handles) - 1, shape, dtype)
 
     def wrap(self, axes: Any, val: Any, src: Any = None) -> Any:
         if type(axes) is TensorAxes:
-            self.handles.append(axes.layouts)
-            self.shapes.append(val.shape)
-            self.sources.append(src)
-            return TensorHandle(len(self.handles) - 1, val.shape, val.dtype)
+            return self.handle(axes.layouts, val.shape, val.dtype, src)
         if isinstance(axes, tuple) and isinstance(val, (list, tuple)):
             subs = src if isinstance(src, tuple) and len(src) == len(axes) else (None,) * len(axes)
             return type(val)(self.wrap(a, v, u) for a, v, u in zip(axes, val, subs))
@@ -129,17 +126,6 @@ class _Handles:
 
 
 _SCALARS = frozenset({int, float, bool, str, type(None)})  # arguments passed through as they are
-
-
-@dataclass(frozen=True, slots=True)
-class _ModuleTensor:
-    """One parameter or buffer of a called module: its name there, its state_dict key (``None``
-    for a buffer outside the state_dict), shape and dtype, and the parameter axes it is."""
-
-    name: str
-    key: str | None
-    meta: TensorMeta
-    origins: Origins | None
 
 
 class _Driver:
@@ -173,10 +159,8 @@ class _Driver:
         self.roles: dict[tuple[str, int], set[str | None]] = {}
         self.shuffles = find_shuffles(gm.graph)  # node name -> its channel shuffle chain
         self._shuffle_on: dict[str, bool] = {}  # chain's first node -> read as one op
-        # per call, looked up once: submodules by qualified name, and each called module's
-        # tensors (a block called k times, or a module under several names, reads them k times)
+        # per call, looked up once: submodules by qualified name (each prefix walked once)
         self._submodules: dict[str, nn.Module] = {"": gm.root}
-        self._tensors_of: dict[int, list[_ModuleTensor]] = {}
         self._near: dict[Any, dict[tuple[Any, Any], set[tuple[Any, Any]]]] = {}
         self._plans: dict[Any, list[tuple[int, int, str | None]]] = {}  # see _role_plan
         self._opnames: dict[Any, str] = {}
@@ -269,8 +253,7 @@ class _Driver:
         if hit is not None:
             return hit
         parent, _, name = target.rpartition(".")
-        up = self._submodule(parent)
-        sub = getattr(up, name, None)
+        sub = _child(self._submodule(parent), name)
         if not isinstance(sub, nn.Module):
             return self.gm.root.get_submodule(target)  # raises get_submodule's own error
         self._submodules[target] = sub
@@ -439,32 +422,20 @@ class _Driver:
         """Handles of a called module's parameters and buffers (a buffer outside the state_dict
         is a constant: fixed)."""
         params: dict[str, TensorHandle] = {}
-        for mt in self._module_tensors(module):
-            if mt.key is not None:
-                self.used.add(mt.key)
-                lays = self.param_axes[mt.key]
-            else:
-                lays = tuple(self.table.new(s) for s in mt.meta.shape)
-                why = Reason("constant", node.name, opname,
-                             f"buffer {mt.name!r} is not in the state_dict")
-                for lay in lays:
-                    self.table.fix(lay, why)
-            params[mt.name] = hs.handle(lays, mt.meta, mt.origins)
-        return params
-
-    def _module_tensors(self, module: nn.Module) -> list[_ModuleTensor]:
-        """A module's parameters then buffers (``named_parameters`` / ``named_buffers``, with
-        duplicates), once per module object per call."""
-        hit = self._tensors_of.get(id(module))
-        if hit is not None:
-            return hit
-        out: list[_ModuleTensor] = []
         for name, t in _named_tensors(module):
             key = self.key_of.get(id(t))
-            out.append(_ModuleTensor(name, key, TensorMeta(tuple(t.shape), t.dtype),
-                                     _param_origins(key, t.ndim) if key is not None else None))
-        self._tensors_of[id(module)] = out
-        return out
+            if key is not None:
+                self.used.add(key)
+                shape = self.param_shapes[key]
+                params[name] = hs.handle(self.param_axes[key], shape, t.dtype,
+                                         _param_origins(key, len(shape)))
+                continue
+            lays = tuple(self.table.new(s) for s in t.shape)
+            why = Reason("constant", node.name, opname, f"buffer {name!r} is not in the state_dict")
+            for lay in lays:
+                self.table.fix(lay, why)
+            params[name] = hs.handle(lays, tuple(t.shape), t.dtype)
+        return params
 
     def _record_use(self, node: fx.Node, relations: list[Any], sources: list[Origins | None],
                     out_value: Any, module: nn.Module | None,
@@ -473,10 +444,10 @@ class _Driver:
         are parameters is a view of them: its output axes inherit the parameter axes they are
         related to.  Otherwise a parameter axis related to an output axis is output-side, one
         related only to an activation input is input-side."""
+        if all(src is None for src in sources):  # outputs have none (only inputs can)
+            return  # only activations in: no parameter axis gets a role here
         outs = sorted({h.index for h in _handles_in(out_value)})
         inputs = [i for i in range(len(sources)) if i not in outs]
-        if all(sources[i] is None for i in inputs):
-            return  # only activations in: no parameter axis gets a role here
         if all(sources[i] is not None for i in inputs):  # a view: its outputs' origins
             wanted = [(h.index, d) for h in _handles_in(out_value) for d in range(len(h.shape))]
             near = self._related(relations, wanted)
@@ -525,6 +496,7 @@ class _Driver:
                shapes: list[tuple[int, ...]], base: Reason, cut_kind: str = "rule") -> None:
         mentioned: set[tuple[int, int]] = set()
         local: dict[str, Atom] = {}
+        cut_why: dict[str, Reason] = {}
         layout, table = self._layout, self.table
         for r in relations:
             if isinstance(r, Same):
@@ -537,8 +509,10 @@ class _Driver:
                 table.unify(layout(a, handles, mentioned, local),
                             layout(b, handles, mentioned, local), base)
             elif isinstance(r, Cut):
-                table.fix(layout(r.a, handles, mentioned, local),
-                          Reason(cut_kind, base.node, base.op, r.why, base.source))
+                why = cut_why.get(r.why)  # one Reason per distinct text (a conv's spatial axes)
+                if why is None:
+                    why = cut_why[r.why] = Reason(cut_kind, base.node, base.op, r.why, base.source)
+                table.fix(layout(r.a, handles, mentioned, local), why)
             elif isinstance(r, Free):
                 layout(r.a, handles, mentioned, local)
             else:
@@ -612,6 +586,17 @@ def _fill(v: Any, values: dict[int, torch.Tensor]) -> Any:
     if isinstance(v, slice):
         return slice(_fill(v.start, values), _fill(v.stop, values), _fill(v.step, values))
     return v
+
+
+def _child(module: nn.Module, name: str) -> Any:
+    """``getattr(module, name, None)``, read from the submodule table where nothing else
+    answers to ``name`` first (an instance or class attribute, a parameter or buffer): that is
+    where ``Module.__getattr__`` finds a submodule, without two failed attribute lookups."""
+    sub = module._modules.get(name)
+    if (sub is None or name in module.__dict__ or hasattr(type(module), name)
+            or name in module._parameters or name in module._buffers):
+        return getattr(module, name, None)
+    return sub
 
 
 def _state_tensors(model: nn.Module) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +125,10 @@ class Reason:
         return f"{self.kind}: {self.detail} ({self.op})"
 
 
-@dataclass(frozen=True)
-class Link:
-    """Provenance of one union/refinement: which rule at which node related two atom classes."""
+class Link(NamedTuple):
+    """Provenance of one union/refinement: which rule at which node related two atom classes.
+    (A named tuple: a refinement into ``k`` atoms records ``k``, and deep concat networks
+    refine long sums at every layer.)"""
 
     a: int
     b: int
@@ -275,8 +276,11 @@ class AtomTable:
 
     def _resolve_sum(self, lay: Sum) -> Layout:
         parts: list[Layout] = []
+        cached = self._resolved
         for p in lay.parts:
-            q = self.resolve(p)
+            q = cached.get(self.find(p.id)) if type(p) is Atom else None  # resolve's first case
+            if q is None:
+                q = self.resolve(p)
             for f in q.parts if isinstance(q, Sum) else (q,):
                 if isinstance(f, Fixed) and parts and isinstance(parts[-1], Fixed):
                     parts[-1] = Fixed(parts[-1].n + f.n)
@@ -367,10 +371,17 @@ class AtomTable:
         self._substituted(b)
         self.links.append(Link(a, b, *self._where))
 
-    def _refine(self, a: int, tree: Layout, why: Reason, source: Layout | None = None) -> None:
-        """``P_a`` := ``tree`` (resolved); ``source``, ``tree`` before resolution, says which of
-        its ``Fixed(1)`` positions an interleave's cut fixed (their reasons stay with ``a``)."""
-        atoms = self.atoms_in(tree)  # not changed by refining ``a``, which is not among them
+    def _refine(self, a: int, tree: Layout, why: Reason, source: Layout | None = None,
+                resolved: bool = False) -> None:
+        """``P_a`` := ``tree``; ``source``, ``tree`` before resolution, says which of its
+        ``Fixed(1)`` positions an interleave's cut fixed (their reasons stay with ``a``).
+        ``resolved``: ``tree`` is :meth:`resolve`'s output on the table as it is now."""
+        # ``atoms_in(tree)``, not changed by refining ``a`` (which is not among them); of a
+        # resolved tree without interleaves its leaves, as they stand (resolving it again only
+        # flattens and merges, and keeps the atoms in order)
+        atoms = _plain_atoms(tree) if resolved else None
+        if atoms is None:
+            atoms = self.atoms_in(tree)
         if a in atoms:  # occurs check: a = f(a) has no solution but the identity
             self.fix(Prod((Atom(a), tree)), why)
             return
@@ -407,7 +418,9 @@ class AtomTable:
         free, a union; one fixed, the other is fixed with its first reason and remembers where
         it came from; both fixed, nothing (unless an interleave's cut rows are pending: then,
         and in every other case, False: :meth:`_unify` decides)."""
-        a, b = self.find(i), self.find(j)
+        parent = self._parent
+        a = i if parent[i] == i else self.find(i)
+        b = j if parent[j] == j else self.find(j)
         size, refined = self._size, self._refined
         if size[a] != size[b] or size[a] == 1 or refined[a] is not None or refined[b] is not None:
             return False
@@ -415,8 +428,11 @@ class AtomTable:
         if fa is None and fb is None:
             self._union(a, b)
         elif fa is None or fb is None:
+            # fix(Atom(free), reason): a free root was never fixed, so nothing was fixed from
+            # it and an input/output reason has nothing further to reach
             fixed, free = (a, b) if fb is None else (b, a)
-            self.fix(Atom(free), self._fixed[fixed])  # type: ignore[arg-type]
+            self._fixed[free] = self._fixed[fixed]
+            self._substituted(free)
             self._fixed_from.setdefault(free, []).append(fixed)
         elif self._rows:
             return False
@@ -446,9 +462,9 @@ class AtomTable:
         elif isinstance(a, Atom) and isinstance(b, Atom):
             self._union(a.id, b.id)
         elif isinstance(a, Atom):
-            self._refine(a.id, b, why, y)
+            self._refine(a.id, b, why, y, resolved=True)
         elif isinstance(b, Atom):
-            self._refine(b.id, a, why, x)
+            self._refine(b.id, a, why, x, resolved=True)
         elif isinstance(a, Prod) and isinstance(b, Prod):
             self._unify_prod(a, b, why)
         elif isinstance(a, Interleave) and isinstance(b, Interleave):
@@ -613,7 +629,27 @@ def _atom_ids(lay: Layout, out: list[int] | None = None) -> list[int]:
         out.append(lay.id)
     elif isinstance(lay, NODES):
         for p in lay.parts:
-            _atom_ids(p, out)
+            if type(p) is Atom:  # a leaf here, not a call
+                out.append(p.id)
+            elif type(p) is not Fixed:
+                _atom_ids(p, out)
+    return out
+
+
+def _plain_atoms(lay: Layout, out: list[int] | None = None) -> list[int] | None:
+    """:func:`_atom_ids` of a layout made of atoms, ``Fixed``, sums and products only; None if
+    it holds an interleave."""
+    out = [] if out is None else out
+    if type(lay) is Atom:
+        out.append(lay.id)
+    elif type(lay) is Sum or type(lay) is Prod:
+        for p in lay.parts:
+            if type(p) is Atom:
+                out.append(p.id)
+            elif type(p) is not Fixed and _plain_atoms(p, out) is None:
+                return None
+    elif type(lay) is not Fixed:
+        return None
     return out
 
 
