@@ -21,6 +21,7 @@ Configs carry parameters; data is passed beside them (``fuse(..., data=batches)`
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,27 @@ class Method:
 
 _BY_TYPE: dict[type, Method] = {}
 _BY_NAME: dict[str, Method] = {}
+# the modules that register the built-in methods, in the order they are listed; ``import fxfuse``
+# loads them only when used, so a lookup by name loads them first (:func:`_builtins`)
+BUILTIN_MODULES = ("fxfuse.align", "fxfuse.repair")
+_builtins_loaded = False
+
+
+def _builtins() -> None:
+    """Register the built-in methods (import their modules) if that has not happened yet."""
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for name in BUILTIN_MODULES:
+            importlib.import_module(name)
+
+
+def _rank(method: Method) -> int:
+    """Built-in methods first, in :data:`BUILTIN_MODULES` order, whichever was imported first;
+    then the user's own."""
+    module = method.config.__module__
+    return next((i for i, m in enumerate(BUILTIN_MODULES)
+                 if module == m or module.startswith(m + ".")), len(BUILTIN_MODULES))
 
 
 def register_method(name: str, stage: str, config: type, passes: Callable[[Any], list[Any]],
@@ -56,6 +78,8 @@ def register_method(name: str, stage: str, config: type, passes: Callable[[Any],
     replaces it (so a module can be reloaded)."""
     if stage not in STAGES:
         raise InputError(f"register_method: stage must be one of {STAGES}, got {stage!r}")
+    if not getattr(config, "__module__", "").startswith("fxfuse."):
+        _builtins()  # a user's method may replace a built-in one: the built-in goes first
     if not dataclasses.is_dataclass(config) or not isinstance(config, type):
         raise InputError(f"register_method: {config!r} must be a dataclass type (a config)")
     old = _BY_NAME.get(name)
@@ -74,8 +98,10 @@ def register_method(name: str, stage: str, config: type, passes: Callable[[Any],
 
 
 def methods(stage: str | None = None) -> list[Method]:
-    """The registered methods (of ``stage``), in registration order."""
-    return [m for m in _BY_NAME.values() if stage is None or m.stage == stage]
+    """The registered methods (of ``stage``): the built-in ones, then the user's own in
+    registration order."""
+    _builtins()
+    return sorted((m for m in _BY_NAME.values() if stage is None or m.stage == stage), key=_rank)
 
 
 def method_of(config: Any, stage: str) -> Method:
@@ -134,10 +160,11 @@ def config_from_dict(d: dict[str, Any]) -> Any:
     if not isinstance(d, dict) or "method" not in d:
         raise InputError(f"a recipe entry must be an object with a 'method' key, got {d!r}")
     name = d["method"]
+    _builtins()
     m = _BY_NAME.get(name)
     if m is None:
         raise InputError(f"unknown method {name!r} in recipe; registered: "
-                         f"{', '.join(_BY_NAME)}")
+                         f"{', '.join(m.name for m in methods())}")
     params = {k: v for k, v in d.items() if k != "method"}
     allowed = {f.name for f in dataclasses.fields(m.config) if not f.metadata.get("data")}
     unknown = sorted(set(params) - allowed)

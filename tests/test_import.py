@@ -40,3 +40,55 @@ def test_the_probe_sees_a_lazy_import_when_it_happens() -> None:
             " torch.nn.Linear(4, 2)), torch.randn(2, 3))\n"
             "spec.to_graph()")
     assert "networkx" in loaded_after(code)
+
+
+def run_code(code: str) -> str:
+    """The last line ``code`` prints, run in a fresh process from the repository root."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_discovery_alone_loads_no_alignment_code() -> None:
+    # fxfuse's public names are imported on first use: find_groups needs discovery only
+    code = ("import sys, torch, fxfuse\n"
+            "fxfuse.find_groups(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), "
+            "torch.nn.Linear(4, 2)), torch.randn(2, 3))\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('fxfuse.align', "
+            "'fxfuse.repair', 'fxfuse.combine', 'fxfuse.depth', 'fxfuse.passes', "
+            "'fxfuse.exporter'))))")
+    assert run_code(code) == "[]"
+
+
+def test_the_functions_fuse_and_permute_are_not_replaced_by_their_modules() -> None:
+    # loading fxfuse/fuse.py (here before anything else) sets fxfuse.fuse to the module unless
+    # the package keeps the function
+    code = ("import fxfuse.fuse, fxfuse.permute, fxfuse.cli, fxfuse\n"
+            "print(callable(fxfuse.fuse), callable(fxfuse.permute), "
+            "type(fxfuse.fuse).__name__, fxfuse.fuse.__module__)")
+    assert run_code(code) == "True True function fxfuse.fuse"
+
+
+def test_every_public_name_and_submodule_resolves() -> None:
+    code = ("import fxfuse\n"
+            "missing = [n for n in fxfuse.__all__ if getattr(fxfuse, n, None) is None]\n"
+            "print(missing, fxfuse.trace.__name__, 'find_groups' in dir(fxfuse))")
+    assert run_code(code) == "[] fxfuse.trace True"
+    bad = ("import fxfuse\n"
+           "try:\n    fxfuse.no_such_name\nexcept AttributeError as e:\n    print(e)")
+    assert run_code(bad) == "module 'fxfuse' has no attribute 'no_such_name'"
+
+
+def test_methods_by_name_register_the_built_in_ones_in_their_order() -> None:
+    # a recipe names methods: their modules load on lookup; the built-in ones are listed first
+    # (alignment, then repair) whichever module was imported first
+    code = ("import fxfuse\n"
+            "fxfuse.ResetBatchNorm\n"
+            "from fxfuse.methods import methods\n"
+            "r = fxfuse.recipe_from_json('{\"align\": {\"method\": \"weight\"}, "
+            "\"repair\": {\"method\": \"reset-bn\"}}')\n"
+            "print([type(v).__name__ for v in r.values()], [m.name for m in methods()])")
+    assert run_code(code) == (
+        "['WeightMatching', 'ResetBatchNorm'] ['weight', 'activation', 'ot', 'graph', "
+        "'neuron-interpolation', 'reset-bn', 'repair']")
