@@ -107,6 +107,9 @@ class _Scope(fx.proxy.Scope):
         return fx.proxy.Scope(self.module_path, self.module_type)
 
 
+_CALLS = frozenset(("call_function", "call_method", "call_module"))
+
+
 class _Tracer(fx.Tracer):
     """fx tracing with fxfuse's leaves: modules with a rule.  Every other module is traced
     into; one that can not be (its ``forward`` raised on proxies) is rolled back and kept as an
@@ -187,13 +190,27 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return lookup(type(m)) is not None
 
-    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+    def create_node(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    name: str | None = None, type_expr: Any | None = None) -> fx.Node:
         """fx's node, with the user's stack (from the first ``forward`` on, torch's and this
         module's frames left out) as its ``stack_trace`` when asked for.  fx's own
         ``record_stack_traces`` symbolises tracebacks and imports torch's symbolic-shapes
         machinery (about a thousand modules, seconds, on the first call of a process);
-        Python's ``traceback`` gives the same ``File ..., line ...`` text for a fraction."""
-        node = super().create_node(*args, **kwargs)
+        Python's ``traceback`` gives the same ``File ..., line ...`` text for a fraction.
+
+        A call's node is made without arguments and given them after (``node.args = ...``,
+        fx's public setter, the same accounting of uses): ``Graph.create_node`` walks a
+        call's arguments with pytree for symbolic ints (a warning about values symbolic
+        tracing never makes), a sixth of the trace.  Not where fx would run hooks on the new
+        node or check mutable operations."""
+        if (args or kwargs) and kind in _CALLS and not self.check_mutable_operations \
+                and self.graph.owning_module is None:
+            node = super().create_node(kind, target, (), {}, name, type_expr)
+            if kwargs:
+                node.kwargs = kwargs
+            node.args = args
+        else:
+            node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if self.stack_traces and not node.stack_trace:
             frames = [f for f in traceback.extract_stack()
                       if not f.filename.startswith(_TORCH_DIR) and f.filename != __file__]
@@ -633,13 +650,16 @@ def matmul_shape(a: Shape, b: Shape) -> Shape | None:
 
 def _same_float(*ts: Any) -> torch.dtype | None:
     """The common floating dtype of the tensors ``ts`` (``None`` entries skipped), or ``None``."""
-    real = [t for t in ts if t is not None]
-    if not all(isinstance(t, torch.Tensor) for t in real):
+    first = None
+    for t in ts:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or (first is not None and t.dtype != first.dtype):
+            return None
+        first = first if first is not None else t
+    if first is None or not first.is_floating_point():
         return None
-    dtypes = {t.dtype for t in real}
-    if len(dtypes) != 1 or not real[0].is_floating_point():
-        return None
-    return real[0].dtype
+    return first.dtype
 
 
 def _linear(x: Any, w: Any, b: Any = None) -> tuple[Shape, torch.dtype] | None:
@@ -668,14 +688,27 @@ def _matmul(a: Any, b: Any, batched: bool) -> tuple[Shape, torch.dtype] | None:
     return None if out is None else (out, dtype)
 
 
+def _attr(mod: nn.Module, name: str) -> Any:
+    """``getattr(mod, name)`` for a parameter of a module of an exact ``torch.nn`` type (no
+    class attribute of that name): the instance's own attribute, else its parameter, without
+    ``nn.Module.__getattr__``'s failed lookup first; anything else through ``getattr``."""
+    d = mod.__dict__
+    if name in d:
+        return d[name]
+    params = d.get("_parameters")
+    if params is not None and name in params:
+        return params[name]
+    return getattr(mod, name)
+
+
 def _module_shape(mod: nn.Module, x: Any) -> tuple[Shape, torch.dtype] | None:
     if isinstance(mod, nn.Linear):
-        return _linear(x, mod.weight, mod.bias)
+        return _linear(x, _attr(mod, "weight"), _attr(mod, "bias"))
     assert isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
     if mod.padding_mode != "zeros":  # padded by F.pad first: let the real op run
         return None
-    return _conv(len(mod.kernel_size), x, mod.weight, mod.bias, mod.stride, mod.padding,
-                 mod.dilation, mod.groups)
+    return _conv(len(mod.kernel_size), x, _attr(mod, "weight"), _attr(mod, "bias"), mod.stride,
+                 mod.padding, mod.dilation, mod.groups)
 
 
 def _function_shape(target: Any, args: Any, kwargs: Any) -> tuple[Shape, torch.dtype] | None:
@@ -757,8 +790,21 @@ def _record(traced: GraphTrace, inputs: Sequence[Any]) -> None:
     order on the same values, each value dropped after its last use as ``fx.Interpreter`` does,
     without its per-node dispatch, context managers and argument checks (2-3x less overhead a
     node).  An error is raised as it comes; :func:`record_values` then reruns
-    :class:`_Recorder` for fx's own error."""
+    :class:`_Recorder` for fx's own error.
+
+    A target ``a.b.c`` is ``getattr(owner, "c")`` of its owner ``a.b``, looked up once a run
+    (fx walks the whole path for every node: a few microseconds a node on deep models), so a
+    forward that rebinds a submodule of the model while it runs is not seen by later nodes."""
     root, graph = traced.root, traced.graph
+    owners: dict[str, Any] = {"": root}
+
+    def fetch(target: str) -> Any:
+        head, _, atom = target.rpartition(".")
+        owner = owners.get(head)
+        if owner is None:
+            owner = owners[head] = _fetch(root, head)
+        return getattr(owner, atom)
+
     drop: dict[fx.Node, list[fx.Node]] = {}  # node -> the values whose last use it is
     used: set[fx.Node] = set()
     for node in reversed(graph.nodes):
@@ -776,7 +822,7 @@ def _record(traced: GraphTrace, inputs: Sequence[Any]) -> None:
         args = map_arg(node.args, load)
         kwargs = map_arg(node.kwargs, load)
         if op == "call_module":
-            mod = _fetch(root, target)  # type: ignore[arg-type]
+            mod = fetch(target)  # type: ignore[arg-type]
             value = _module_value(mod, args, kwargs, partial(mod, *args, **kwargs))
         elif op == "call_function":
             if target in heavy:
@@ -792,7 +838,7 @@ def _record(traced: GraphTrace, inputs: Sequence[Any]) -> None:
             else:
                 value = getattr(args[0], target)(*args[1:], **kwargs)  # type: ignore[arg-type]
         elif op == "get_attr":
-            value = _fetch(root, target)  # type: ignore[arg-type]
+            value = fetch(target)  # type: ignore[arg-type]
         elif op == "placeholder":
             if target.startswith("*"):  # type: ignore[union-attr]
                 value = list(args_iter)

@@ -70,8 +70,10 @@ def _signature(graph: fx.Graph) -> list[tuple[Any, ...]]:
     def names(a: Any) -> Any:
         return fx.node.map_arg(a, lambda n: n.name)
 
-    return [(n.op, n.name, n.target, names(n.args), names(n.kwargs),
-             dict(n.meta.get("nn_module_stack", {})), n.meta.get("is_wrapped"))
+    return [(n.op, n.name, n.target, names(n.args), names(n.kwargs), type(n.kwargs),
+             [i.name for i in n.all_input_nodes], [u.name for u in n.users],
+             n.meta.get("nn_module_stack"), type(n.meta.get("nn_module_stack")),
+             n.meta.get("is_wrapped"))
             for n in graph.nodes]
 
 
