@@ -117,9 +117,9 @@ class _Handles:
         if type(v) in _SCALARS:
             return v
         if isinstance(v, (list, tuple)):
-            return type(v)(self.arg(u) for u in v)
+            return type(v)([self.arg(u) for u in v])
         if isinstance(v, dict):
-            return {k: self.arg(u) for k, u in v.items()}
+            return {k: self.arg(u) for k, u in v.items()} if v else {}
         if isinstance(v, slice):
             return slice(self.arg(v.start), self.arg(v.stop), self.arg(v.step))
         return v
@@ -455,8 +455,8 @@ class _Driver:
             return
         # roles of the parameter axes among the inputs
         ndims = tuple(-1 if src is None else len(src) for src in sources)  # -1: an activation
-        try:
-            key = (tuple(relations), tuple(outs), ndims)
+        try:  # only Same relations relate axes (related_axes skips the others)
+            key = (tuple([r for r in relations if isinstance(r, Same)]), tuple(outs), ndims)
             plan = self._plans.get(key)
         except TypeError:  # a rule's expression that does not hash (a list inside a Prod)
             key, plan = None, None
@@ -546,7 +546,7 @@ def _role_plan(relations: list[Any], outs: list[int], inputs: list[int], ndims: 
     (:data:`OUT`) if the rule relates it to an output axis, else input-side (:data:`IN`) if to an
     activation input's, else none.  ``ndims[t]``: tensor ``t``'s rank if it is a parameter (or a
     view of parameters), -1 for an activation.  A function of its arguments only, so a driver
-    keeps one per distinct (relations, outs, ndims)."""
+    keeps one per distinct (Same relations, outs, ndims)."""
     wanted = [(t, a) for t in inputs for a in range(max(ndims[t], 0))]
     near = related_axes(relations, wanted)
     plan: list[tuple[int, int, str | None]] = []

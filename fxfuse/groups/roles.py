@@ -63,15 +63,38 @@ def role_table(module: nn.Module | None) -> dict[tuple[str, int], str]:
     return {}
 
 
-def _refs(e: Any) -> Iterable[tuple[Any, Any]]:
-    """The (tensor, axis) pairs and ("new", key) atoms an axis expression mentions."""
+def _refs(e: Any, out: list[tuple[Any, Any]] | None = None) -> list[tuple[Any, Any]]:
+    """The (tensor, axis) pairs and ("new", key) atoms an axis expression mentions, in order."""
+    out = [] if out is None else out
     if isinstance(e, AxisRef):
-        yield (e.tensor, e.axis)
+        out.append((e.tensor, e.axis))
     elif isinstance(e, NewAxis):
-        yield ("new", e.key)
+        out.append(("new", e.key))
     else:
         for p in getattr(e, "parts", ()):
-            yield from _refs(p)
+            _refs(p, out)
+    return out
+
+
+def _link(edges: dict[tuple[Any, Any], set[tuple[Any, Any]]], a: list[Any], b: list[Any]) -> None:
+    """Edges from every ref of ``a`` to every ref of ``b``, and back."""
+    for x in a:
+        edges.setdefault(x, set()).update(b)
+    for y in b:
+        edges.setdefault(y, set()).update(a)
+
+
+def _closure(ident: dict[tuple[Any, Any], set[tuple[Any, Any]]],
+             start: Iterable[tuple[Any, Any]]) -> set[tuple[Any, Any]]:
+    """Everything ``start`` reaches by identity edges."""
+    seen = set(start)
+    todo = list(seen)
+    while todo:
+        for u in ident.get(todo.pop(), ()):
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
 
 
 def related_axes(relations: Iterable[Any], wanted: Iterable[tuple[Any, Any]] | None = None
@@ -89,42 +112,26 @@ def related_axes(relations: Iterable[Any], wanted: Iterable[tuple[Any, Any]] | N
     factor: dict[tuple[Any, Any], set[tuple[Any, Any]]] = {}
     equal_to: dict[Any, set[tuple[Any, Any]]] = {}  # axes set equal to one whole expression
 
-    def link(edges: dict[tuple[Any, Any], set[tuple[Any, Any]]], a: list[Any], b: list[Any]
-             ) -> None:
-        for x in a:
-            edges.setdefault(x, set()).update(b)
-        for y in b:
-            edges.setdefault(y, set()).update(a)
-
     for r in relations:
         if not isinstance(r, Same):
             continue
-        a, b = list(_refs(r.a)), list(_refs(r.b))
+        a, b = _refs(r.a), _refs(r.b)
         single_a, single_b = not hasattr(r.a, "parts"), not hasattr(r.b, "parts")
-        link(ident if single_a and single_b else factor, a, b)
-        for expr, single, refs in ((r.a, single_b, b), (r.b, single_a, a)):
-            if hasattr(expr, "parts") and single:
-                equal_to.setdefault(expr, set()).update(refs)
+        _link(ident if single_a and single_b else factor, a, b)
+        if single_b and not single_a:  # an expression set equal to one axis
+            equal_to.setdefault(r.a, set()).update(b)
+        elif single_a and not single_b:
+            equal_to.setdefault(r.b, set()).update(a)
     for equal in equal_to.values():  # same(Prod(g, n), y[1], w[0], b[0]): y[1] = w[0] = b[0]
-        link(ident, list(equal), list(equal))
-
-    def closure(start: Iterable[tuple[Any, Any]]) -> set[tuple[Any, Any]]:
-        seen = set(start)
-        todo = list(seen)
-        while todo:
-            for u in ident.get(todo.pop(), ()):
-                if u not in seen:
-                    seen.add(u)
-                    todo.append(u)
-        return seen
+        _link(ident, list(equal), list(equal))
 
     out: dict[tuple[Any, Any], set[tuple[Any, Any]]] = {}
     known = {*ident, *factor}
     for ref in known if wanted is None else known.intersection(wanted):
         if ref[0] == "new":
             continue
-        cls = closure([ref])
-        reach = cls | closure({u for x in cls for u in factor.get(x, ())})
+        cls = _closure(ident, [ref])
+        reach = cls | _closure(ident, {u for x in cls for u in factor.get(x, ())})
         out[ref] = {u for u in reach if u[0] != "new" and u != ref}
         out[ref].discard(ref)
     return out

@@ -183,12 +183,16 @@ class AtomTable:
 
     def new_axes(self, shape: tuple[int, ...]) -> tuple[Atom, ...]:
         """One new atom per axis of a tensor of ``shape`` (:meth:`new` for each, in order)."""
-        n, k = len(self._parent), len(shape)
-        self._parent += range(n, n + k)
-        self._size += shape
-        self._fixed += [None] * k
-        self._refined += [None] * k
-        return tuple(map(Atom, range(n, n + k)))
+        parent, sizes, fixed, refined = self._parent, self._size, self._fixed, self._refined
+        out = []
+        for size in shape:
+            i = len(parent)
+            parent.append(i)
+            sizes.append(size)
+            fixed.append(None)
+            refined.append(None)
+            out.append(Atom(i))
+        return tuple(out)
 
     def labels(self) -> dict[int, str]:
         """Root atom -> the label a rule gave one of its members (first one wins)."""

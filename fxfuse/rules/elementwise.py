@@ -80,13 +80,14 @@ def broadcast_relations(inputs: list[TensorHandle], y: TensorHandle) -> list[Rel
         off = y.ndim - t.ndim
         if off < 0:
             raise decline(f"an input of shape {t.shape} does not broadcast to {y.shape}")
-        for d in range(t.ndim):
-            if t.shape[d] == y.shape[d + off]:
+        for d, n in enumerate(t.shape):
+            if n == y.shape[d + off]:
                 rels.append(Same(t[d], y[d + off]))
                 fed[d + off] = True
-            elif t.shape[d] != 1:
+            elif n != 1:
                 raise decline(f"an input of shape {t.shape} does not broadcast to {y.shape}")
-    rels += [Free(y[d]) for d in range(y.ndim) if not fed[d]]
+    if not all(fed):
+        rels += [Free(y[d]) for d in range(y.ndim) if not fed[d]]
     return rels
 
 

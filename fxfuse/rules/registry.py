@@ -135,9 +135,10 @@ class TensorHandle:
         self._axes = _axis_refs(index, self.ndim)
 
     def __getitem__(self, d: int) -> AxisRef:
-        if not -self.ndim <= d < self.ndim:
-            raise IndexError(f"axis {d} out of range for a tensor of shape {self.shape}")
-        return self._axes[d]
+        try:  # tuple indexing accepts exactly -ndim <= d < ndim, negative d from the end
+            return self._axes[d]
+        except IndexError:
+            raise IndexError(f"axis {d} out of range for a tensor of shape {self.shape}") from None
 
     def axes(self) -> list[AxisRef]:
         return list(self._axes)
