@@ -125,3 +125,27 @@ def test_atom_unify_shortcut_is_the_general_unify() -> None:
             finally:
                 slow._rows = None
             assert _state(fast) == _state(slow), (trial, step)
+
+
+def test_axis_classes_are_related_axes_for_single_axes() -> None:
+    """Random Same relations between single axes and rule-local atoms: each axis's class (less
+    itself and the local atoms) is what :func:`related_axes` relates it to; a product side
+    gives None."""
+    from fxfuse.groups.roles import axis_classes, related_axes
+    from fxfuse.rules import Free, NewAxis, Same
+
+    rng = random.Random(1)
+    for _ in range(300):
+        exprs: list[Any] = [AxisRef(rng.randrange(4), rng.randrange(3)) for _ in range(6)]
+        exprs += [NewAxis(f"k{i}", 2) for i in range(2)]
+        rels: list[Any] = [Same(rng.choice(exprs), rng.choice(exprs))
+                           for _ in range(rng.randrange(1, 8))]
+        rels.append(Free(exprs[0]))
+        classes = axis_classes(rels)
+        assert classes is not None
+        near = related_axes(rels)
+        refs = {(e.tensor, e.axis) for e in exprs if isinstance(e, AxisRef)}
+        for ref in refs:
+            got = {u for u in classes.get(ref, ()) if u != ref and u[0] != "new"}
+            assert got == near.get(ref, set()), (rels, ref)
+    assert axis_classes([Same(Prod((AxisRef(0, 0), AxisRef(0, 1))), AxisRef(1, 0))]) is None

@@ -48,7 +48,7 @@ from ..trace import (
     source_line,
     trace_graph,
 )
-from .roles import IN, OUT, Origins, related_axes, role_table
+from .roles import IN, OUT, Origins, axis_classes, related_axes, role_table
 from .shuffle import Shuffle, find_shuffles, prefer_interleave
 
 AXES = "fxfuse.axes"
@@ -527,7 +527,10 @@ class _Driver:
     def _layout(self, e: Any, handles: list[tuple[Layout, ...]], mentioned: set[tuple[int, int]],
                 local: dict[str, Atom]) -> Layout:
         """The layout a rule's axis expression ``e`` stands for (axis references are looked up in
-        ``handles`` and noted in ``mentioned``; a rule's new axes are atoms, one per key)."""
+        ``handles`` and noted in ``mentioned``; a rule's new axes are atoms, one per key).  A
+        node of one part is read as the part: :meth:`AtomTable.resolve` gives both the same
+        normal form (a reshape's unchanged axes are ``Prod((x[d],)) = Prod((y[d],))``), and the
+        atom-atom unify then takes its short path."""
         if isinstance(e, AxisRef):
             mentioned.add((e.tensor, e.axis))
             return handles[e.tensor][e.axis]
@@ -536,7 +539,9 @@ class _Driver:
                 local[e.key] = self.table.new(e.size, e.key if e.named else None)
             return local[e.key]
         if isinstance(e, (Prod, Sum, Interleave)):
-            return type(e)(tuple(self._layout(p, handles, mentioned, local) for p in e.parts))
+            if len(e.parts) == 1:  # a product (sum, interleave) of one part is that part
+                return self._layout(e.parts[0], handles, mentioned, local)
+            return type(e)(tuple([self._layout(p, handles, mentioned, local) for p in e.parts]))
         raise TypeError(f"not an axis expression: {e!r}")
 
 
@@ -548,11 +553,15 @@ def _role_plan(relations: list[Any], outs: list[int], inputs: list[int], ndims: 
     view of parameters), -1 for an activation.  A function of its arguments only, so a driver
     keeps one per distinct (Same relations, outs, ndims)."""
     wanted = [(t, a) for t in inputs for a in range(max(ndims[t], 0))]
-    near = related_axes(relations, wanted)
+    classes = axis_classes(relations)  # single axes only: each is related to its class
+    near = related_axes(relations, wanted) if classes is None else {}
     plan: list[tuple[int, int, str | None]] = []
     for t, a in wanted:
         role = None
-        others = near.get((t, a), ())
+        if classes is None:
+            others: Any = near.get((t, a), ())
+        else:
+            others = [u for u in classes.get((t, a), ()) if u != (t, a) and u[0] != "new"]
         if any(u in outs for u, _ in others):
             role = OUT
         elif any(u in inputs and ndims[u] < 0 for u, _ in others):

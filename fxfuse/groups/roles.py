@@ -137,6 +137,38 @@ def related_axes(relations: Iterable[Any], wanted: Iterable[tuple[Any, Any]] | N
     return out
 
 
+def axis_classes(relations: Iterable[Any]) -> dict[tuple[Any, Any], list[tuple[Any, Any]]] | None:
+    """The identity classes of a rule application whose ``Same`` relations all join single axes
+    (or rule-local atoms): ref -> every ref of its class, itself included.  There
+    :func:`related_axes` relates an axis to exactly the other axes of its class (no factor
+    edges), so the class is the answer without a search per axis.  None where a side is a
+    product, sum or interleave."""
+    parent: dict[tuple[Any, Any], tuple[Any, Any]] = {}
+    for r in relations:
+        if not isinstance(r, Same):
+            continue
+        if hasattr(r.a, "parts") or hasattr(r.b, "parts"):
+            return None
+        refs = _refs(r.a) + _refs(r.b)
+        if len(refs) < 2:
+            continue
+        x, y = _class_root(parent, refs[0]), _class_root(parent, refs[1])
+        if x != y:
+            parent[x] = y
+    members: dict[tuple[Any, Any], list[tuple[Any, Any]]] = {}
+    for ref in parent:
+        members.setdefault(_class_root(parent, ref), []).append(ref)
+    return {ref: members[_class_root(parent, ref)] for ref in parent}
+
+
+def _class_root(parent: dict[tuple[Any, Any], tuple[Any, Any]], ref: tuple[Any, Any]
+                ) -> tuple[Any, Any]:
+    root = parent.setdefault(ref, ref)
+    while parent[root] != root:
+        root = parent[root]
+    return root
+
+
 def finish_roles(seen: Mapping[tuple[str, int], set[str | None]],
                  aliases: Mapping[str, list[str]]) -> dict[tuple[str, int], str]:
     """One role per (state_dict key, axis), for every alias of a tied tensor."""
