@@ -455,8 +455,8 @@ class _Driver:
             return
         # roles of the parameter axes among the inputs
         ndims = tuple(-1 if src is None else len(src) for src in sources)  # -1: an activation
-        try:  # only Same relations relate axes (related_axes skips the others)
-            key = (tuple([r for r in relations if isinstance(r, Same)]), tuple(outs), ndims)
+        try:
+            key = (_same_key(relations), tuple(outs), ndims)
             plan = self._plans.get(key)
         except TypeError:  # a rule's expression that does not hash (a list inside a Prod)
             key, plan = None, None
@@ -543,6 +543,21 @@ class _Driver:
                 return self._layout(e.parts[0], handles, mentioned, local)
             return type(e)(tuple([self._layout(p, handles, mentioned, local) for p in e.parts]))
         raise TypeError(f"not an axis expression: {e!r}")
+
+
+def _same_key(relations: list[Any]) -> tuple[Any, ...]:
+    """The Same relations of a rule application (related_axes reads nothing else), each
+    ``Same(AxisRef, AxisRef)`` as its four numbers (a tuple of ints hashes without a Python
+    call per relation and axis), any other as itself."""
+    key: list[Any] = []
+    for r in relations:
+        if isinstance(r, Same):
+            a, b = r.a, r.b
+            if type(a) is AxisRef and type(b) is AxisRef:
+                key.append((a.tensor, a.axis, b.tensor, b.axis))
+            else:
+                key.append(r)
+    return tuple(key)
 
 
 def _role_plan(relations: list[Any], outs: list[int], inputs: list[int], ndims: tuple[int, ...]
