@@ -5,6 +5,8 @@ and recorded values must be exactly fx's."""
 from __future__ import annotations
 
 import math
+import os
+import traceback
 from math import floor
 from typing import Any, NamedTuple
 
@@ -13,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+import fxfuse.trace
 import models
 from fxfuse.errors import InputError
 from fxfuse.rules import lookup
@@ -198,3 +201,42 @@ def test_eval_mode_restores_flags_and_calls_overridden_train() -> None:
     with eval_mode(custom):
         assert Frozen.calls == [False] and not any(m.training for m in custom.modules())
     assert all(m.training for m in custom.modules())
+
+
+class _ExtractStackTracer(_Tracer):
+    """Stack traces as fxfuse took them before: ``traceback.extract_stack()`` filtered."""
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        torch_dir = os.path.dirname(torch.__file__)
+        frames = [f for f in traceback.extract_stack()
+                  if not f.filename.startswith(torch_dir) and f.filename != fxfuse.trace.__file__
+                  and not (f.filename == __file__ and f.name == "create_node")]
+        first = next((i for i, f in enumerate(frames) if f.name == "forward"), None)
+        if first is not None:
+            node.stack_trace = "".join(traceback.format_list(frames[first:])).strip()
+        return node
+
+
+def _nested(x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x) * 2
+
+
+class _Deep(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _nested(self.fc(x)) + (
+            x.sum(dim=-1, keepdim=True))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vit_tiny", "tied_block_net", "_deep"])
+def test_stack_traces_are_the_filtered_extract_stack(name: str) -> None:
+    model = _Deep() if name == "_deep" else models.get(name).factory()
+    ours = _Tracer(True).trace(model)
+    reference = _ExtractStackTracer(False).trace(model)
+    stacks = [n.stack_trace for n in ours.nodes]
+    assert stacks == [n.stack_trace for n in reference.nodes]
+    assert sum(s is not None and "forward" in s for s in stacks) >= 3
