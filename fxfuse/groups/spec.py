@@ -17,7 +17,9 @@ permutation of an axis is :func:`axis_index`; permuting a tensor is
 
 from __future__ import annotations
 
+import itertools
 import json
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -547,17 +549,20 @@ class _Trees:
 def _joined_by(table: AtomTable, names: Mapping[int, str],
                atoms: Callable[[Layout], list[int]]) -> dict[int, dict[str, None]]:
     """Provenance: for every named atom, the ``"node (op)"`` of each rule that linked an atom
-    it is made of, in the order the links were made (``atoms``: a resolved layout's atom ids)."""
+    it is made of, in the order the links were made (``atoms``: a resolved layout's atom ids).
+
+    Links come in runs from one node (a rule's unions and refinements, a refinement into ``k``
+    atoms recording ``k`` links from one end): a run adds its one key to the named atoms under
+    its distinct ends, so it is read as a set of ends.  Each atom's keys keep the order of their
+    first links, as link by link (a key seen again in a later run is already there)."""
     joined: dict[int, dict[str, None]] = {a: {} for a in names}
     named_under: dict[int, list[int]] = {}  # atom -> its named atoms now (the table is final)
-    # (atom, where) pairs done: a refinement into k atoms records k links from one end at one node
-    done: set[tuple[int, str]] = set()
-    for link in table.links:
-        where = f"{link.node} ({link.op})"
-        for end in (link.a, link.b):
-            if (end, where) in done:
-                continue
-            done.add((end, where))
+    for (node, op), run in itertools.groupby(table.links, key=operator.itemgetter(2, 3)):
+        where = f"{node} ({op})"
+        ends: dict[int, None] = {}
+        for link in run:
+            ends[link.a] = ends[link.b] = None
+        for end in ends:
             under = named_under.get(end)
             if under is None:
                 under = named_under[end] = [a for a in atoms(table.resolve(Atom(end)))
