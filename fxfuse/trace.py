@@ -89,6 +89,30 @@ def _math_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # argument types fx's create_arg returns as they are (its ``_create_arg_bypass``), exact types
+# (math's names and values, the ids of its public callables, name -> wrapper, name -> function)
+_MATH_TABLE: list[tuple[Any, set[int], dict[str, Any], dict[str, Any]]] = []
+
+
+def _math_table() -> tuple[set[int], dict[str, Any], dict[str, Any]]:
+    """What fx's ``Tracer(autowrap_modules=(math,))`` patches in ``math``: the ids of its public
+    callables (fx's ``_autowrap_function_ids``) and, for those not patched already (a trace
+    inside a trace), the wrapper and the original by name.  Recomputed only when ``math``'s
+    names or values differ from the last call's (two tuples compared by identity)."""
+    d = math.__dict__
+    key = (tuple(d), tuple(d.values()))
+    if _MATH_TABLE and _MATH_TABLE[0][0] == key:
+        return _MATH_TABLE[0][1:]
+    ids = {id(v) for k, v in d.items() if not k.startswith("_") and callable(v)}
+    wrappers: dict[str, Any] = {}
+    originals: dict[str, Any] = {}
+    for k, v in d.items():
+        if id(v) in ids and not k.startswith("_") and not getattr(v, "__fx_already_patched",
+                                                                   False):
+            wrappers[k], originals[k] = _math_wrapper(v), v
+    _MATH_TABLE[:] = [(key, ids, wrappers, originals)]
+    return ids, wrappers, originals
+
+
 _LEAF_ARGS = frozenset((int, float, bool, str, type(None)))
 
 
@@ -146,16 +170,20 @@ class _Tracer(fx.Tracer):
         if not self._own_wrap:
             return super().trace(root, concrete_args)
         self._patched, self._visited = [], set()
-        # fx's Tracer(autowrap_modules=(math,)): the public callables of math, by id
-        self._math_ids = {id(v) for k, v in math.__dict__.items()
-                          if not k.startswith("_") and callable(v)}
+        self._math_ids, wrappers, originals = _math_table()
+        patched_math = False
         try:
             fn = getattr(type(root), self.traced_func_name, None) if isinstance(
                 root, nn.Module) else root
             self._autowrap(getattr(fn, "__globals__", None))  # fx: the root's globals first,
-            self._autowrap(math.__dict__)                      # then math's
+            if id(math.__dict__) not in self._visited:        # then math's
+                self._visited.add(id(math.__dict__))
+                math.__dict__.update(wrappers)
+                patched_math = True
             return super().trace(root, concrete_args)
         finally:
+            if patched_math:
+                math.__dict__.update(originals)
             for frame, name, orig in reversed(self._patched):
                 frame[name] = orig
             self._patched = []
@@ -167,8 +195,11 @@ class _Tracer(fx.Tracer):
             return
         self._visited.add(id(frame))
         ids = self._math_ids
+        if ids.isdisjoint(map(id, frame.values())):  # the usual case, without a Python loop
+            return
         for name, value in list(frame.items()):
-            if id(value) in ids and not name.startswith("_") and callable(value):
+            if (id(value) in ids and not name.startswith("_") and callable(value)
+                    and not getattr(value, "__fx_already_patched", False)):
                 self._patched.append((frame, name, value))
                 frame[name] = _math_wrapper(value)
 
