@@ -125,6 +125,12 @@ class _Handles:
         return v
 
 
+# role plans (_role_plan) by (Same relations, outputs, parameter ranks): a function of the op's
+# form only (tensor numbers, no names, shapes or model), so kept across calls, like a compiled
+# pattern; every conv (norm, linear) of one form shares one
+_PLANS: dict[Any, tuple[tuple[int, int, str | None], ...]] = {}
+_PLANS_KEPT = 4096
+
 _SCALARS = frozenset({int, float, bool, str, type(None)})  # arguments passed through as they are
 
 
@@ -162,7 +168,6 @@ class _Driver:
         # per call, looked up once: submodules by qualified name (each prefix walked once)
         self._submodules: dict[str, nn.Module] = {"": gm.root}
         self._near: dict[Any, dict[tuple[Any, Any], set[tuple[Any, Any]]]] = {}
-        self._plans: dict[Any, list[tuple[int, int, str | None]]] = {}  # see _role_plan
         self._opnames: dict[Any, str] = {}
 
     # -- helpers ------------------------------------------------------------------------------
@@ -457,13 +462,15 @@ class _Driver:
         ndims = tuple(-1 if src is None else len(src) for src in sources)  # -1: an activation
         try:
             key = (_same_key(relations), tuple(outs), ndims)
-            plan = self._plans.get(key)
+            plan = _PLANS.get(key)
         except TypeError:  # a rule's expression that does not hash (a list inside a Prod)
             key, plan = None, None
         if plan is None:
             plan = _role_plan(relations, outs, inputs, ndims)
             if key is not None:
-                self._plans[key] = plan
+                if len(_PLANS) >= _PLANS_KEPT:
+                    _PLANS.clear()
+                _PLANS[key] = plan
         table = role_table(module)
         names = {h.index: name for name, h in params.items()} if table else {}
         roles = self.roles
@@ -561,12 +568,12 @@ def _same_key(relations: list[Any]) -> tuple[Any, ...]:
 
 
 def _role_plan(relations: list[Any], outs: list[int], inputs: list[int], ndims: tuple[int, ...]
-               ) -> list[tuple[int, int, str | None]]:
+               ) -> tuple[tuple[int, int, str | None], ...]:
     """``(tensor, axis, role)`` for each parameter axis among an op's inputs: output-side
     (:data:`OUT`) if the rule relates it to an output axis, else input-side (:data:`IN`) if to an
     activation input's, else none.  ``ndims[t]``: tensor ``t``'s rank if it is a parameter (or a
-    view of parameters), -1 for an activation.  A function of its arguments only, so a driver
-    keeps one per distinct (Same relations, outs, ndims)."""
+    view of parameters), -1 for an activation.  A function of its arguments only, so one is
+    kept per distinct (Same relations, outs, ndims) (:data:`_PLANS`)."""
     wanted = [(t, a) for t in inputs for a in range(max(ndims[t], 0))]
     classes = axis_classes(relations)  # single axes only: each is related to its class
     near = related_axes(relations, wanted) if classes is None else {}
@@ -582,7 +589,7 @@ def _role_plan(relations: list[Any], outs: list[int], inputs: list[int], ndims: 
         elif any(u in inputs and ndims[u] < 0 for u, _ in others):
             role = IN
         plan.append((t, a, role))
-    return plan
+    return tuple(plan)
 
 
 def _view_origins(v: Any, near: dict[tuple[Any, Any], set[tuple[Any, Any]]],
