@@ -135,8 +135,8 @@ MUTATIONS: list[Mutation] = [
              "if False:",
              ("tests/test_maps.py::test_second_moments_merge_as_a_mixture",)),
     Mutation("role-output-side-read-as-input", "fxfuse/groups/discover.py",
-             "                    role = OUT\n",
-             "                    role = IN\n",
+             "            role = OUT\n",
+             "            role = IN\n",
              ("tests/test_maps.py::test_a_narrow_model_copied_into_a_wider_one_computes_the_same_function",)),
     # still to come with cross-model pairing (different widths): a group paired with the wrong
     # partner.
