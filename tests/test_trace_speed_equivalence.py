@@ -116,7 +116,8 @@ def test_recorded_math_values_are_the_eager_ones() -> None:
 
 
 @pytest.mark.parametrize("name", ["mlp", "resnet20", "densenet", "vit_tiny", "shufflenet",
-                                  "tied_block_net", "concat_split_net", "se_net"])
+                                  "shufflenetv2_lib", "glu_mlp", "tied_block_net",
+                                  "concat_split_net", "se_net"])
 def test_zoo_graphs_are_fx_graphs(name: str) -> None:
     model = models.get(name).factory()
     ours, theirs = _Tracer(False).trace(model), _FxTracer().trace(model)
@@ -240,3 +241,54 @@ def test_stack_traces_are_the_filtered_extract_stack(name: str) -> None:
     stacks = [n.stack_trace for n in ours.nodes]
     assert stacks == [n.stack_trace for n in reference.nodes]
     assert sum(s is not None and "forward" in s for s in stacks) >= 3
+
+
+class _FxProxyTracer(_Tracer):
+    """fxfuse's tracer with fx's own Proxy (its iteration disassembles the caller each time)."""
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return fx.Proxy(node, self)
+
+
+class _Unpacks(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        (c, d), e = x.split(2, dim=1)[:2], x[:, :1]
+        return torch.cat([b, a, c * d + e], dim=1)
+
+
+class _Loops(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(row for row in x)  # iterates a proxy: not traceable, kept opaque
+
+
+class _IterNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.unpacks, self.loops, self.fc = _Unpacks(), _Loops(), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.unpacks(self.fc(x))
+        first, *rest = y.unbind(0)  # UNPACK_EX: fx's tracer.iter, which fails: root is opaque
+        return self.loops(y) + first
+
+
+def test_proxy_iteration_is_fxs() -> None:
+    model = _IterNet()
+    with pytest.raises(fx.proxy.TraceError) as ours:
+        _Tracer(False).trace(model)
+    with pytest.raises(fx.proxy.TraceError) as theirs:
+        _FxProxyTracer(False).trace(model)
+    assert str(ours.value) == str(theirs.value)
+    tracer, reference = _Tracer(False), _FxProxyTracer(False)
+    assert _signature(tracer.trace(_Wrap(model))) == _signature(reference.trace(_Wrap(model)))
+    assert tracer.opaque == reference.opaque and len(tracer.opaque) == 1
+
+
+class _Wrap(nn.Module):
+    def __init__(self, inner: _IterNet) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.loops(self.inner.unpacks(self.inner.fc(x)))
