@@ -138,6 +138,20 @@ class _Scope(fx.proxy.Scope):
 _CALLS = frozenset(("call_function", "call_method", "call_module"))
 
 
+def _setter(name: str) -> Callable[[fx.Node, Any], None]:
+    """fx's ``Node.args`` / ``Node.kwargs`` property setter (the accounting of uses), called
+    without ``Node.__setattr__``, which around any assignment takes the node out of the graph's
+    (op, target) lookup table and puts it back at the end of its bucket: a new node is there
+    already.  Plain assignment where fx has no such property."""
+    prop = vars(fx.Node).get(name)
+    if isinstance(prop, property) and prop.fset is not None:
+        return prop.fset
+    return lambda node, value: setattr(node, name, value)  # pragma: no cover - other torch
+
+
+_set_args, _set_kwargs = _setter("args"), _setter("kwargs")
+
+
 class _Proxy(fx.Proxy):
     """fx's Proxy (what ``_Tracer.proxy`` makes), whose iteration looks up its caller's
     instructions in a table made once per code object and trace: fx's ``Proxy.__iter__``
@@ -274,8 +288,8 @@ class _Tracer(fx.Tracer):
                 and self.graph.owning_module is None:
             node = super().create_node(kind, target, (), {}, name, type_expr)
             if kwargs:
-                node.kwargs = kwargs
-            node.args = args
+                _set_kwargs(node, kwargs)
+            _set_args(node, args)
         else:
             node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if self.stack_traces and not node.stack_trace:

@@ -76,7 +76,8 @@ def _signature(graph: fx.Graph) -> list[tuple[Any, ...]]:
     return [(n.op, n.name, n.target, names(n.args), names(n.kwargs), type(n.kwargs),
              [i.name for i in n.all_input_nodes], [u.name for u in n.users],
              n.meta.get("nn_module_stack"), type(n.meta.get("nn_module_stack")),
-             n.meta.get("is_wrapped"))
+             n.meta.get("is_wrapped"),
+             [m.name for m in graph.find_nodes(op=n.op, target=n.target)])
             for n in graph.nodes]
 
 
