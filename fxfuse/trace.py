@@ -841,7 +841,53 @@ def _module_value(mod: nn.Module, args: Any, kwargs: Any, call: Callable[[], Any
         return args[0]
     if type(mod) in _HEAVY_MODULES and not kwargs and len(args) == 1:
         return _shape_only(_module_shape(mod, args[0]), args, call)
+    if type(mod) is nn.MultiheadAttention:
+        shape = _attention_shape(mod, args, kwargs)
+        if shape is not None:
+            return torch.zeros(shape[0], dtype=shape[1], device=args[0].device), None
     return call()
+
+
+def _attention_shape(mod: nn.MultiheadAttention, args: Any, kwargs: Any
+                     ) -> tuple[Shape, torch.dtype] | None:
+    """The output shape and dtype of ``mod(query, key, value, need_weights=False)`` (the
+    output is ``(attn_output, None)``; ``attn_output`` has the query's shape): only for that
+    call (no masks, no weights asked for), a module without hooks, ``bias_k`` / ``bias_v`` or
+    ``add_zero_attn``, and inputs ``F.multi_head_attention_forward`` accepts (its shape checks:
+    2-D or 3-D, embedding sizes, key / value / batch sizes; parameters of the built shapes, one
+    float dtype and device).  ``None`` otherwise: the real module runs."""
+    if len(args) != 3 or set(kwargs) != {"need_weights"} or kwargs["need_weights"] is not False:
+        return None
+    if (mod._forward_hooks or mod._forward_pre_hooks or mod.bias_k is not None
+            or mod.bias_v is not None or mod.add_zero_attn):
+        return None
+    q, k, v = args
+    e = mod.embed_dim
+    weights: list[tuple[Any, Shape]]
+    if mod._qkv_same_embed_dim:
+        weights = [(mod.in_proj_weight, (3 * e, e))]
+    else:
+        weights = [(mod.q_proj_weight, (e, e)), (mod.k_proj_weight, (e, mod.kdim)),
+                   (mod.v_proj_weight, (e, mod.vdim))]
+    weights.append((mod.out_proj.weight, (e, e)))
+    biases = [(mod.in_proj_bias, (3 * e,)), (mod.out_proj.bias, (e,))]
+    params = weights + biases
+    tensors = [q, k, v] + [t for t, _ in params if t is not None]
+    dtype = _same_float(*tensors)
+    if dtype is None or any(t is not None and tuple(t.shape) != shape for t, shape in params):
+        return None
+    if any(t is None for t, _ in weights) or len({t.device for t in tensors}) != 1:
+        return None
+    if q.dim() not in (2, 3) or k.dim() != q.dim() or v.dim() != q.dim():
+        return None
+    if q.shape[-1] != e or k.shape[-1] != mod.kdim or v.shape[-1] != mod.vdim:
+        return None
+    if k.shape[:-1] != v.shape[:-1] or min(q.shape) < 1 or min(k.shape) < 1:
+        return None
+    if q.dim() == 3 and q.shape[0 if mod.batch_first else 1] != k.shape[0 if mod.batch_first
+                                                                         else 1]:
+        return None
+    return tuple(q.shape), dtype
 
 
 def _shape_only(shape: tuple[Shape, torch.dtype] | None, args: Any,
@@ -977,9 +1023,9 @@ def record_values(gm: fx.GraphModule | GraphTrace, inputs: Sequence[Any]) -> Non
     seen on ``inputs`` (eval mode, no grad; modes restored).
 
     Values are real except the outputs of arithmetic-heavy ops (``HEAVY_MODULES``,
-    ``HEAVY_FUNCTIONS``), whose shapes come from shape formulas and whose values are zeros, and
-    of ``SHAPE_PRESERVING`` modules, which pass their input on: discovery needs shapes, not
-    values.  Run as a plain loop (:func:`_record`); where it fails, or where fx is asked to
+    ``HEAVY_FUNCTIONS``, ``nn.MultiheadAttention`` called with ``need_weights=False``), whose
+    shapes come from shape formulas and whose values are zeros, and of ``SHAPE_PRESERVING``
+    modules, which pass their input on: discovery needs shapes, not values.  Run as a plain loop (:func:`_record`); where it fails, or where fx is asked to
     preserve node meta during interpretation (``fx.traceback.preserve_node_meta``), as
     ``fx.Interpreter`` (the failure is then fx's own error, with the node it ran; the nodes
     before it run twice).

@@ -22,8 +22,10 @@ from fxfuse.rules import lookup
 from fxfuse.trace import (
     VALUE,
     GraphTrace,
+    _module_value,
     _record,
     _Recorder,
+    _summarise,
     _Tracer,
     eval_mode,
     record_values,
@@ -293,3 +295,60 @@ class _Wrap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner.loops(self.inner.unpacks(self.inner.fc(x)))
+
+
+def _attention_cases() -> list[tuple[dict[str, Any], tuple[tuple[int, ...], ...], dict[str, Any]]]:
+    """(module kwargs, query / key / value shapes, call kwargs): valid calls and calls the
+    real module refuses, for E=8 with 2 heads."""
+    cases = []
+    for batch_first in (True, False):
+        for dims in ({}, {"kdim": 5, "vdim": 3}):
+            for bias in (True, False):
+                m = {"batch_first": batch_first, "bias": bias, **dims}
+                kd, vd = dims.get("kdim", 8), dims.get("vdim", 8)
+                n_first = batch_first
+                def s(n: int, length: int, d: int, nf: bool = n_first) -> tuple[int, ...]:
+                    return (n, length, d) if nf else (length, n, d)
+                cases += [
+                    (m, (s(2, 4, 8), s(2, 6, kd), s(2, 6, vd)), {"need_weights": False}),
+                    (m, ((4, 8), (6, kd), (6, vd)), {"need_weights": False}),  # unbatched
+                    (m, (s(2, 4, 8), s(3, 6, kd), s(3, 6, vd)), {"need_weights": False}),
+                    (m, (s(2, 4, 7), s(2, 6, kd), s(2, 6, vd)), {"need_weights": False}),
+                    (m, (s(2, 4, 8), s(2, 6, kd), s(2, 5, vd)), {"need_weights": False}),
+                    (m, (s(2, 4, 8), (6, kd), (6, vd)), {"need_weights": False}),
+                    (m, (s(2, 4, 8), s(2, 6, kd), s(2, 6, vd)), {}),  # weights asked for
+                    (m, (s(2, 4, 8), s(2, 6, kd), s(2, 6, vd)), {"need_weights": True,
+                                                                 "average_attn_weights": False}),
+                    (m, ((1, 2, 4, 8), (1, 2, 6, kd), (1, 2, 6, vd)), {"need_weights": False}),
+                ]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(_attention_cases())))
+def test_attention_formula_is_the_real_modules_output(case: int) -> None:
+    kwargs, shapes, call_kwargs = _attention_cases()[case]
+    torch.manual_seed(0)
+    mod = nn.MultiheadAttention(8, 2, **kwargs).eval()
+    q, k, v = (torch.randn(s) for s in shapes)
+    if kwargs.get("kdim") is None and shapes[1] == shapes[0]:
+        k = v = q  # self-attention, as models call it
+    with torch.no_grad():
+        try:
+            real: Any = _summarise(mod(q, k, v, **call_kwargs))
+        except Exception as exc:  # the formula must not hide the error
+            real = type(exc)
+        try:
+            ours: Any = _summarise(_module_value(mod, (q, k, v), call_kwargs,
+                                                 lambda: mod(q, k, v, **call_kwargs)))
+        except Exception as exc:
+            ours = type(exc)
+    assert ours == real
+
+
+def test_attention_formula_is_used_for_vit_blocks() -> None:
+    mod, x = nn.MultiheadAttention(8, 2, batch_first=True).eval(), torch.randn(2, 4, 8)
+    out = _module_value(mod, (x, x, x), {"need_weights": False}, lambda: pytest.fail("ran"))
+    assert out[1] is None and not out[0].any() and out[0].shape == x.shape
+    mod.register_forward_hook(lambda *a: None)  # hooks: the real module runs
+    ran = _module_value(mod, (x, x, x), {"need_weights": False}, lambda: "ran")
+    assert ran == "ran"
