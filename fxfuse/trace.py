@@ -550,12 +550,12 @@ def model_device(model: nn.Module) -> torch.device:
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module, no_grad: bool = True) -> Iterator[None]:
     """Eval mode (and no grad unless ``no_grad=False``) for the duration; every module's
-    training flag is restored.  Where no module overrides ``train`` or ``__setattr__``,
-    ``eval()`` only sets each module's ``training`` to False: the flags are then set directly
-    (``nn.Module.__setattr__`` and ``train`` cost about a microsecond a module), and only
-    those that change."""
+    training flag is restored.  Where no module overrides ``nn.Module``'s ``train``, ``eval``,
+    ``__setattr__`` or its walks over submodules (``_PLAIN``), ``eval()`` only sets each
+    module's ``training`` to False: the flags are then set directly (``nn.Module.__setattr__``
+    and ``train`` cost about a microsecond a module), and only those that change."""
     modes = [(m, m.training) for model in models for m in model.modules()]
-    plain = all(t.train is _MODULE_TRAIN and t.__setattr__ is _MODULE_SETATTR
+    plain = all(all(getattr(t, k) is v for k, v in _PLAIN)
                 for t in {type(m) for m, _ in modes})
     if plain:
         for m, mode in modes:
@@ -575,8 +575,8 @@ def eval_mode(*models: nn.Module, no_grad: bool = True) -> Iterator[None]:
                 object.__setattr__(m, "training", mode)
 
 
-_MODULE_TRAIN = nn.Module.train
-_MODULE_SETATTR = nn.Module.__setattr__
+_PLAIN = [(k, getattr(nn.Module, k)) for k in ("train", "eval", "__setattr__", "children",
+                                                 "named_children", "modules", "named_modules")]
 
 
 def _cache_configs(model: nn.Module) -> list[Any]:

@@ -206,6 +206,16 @@ def test_eval_mode_restores_flags_and_calls_overridden_train() -> None:
         assert Frozen.calls == [False] and not any(m.training for m in custom.modules())
     assert all(m.training for m in custom.modules())
 
+    class OwnEval(nn.Sequential):
+        def eval(self) -> OwnEval:
+            self.evaluated = True
+            return super().eval()
+
+    own = OwnEval(nn.Linear(2, 2))
+    with eval_mode(own):
+        assert own.evaluated and not own[0].training
+    assert own.training and own[0].training
+
 
 class _ExtractStackTracer(_Tracer):
     """Stack traces as fxfuse took them before: ``traceback.extract_stack()`` filtered."""
