@@ -9,7 +9,6 @@ depth code it never runs.  ``fxfuse.<submodule>`` is imported on first use too.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -102,11 +101,19 @@ _LAZY: dict[str, str] = {
 }
 
 
+# the submodules ``import fxfuse`` made attributes when it imported everything; the optional and
+# heavy ones (cli, flower, bench, demo, data, export_onnx, testing) are attributes only once
+# imported, as before (so ``hasattr(fxfuse, "flower")`` neither imports Flower nor raises)
+_SUBMODULES = frozenset({"align", "combine", "core", "depth", "diagnostics", "errors", "exporter",
+                         "groups", "ir", "levels", "maps", "methods", "pairing", "passes",
+                         "repair", "rules", "solvers", "trace", "train"})
+
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is not None:
         value = getattr(importlib.import_module(f".{module}", __name__), name)
-    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+    elif name in _SUBMODULES:
         value = importlib.import_module(f".{name}", __name__)  # a submodule: fxfuse.trace
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -62,10 +62,16 @@ def _builtins() -> None:
             importlib.import_module(name)
 
 
-def _rank(method: Method) -> int:
-    """Built-in methods first, in :data:`BUILTIN_MODULES` order, whichever was imported first;
-    then the user's own."""
-    module = method.config.__module__
+# name -> (rank of the module that first registered it, registration number): a name keeps its
+# place when it is registered again (a user's method replacing a built-in one is listed where the
+# built-in one was, as before the built-in modules were loaded lazily)
+_ORDER: dict[str, tuple[int, int]] = {}
+
+
+def _rank(config: type) -> int:
+    """Built-in modules in :data:`BUILTIN_MODULES` order, whichever was imported first; then the
+    user's own."""
+    module = getattr(config, "__module__", "")
     return next((i for i, m in enumerate(BUILTIN_MODULES)
                  if module == m or module.startswith(m + ".")), len(BUILTIN_MODULES))
 
@@ -94,6 +100,7 @@ def register_method(name: str, stage: str, config: type, passes: Callable[[Any],
                     summary + (" (needs --data)" if needs else ""))
     _BY_TYPE[config] = method
     _BY_NAME[name] = method
+    _ORDER.setdefault(name, (_rank(config), len(_ORDER)))
     return method
 
 
@@ -101,7 +108,8 @@ def methods(stage: str | None = None) -> list[Method]:
     """The registered methods (of ``stage``): the built-in ones, then the user's own in
     registration order."""
     _builtins()
-    return sorted((m for m in _BY_NAME.values() if stage is None or m.stage == stage), key=_rank)
+    return sorted((m for m in _BY_NAME.values() if stage is None or m.stage == stage),
+                  key=lambda m: _ORDER[m.name])
 
 
 def method_of(config: Any, stage: str) -> Method:

@@ -71,10 +71,12 @@ def test_the_functions_fuse_and_permute_are_not_replaced_by_their_modules() -> N
 
 
 def test_every_public_name_and_submodule_resolves() -> None:
-    code = ("import fxfuse\n"
+    code = ("import sys, fxfuse\n"
             "missing = [n for n in fxfuse.__all__ if getattr(fxfuse, n, None) is None]\n"
-            "print(missing, fxfuse.trace.__name__, 'find_groups' in dir(fxfuse))")
-    assert run_code(code) == "[] fxfuse.trace True"
+            "print(missing, fxfuse.trace.__name__, 'find_groups' in dir(fxfuse), "
+            "hasattr(fxfuse, 'bench'), 'fxfuse.bench' in sys.modules)")
+    # an optional submodule is an attribute once imported, as before: probing does not load it
+    assert run_code(code) == "[] fxfuse.trace True False False"
     bad = ("import fxfuse\n"
            "try:\n    fxfuse.no_such_name\nexcept AttributeError as e:\n    print(e)")
     assert run_code(bad) == "module 'fxfuse' has no attribute 'no_such_name'"
@@ -92,3 +94,15 @@ def test_methods_by_name_register_the_built_in_ones_in_their_order() -> None:
     assert run_code(code) == (
         "['WeightMatching', 'ResetBatchNorm'] ['weight', 'activation', 'ot', 'graph', "
         "'neuron-interpolation', 'reset-bn', 'repair']")
+
+
+def test_a_method_replacing_a_built_in_one_keeps_its_place() -> None:
+    code = ("import dataclasses, fxfuse\n"
+            "from fxfuse.methods import methods\n"
+            "@dataclasses.dataclass(frozen=True)\n"
+            "class MyAlign:\n    pass\n"
+            "fxfuse.register_method('weight', 'align', MyAlign, lambda c: [])\n"
+            "fxfuse.register_method('mine', 'align', MyAlign, lambda c: [])\n"
+            "print([(m.name, m.config.__name__) for m in methods('align')][:1], "
+            "methods('align')[-1].name)")
+    assert run_code(code) == "[('weight', 'MyAlign')] mine"
