@@ -635,7 +635,9 @@ def _state_tensors(model: nn.Module) -> dict[str, Any]:
     then its submodules', keyed by path (a tied tensor under each of its keys).  Walked here
     for plain modules (that walk is what ``state_dict`` does for them, without its metadata and
     per-module calls); a module with state_dict hooks, its own ``state_dict`` /
-    ``_save_to_state_dict`` or extra state gets torch's ``state_dict`` itself."""
+    ``_save_to_state_dict`` (on its class or the instance) or extra state gets torch's
+    ``state_dict`` itself, without its non-tensor entries (extra state a module returns as a
+    Python object has no axes to permute)."""
     out: dict[str, Any] = {}
     base = nn.Module
     todo: list[tuple[str, nn.Module]] = [("", model)]
@@ -643,10 +645,12 @@ def _state_tensors(model: nn.Module) -> dict[str, Any]:
         prefix, module = todo.pop()
         cls = type(module)
         if (module._state_dict_hooks or module._state_dict_pre_hooks
+                or "state_dict" in module.__dict__ or "_save_to_state_dict" in module.__dict__
                 or cls.state_dict is not base.state_dict
                 or cls._save_to_state_dict is not base._save_to_state_dict
                 or getattr(cls, "get_extra_state", base.get_extra_state) is not base.get_extra_state):
-            return dict(model.state_dict(keep_vars=True))
+            return {k: t for k, t in model.state_dict(keep_vars=True).items()
+                    if isinstance(t, torch.Tensor)}
         for name, p in module._parameters.items():
             if p is not None:
                 out[prefix + name] = p
