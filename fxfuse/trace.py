@@ -180,6 +180,9 @@ class _Proxy(fx.Proxy):
         return tracer.iter(self)
 
 
+_Proxy.__name__ = _Proxy.__qualname__ = "Proxy"  # as fx's in messages: "'Proxy' object ..."
+
+
 class _Tracer(fx.Tracer):
     """fx tracing with fxfuse's leaves: modules with a rule.  Every other module is traced
     into; one that can not be (its ``forward`` raised on proxies) is rolled back and kept as an
@@ -1025,21 +1028,18 @@ def record_values(gm: fx.GraphModule | GraphTrace, inputs: Sequence[Any]) -> Non
     Values are real except the outputs of arithmetic-heavy ops (``HEAVY_MODULES``,
     ``HEAVY_FUNCTIONS``, ``nn.MultiheadAttention`` called with ``need_weights=False``), whose
     shapes come from shape formulas and whose values are zeros, and of ``SHAPE_PRESERVING``
-    modules, which pass their input on: discovery needs shapes, not values.  Run as a plain loop (:func:`_record`); where it fails, or where fx is asked to
-    preserve node meta during interpretation (``fx.traceback.preserve_node_meta``), as
-    ``fx.Interpreter`` (the failure is then fx's own error, with the node it ran; the nodes
-    before it run twice).
+    modules, which pass their input on: discovery needs shapes, not values.  Run as a plain
+    loop (:func:`_record`), or where fx is asked to preserve node meta during interpretation
+    (``fx.traceback.preserve_node_meta``) as ``fx.Interpreter``; either runs the graph once,
+    so a forward's side effects before a failing node happen once, as in the model's own call.
     """
     traced = gm if isinstance(gm, GraphTrace) else GraphTrace.of(gm)
     try:
         with eval_mode(traced.root):
-            if not fx.traceback.has_preserved_node_meta():
-                try:
-                    _record(traced, inputs)
-                    return
-                except Exception:  # fx's run below raises fx's error for it
-                    pass
-            _Recorder(traced.root, graph=traced.graph).run(*inputs)
+            if fx.traceback.has_preserved_node_meta():
+                _Recorder(traced.root, graph=traced.graph).run(*inputs)
+            else:
+                _record(traced, inputs)
     except Exception as exc:
         raise InputError(
             f"running the traced model on the example inputs failed: {quote_error(exc)}. "

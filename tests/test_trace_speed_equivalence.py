@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+import fxfuse
 import fxfuse.trace
 import models
 from fxfuse.errors import InputError
@@ -362,3 +363,35 @@ def test_attention_formula_is_used_for_vit_blocks() -> None:
     mod.register_forward_hook(lambda *a: None)  # hooks: the real module runs
     ran = _module_value(mod, (x, x, x), {"need_weights": False}, lambda: "ran")
     assert ran == "ran"
+
+
+class _CountsThenFails(nn.Module):
+    """A forward with a side effect before a node that fails (a shape error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = nn.Parameter(torch.zeros(()), requires_grad=False)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.fc(x) @ torch.ones(5, 2)
+
+
+def test_a_failing_forward_runs_once() -> None:
+    # the failure is the model's own (InputError saying so), after one run of the nodes before it
+    m = _CountsThenFails()
+    with pytest.raises(InputError, match="example inputs failed"):
+        fxfuse.find_groups(m, torch.randn(2, 3))
+    assert float(m.calls) == 1.0
+
+
+class _SetsItem(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x[0] = 0
+        return x
+
+
+def test_trace_errors_name_fx_proxy() -> None:
+    with pytest.raises(fxfuse.TraceError, match="'Proxy' object does not support item"):
+        fxfuse.find_groups(_SetsItem(), torch.randn(2, 3), tracer="symbolic")
