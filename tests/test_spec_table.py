@@ -41,3 +41,15 @@ def test_long_parameter_names_are_not_broken() -> None:
             assert any(str(m) in line for line in lines), str(m)
     for a in spec.fixed_axes:
         assert any(f"{a.key}:{a.axis}" in line for line in lines), (a.key, a.axis)
+
+
+def test_a_spec_pickles_and_copies() -> None:
+    import copy
+    import pickle
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    spec = fxfuse.find_groups(model, torch.randn(2, 3))
+    for again in (pickle.loads(pickle.dumps(spec)), copy.deepcopy(spec)):
+        assert again.to_json() == spec.to_json()
+        assert [m.layout for g in again.groups for m in g.members] == [
+            m.layout for g in spec.groups for m in g.members]

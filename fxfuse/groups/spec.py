@@ -63,6 +63,9 @@ class Member(tuple):  # type: ignore[type-arg]
         self.layout = layout
         return self
 
+    def __getnewargs__(self) -> tuple[str, int, Tree]:  # pickle / copy: Member(key, axis, layout)
+        return (self[0], self[1], self.layout)
+
     @property
     def key(self) -> str:
         return str(self[0])

@@ -27,6 +27,7 @@ surfaces as :class:`RuleError` naming the rule and the node: a rule bug is never
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -136,7 +137,7 @@ class TensorHandle:
 
     def __getitem__(self, d: int) -> AxisRef:
         try:  # tuple indexing accepts exactly -ndim <= d < ndim, negative d from the end
-            return self._axes[d]
+            return self._axes[operator.index(d)]  # an axis is one integer: no slices, no floats
         except IndexError:
             raise IndexError(f"axis {d} out of range for a tensor of shape {self.shape}") from None
 
