@@ -179,3 +179,24 @@ def test_an_axis_is_one_integer() -> None:
     for bad in (slice(1, None), 1.0):
         with pytest.raises(TypeError):
             h[bad]  # type: ignore[index]
+
+
+def test_roles_do_not_depend_on_string_hashing() -> None:
+    # a weight computed from two parameters (weight_norm) gives axes made of several keys
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import hashlib, torch, fxfuse\n"
+            "from torch import nn\n"
+            "from torch.nn.utils.parametrizations import weight_norm\n"
+            "torch.manual_seed(0)\n"
+            "m = nn.Sequential(weight_norm(nn.Linear(6, 8)), nn.ReLU(), nn.Linear(8, 2))\n"
+            "s = fxfuse.find_groups(m, torch.randn(4, 6))\n"
+            "print(hashlib.sha1(s.to_json().encode()).hexdigest())")
+    root = Path(__file__).resolve().parents[1]
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "PYTHONHASHSEED": seed},
+                           check=True).stdout.split()[-1] for seed in ("0", "4", "11")}
+    assert len(outs) == 1, outs

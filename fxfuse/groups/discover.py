@@ -477,7 +477,10 @@ class _Driver:
         for t, a, role in plan:
             if table:
                 role = table.get((names.get(t, ""), a), role)
-            for key_axis in sources[t][a]:  # type: ignore[index]
+            keys = sources[t][a]  # type: ignore[index]
+            # a frozenset: sorted where it has several, so the spec's role order does not
+            # depend on string hashing (PYTHONHASHSEED)
+            for key_axis in keys if len(keys) < 2 else sorted(keys):
                 roles.setdefault(key_axis, set()).add(role)
 
     def _related(self, relations: list[Any], wanted: list[tuple[int, int]]
