@@ -498,9 +498,7 @@ def _inline_one(gm: fx.GraphModule, node: fx.Node, stack_traces: bool, k: int) -
     val_map: dict[fx.Node, Any] = dict(zip(placeholders, nodes))
     for n in sub.nodes:
         if n.op == "get_attr":  # constants the function made (torch.tensor(...))
-            value: Any = tracer.root
-            for part in str(n.target).split("."):
-                value = getattr(value, part)
+            value = attribute(tracer.root, str(n.target))
             name = f"_fxfuse_inlined_{k}_{str(n.target).replace('.', '_')}"
             setattr(gm, name, value)
             n.target = name
@@ -935,7 +933,8 @@ class _Recorder(fx.Interpreter):
         return super().call_method(target, args, kwargs)
 
 
-def _fetch(root: nn.Module, target: str) -> Any:
+def attribute(root: nn.Module, target: str) -> Any:
+    """``root``'s attribute at the dotted path ``target`` (a get_attr / call_module node's)."""
     value: Any = root
     for atom in target.split("."):
         value = getattr(value, atom)
@@ -946,8 +945,7 @@ def _record(traced: GraphTrace, inputs: Sequence[Any]) -> None:
     """:class:`_Recorder`'s run as a plain loop over the nodes: the same calls in the same
     order on the same values, each value dropped after its last use as ``fx.Interpreter`` does,
     without its per-node dispatch, context managers and argument checks (2-3x less overhead a
-    node).  An error is raised as it comes; :func:`record_values` then reruns
-    :class:`_Recorder` for fx's own error.
+    node).  An error is raised as it comes (the graph is run once).
 
     A target ``a.b.c`` is ``getattr(owner, "c")`` of its owner ``a.b``, looked up once a run
     (fx walks the whole path for every node: a few microseconds a node on deep models), so a
@@ -959,7 +957,7 @@ def _record(traced: GraphTrace, inputs: Sequence[Any]) -> None:
         head, _, atom = target.rpartition(".")
         owner = owners.get(head)
         if owner is None:
-            owner = owners[head] = _fetch(root, head)
+            owner = owners[head] = attribute(root, head)
         return getattr(owner, atom)
 
     drop: dict[fx.Node, list[fx.Node]] = {}  # node -> the values whose last use it is

@@ -43,6 +43,7 @@ from ..trace import (
     GraphTrace,
     TensorMeta,
     as_input_tuple,
+    attribute,
     export_trace,
     record_values,
     source_line,
@@ -239,9 +240,7 @@ class _Driver:
 
     def _get_attr(self, node: fx.Node) -> None:
         value = node.meta.get(VALUE)
-        obj: Any = self.gm.root
-        for part in str(node.target).split("."):
-            obj = getattr(obj, part)
+        obj = attribute(self.gm.root, str(node.target))
         lays = self._param_layouts(obj) if isinstance(obj, torch.Tensor) else None
         if lays is not None:
             node.meta[AXES] = TensorAxes(lays)
@@ -435,7 +434,7 @@ class _Driver:
                 params[name] = hs.handle(self.param_axes[key], shape, t.dtype,
                                          _param_origins(key, len(shape)))
                 continue
-            lays = tuple(self.table.new(s) for s in t.shape)
+            lays = self.table.new_axes(tuple(t.shape))
             why = Reason("constant", node.name, opname, f"buffer {name!r} is not in the state_dict")
             for lay in lays:
                 self.table.fix(lay, why)
