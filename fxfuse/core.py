@@ -197,12 +197,19 @@ class FusionRecord:
 
 
 def fusion_to_dict(spec: PermutationSpec, maps: Sequence[Mapping[str, GroupMap]] | None,
-                   specs: Sequence[PermutationSpec] | None = None) -> dict[str, Any]:
-    out = {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(),
-           "maps": None if maps is None else [{g: m.to_dict() for g, m in mk.items()}
-                                              for mk in maps]}
+                   specs: Sequence[PermutationSpec] | None = None, *, tensors: bool = False
+                   ) -> dict[str, Any]:
+    """A fusion record as plain data: for JSON, or with ``tensors`` for ``torch.save`` (specs as
+    JSON text, dense maps as tensors)."""
+    def one(s: PermutationSpec) -> Any:
+        return s.to_json(None) if tensors else s.to_dict()
+
+    out: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "spec": one(spec),
+        "maps": None if maps is None else [{g: m.to_dict(lists=not tensors)
+                                            for g, m in mk.items()} for mk in maps]}
     if specs is not None:
-        out["specs"] = [s.to_dict() for s in specs]
+        out["specs"] = [one(s) for s in specs]
     return out
 
 
@@ -233,13 +240,7 @@ def save_fusion(path: str | Path, spec: PermutationSpec,
         if target.suffix == ".json":
             staged.write_text(json.dumps(fusion_to_dict(spec, maps, specs)))
         else:
-            record: dict[str, Any] = {
-                "format": FORMAT, "version": VERSION, "spec": spec.to_json(None),
-                "maps": None if maps is None else [
-                    {g: m.to_dict(lists=False) for g, m in mk.items()} for mk in maps]}
-            if specs is not None:
-                record["specs"] = [s.to_json(None) for s in specs]
-            torch.save(record, staged)
+            torch.save(fusion_to_dict(spec, maps, specs, tensors=True), staged)
         publish(staged, target)
     return target
 
