@@ -40,6 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ._patcher import InstancePatching, instance_patching
 from .errors import InputError, TraceError, quote_error
 from .rules import lookup
 
@@ -213,6 +214,8 @@ class _Tracer(fx.Tracer):
         self._patched: list[tuple[dict[str, Any], str, Any]] = []
         self._visited: set[int] = set()
         self._instructions: dict[Any, tuple[list[dis.Instruction], list[int]]] = {}
+        self._patching: InstancePatching | None = None
+        self._param_names: dict[int, str] | None = None
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         if not self._own_wrap:
@@ -220,6 +223,13 @@ class _Tracer(fx.Tracer):
         self._patched, self._visited = [], set()
         self._math_ids, wrappers, originals = _math_table()
         patched_math = False
+        self._param_names = None
+        self._patching = None
+        if isinstance(root, nn.Module):
+            cache: dict[str, Any] = {}
+            self._patching = instance_patching(
+                root, lambda name, value: self.getattr(name, value, cache),
+                self.proxy_buffer_attributes)
         try:
             fn = getattr(type(root), self.traced_func_name, None) if isinstance(
                 root, nn.Module) else root
@@ -228,8 +238,12 @@ class _Tracer(fx.Tracer):
                 self._visited.add(id(math.__dict__))
                 math.__dict__.update(wrappers)
                 patched_math = True
-            return super().trace(root, concrete_args)
+            if self._patching is None:
+                return super().trace(root, concrete_args)
+            with self._patching.installed():
+                return super().trace(root, concrete_args)
         finally:
+            self._patching = None
             if patched_math:
                 math.__dict__.update(originals)
             for frame, name, orig in reversed(self._patched):
@@ -302,9 +316,25 @@ class _Tracer(fx.Tracer):
         return node
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """fx's: a parameter of the root's tree is its ``get_attr`` proxy (one per name and
+        trace), found in a table of the tree's parameters made once per trace instead of by
+        fx's walk of ``named_parameters()`` (and ``inspect.signature``) on every read; a
+        parameter the table does not hold, a buffer, anything else: fx's."""
         self._proxy_cache = parameter_proxy_cache  # to forget proxies of rolled-back nodes
         if not isinstance(attr_val, torch.Tensor):  # fx proxies only parameters and buffers
             return attr_val
+        if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
+            names = self._param_names
+            if names is None:
+                names = self._param_names = {
+                    id(p): n for n, p in self.root.named_parameters()}
+            name = names.get(id(attr_val))
+            if name is not None:
+                proxy = parameter_proxy_cache.get(name)
+                if proxy is None:
+                    proxy = parameter_proxy_cache[name] = self.create_proxy(
+                        "get_attr", name, (), {})
+                return proxy
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
@@ -313,6 +343,8 @@ class _Tracer(fx.Tracer):
             self._autowrap(getattr(getattr(m, "forward", m), "__globals__", None))
         if lookup(type(m)) is not None:
             return super().call_module(m, forward, args, kwargs)
+        if self._patching is not None:  # the one call the patched _call_impl lets through
+            forward = self._patching.run_inner(m, forward)
         before = len(self.graph.nodes)
         stack, calls = dict(self.module_stack), dict(self.num_calls)
         try:
