@@ -143,24 +143,9 @@ class InstancePatching:
 
     @contextlib.contextmanager
     def _new_patcher(self) -> Iterator[Any]:
-        parent = _FX._Patcher
-        outer = self
-
-        class Patcher(parent):  # type: ignore[misc, valid-type]
-            def patch_method(self, cls: type, name: str, new_fn: Callable[..., Any],
-                             deduplicate: bool = True) -> None:
-                if cls is nn.Module and name == "__call__":
-                    made: Any = _CallPatch(new_fn, outer.inner)
-                elif cls is nn.Module and name == "__getattr__":
-                    made = _StatePatch(outer.modules, outer.keys, outer.get)
-                else:
-                    return super().patch_method(cls, name, new_fn, deduplicate)
-                self.patches_made.append(made)
-                made.patch()
-                return None
-
+        """fx's ``_new_patcher``, making a :class:`_Patcher` of this trace."""
         prior = _FX.CURRENT_PATCHER
-        patcher = Patcher()
+        patcher = _Patcher(self)
         _FX.CURRENT_PATCHER = patcher
         try:
             yield patcher
@@ -177,6 +162,28 @@ class InstancePatching:
             yield
         finally:
             _FX._new_patcher = saved
+
+
+class _Patcher(_FX._Patcher if _SUPPORTED else object):  # type: ignore[misc]
+    """fx's patcher, with its two patches of ``nn.Module`` made as :class:`_CallPatch` and
+    :class:`_StatePatch`; every other patch (fx's wrapped functions, autowrap) is fx's."""
+
+    def __init__(self, patching: InstancePatching) -> None:
+        super().__init__()
+        self._patching = patching
+
+    def patch_method(self, cls: type, name: str, new_fn: Callable[..., Any],
+                     deduplicate: bool = True) -> None:
+        p = self._patching
+        if cls is nn.Module and name == "__call__":
+            made: Any = _CallPatch(new_fn, p.inner)
+        elif cls is nn.Module and name == "__getattr__":
+            made = _StatePatch(p.modules, p.keys, p.get)
+        else:
+            return super().patch_method(cls, name, new_fn, deduplicate)  # type: ignore[misc]
+        self.patches_made.append(made)
+        made.patch()
+        return None
 
 
 def instance_patching(root: nn.Module, get: Callable[[str, Any], Any], buffers: bool
