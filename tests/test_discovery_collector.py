@@ -44,3 +44,35 @@ def test_collector_is_restored_after_an_error() -> None:
     with pytest.raises(fxfuse.InputError):
         fxfuse.find_groups(model, torch.randn(2, 3))  # the wrong input shape
     assert gc.isenabled()
+
+
+def test_discovery_state_is_freed_before_the_collector_resumes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collection the resumed collector makes first must not find discovery's working
+    state (graph, atom table: thousands of objects) alive: it would promote all of it to the
+    older generations, whose later passes then scan it again, and a full pass over the whole
+    heap follows every few hundred calls."""
+    import weakref
+
+    model, inputs = _mlp()
+    refs: list[weakref.ref[object]] = []
+    real = fxfuse.groups.discover
+
+    def spy(*args: object, **kwargs: object) -> object:
+        disc = real(*args, **kwargs)  # type: ignore[arg-type]
+        refs.append(weakref.ref(disc))
+        return disc
+
+    alive_at_resume: list[bool] = []
+    enable = gc.enable
+
+    def resume() -> None:
+        alive_at_resume.append(refs[0]() is not None)
+        enable()
+
+    monkeypatch.setattr(fxfuse.groups, "discover", spy)
+    monkeypatch.setattr(gc, "enable", resume)
+    assert gc.isenabled()
+    spec = fxfuse.find_groups(model, inputs)
+    assert alive_at_resume == [False]
+    assert spec.groups  # the spec itself lives on

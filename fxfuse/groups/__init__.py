@@ -28,6 +28,7 @@ def find_groups(
         disc = discover(model, example_inputs, strict=strict, tracer=tracer)
         spec = build_spec(disc, type(model).__name__)
         spec.lint(disc.param_shapes)
+        del disc  # freed (by reference counting) while the collector is still paused
     return spec
 
 
