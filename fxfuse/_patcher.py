@@ -121,8 +121,8 @@ class InstancePatching:
     ``_new_patcher`` while the trace runs."""
 
     def __init__(self, modules: list[nn.Module], get: Callable[[str, Any], Any],
-                 buffers: bool) -> None:
-        self.modules, self.get = modules, get
+                 buffers: bool, autowrap: bool = True) -> None:
+        self.modules, self.get, self.autowrap = modules, get, autowrap
         self.keys = ("_parameters", "_buffers") if buffers else ("_parameters",)
         self.inner: list[nn.Module] = []
 
@@ -185,11 +185,18 @@ class _Patcher(_FX._Patcher if _SUPPORTED else object):  # type: ignore[misc]
         made.patch()
         return None
 
+    def visit_once(self, thing: object) -> bool:
+        """fx's, asked only by its autowrap check before it scans a ``forward``'s globals for
+        the functions to wrap: with none to wrap (``autowrap`` off: the tracer wraps ``math``
+        itself) the scan can patch nothing, so it is skipped."""
+        return self._patching.autowrap and super().visit_once(thing)  # type: ignore[misc]
 
-def instance_patching(root: nn.Module, get: Callable[[str, Any], Any], buffers: bool
-                      ) -> InstancePatching | None:
+
+def instance_patching(root: nn.Module, get: Callable[[str, Any], Any], buffers: bool,
+                      autowrap: bool = True) -> InstancePatching | None:
     """Per-instance patching for a trace of ``root`` (``get(name, value)``: the tracer's
-    ``getattr`` with its proxy cache), or None where fx's own class patches must run."""
+    ``getattr`` with its proxy cache; ``autowrap``: whether fx's autowrap has functions to
+    wrap), or None where fx's own class patches must run."""
     if not _SUPPORTED or nn.Module.__call__ is not _ORIG_CALL \
             or vars(nn.Module).get("_call_impl") is not _ORIG_CALL_IMPL \
             or _FX.CURRENT_PATCHER is not None:  # a trace in progress: fx's own nesting
@@ -199,4 +206,4 @@ def instance_patching(root: nn.Module, get: Callable[[str, Any], Any], buffers: 
         if m.__dict__.get("_compiled_call_impl") is not None or "_call_impl" in m.__dict__ \
                 or type(m)._call_impl is not _ORIG_CALL_IMPL:
             return None
-    return InstancePatching(modules, get, buffers)
+    return InstancePatching(modules, get, buffers, autowrap)

@@ -229,7 +229,7 @@ class _Tracer(fx.Tracer):
             cache: dict[str, Any] = {}
             self._patching = instance_patching(
                 root, lambda name, value: self.getattr(name, value, cache),
-                self.proxy_buffer_attributes)
+                self.proxy_buffer_attributes, bool(self._autowrap_function_ids))
         try:
             fn = getattr(type(root), self.traced_func_name, None) if isinstance(
                 root, nn.Module) else root

@@ -302,3 +302,31 @@ def test_graphs_are_fxs_own_tracers(name: str) -> None:
     ours, theirs = _Tracer(False), _FxTracer()
     ours.proxy_buffer_attributes = theirs.proxy_buffer_attributes = name == "rotary"
     assert _signature(ours.trace(make())) == _signature(theirs.trace(make()))
+
+
+def leaf_fn(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+class CallsLeafFn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return leaf_fn(self.fc(x))
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_fxs_autowrap_scan_runs_only_with_functions_to_wrap(wrapped: bool) -> None:
+    """The patcher skips fx's scan of ``forward`` globals when the tracer has no function for
+    fx to autowrap; a tracer that has some still gets them wrapped."""
+    tracer = _Tracer(False)
+    if wrapped:
+        tracer._autowrap_function_ids = {id(leaf_fn)}
+    graph = tracer.trace(CallsLeafFn())
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert (leaf_fn in targets) is wrapped
+    assert globals()["leaf_fn"].__name__ == "leaf_fn" and not hasattr(
+        globals()["leaf_fn"], "__fx_already_patched")
+    _untouched()
