@@ -152,6 +152,9 @@ class InstancePatching:
         finally:
             patcher.revert_all_patches()
             _FX.CURRENT_PATCHER = prior
+            # fx's call wrapper closes over the patcher that holds it: without its patches the
+            # patcher (and the proxies the wrappers' caches hold) is freed by reference counting
+            patcher.patches_made.clear()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:

@@ -417,13 +417,14 @@ def trace_graph(model: nn.Module, stack_traces: bool = True) -> GraphTrace:
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
     try:
         tracer, graph = _trace_root(model, stack_traces)
-        gm = (fx.GraphModule(tracer.root, graph, type(model).__name__)
+        root, opaque = tracer.root, dict(tracer.opaque)
+        _forget(tracer)
+        gm = (fx.GraphModule(root, graph, type(model).__name__)
               if any(_is_wrapped_call(n) for n in graph.nodes) else None)
     except Exception as exc:
         raise _trace_error(model, exc) from exc
-    opaque = dict(tracer.opaque)
     if gm is None:
-        return GraphTrace(tracer.root, graph, {OPAQUE: opaque})
+        return GraphTrace(root, graph, {OPAQUE: opaque})
     opaque.update(inline_wrapped_functions(gm, stack_traces))
     gm.meta[OPAQUE] = opaque
     return GraphTrace.of(gm)
@@ -438,6 +439,7 @@ def _trace_root(model: nn.Module, stack_traces: bool) -> tuple[_Tracer, fx.Graph
     try:
         return tracer, tracer.trace(model)
     except Exception as first:
+        _forget(tracer)
         if next(model.buffers(), None) is None:
             raise
         tracer = _Tracer(stack_traces)
@@ -446,6 +448,36 @@ def _trace_root(model: nn.Module, stack_traces: bool) -> tuple[_Tracer, fx.Graph
             return tracer, tracer.trace(model)
         except Exception:
             raise first from None
+
+
+def _forget(tracer: fx.Tracer) -> None:
+    """Drop a finished tracer's state.  fx's ``trace`` leaves a reference cycle behind (its
+    nested, self-recursive ``collect_tensor_attrs`` closes over the tracer), so the tracer
+    lives until the cyclic collector runs, and with it everything it holds: the graph, the
+    proxy cache, the per-code instruction tables.  Emptied, it holds nothing, and the graph is
+    freed by reference counting when its last user lets it go."""
+    tracer.__dict__.clear()
+
+
+_node_member = object.__setattr__  # fx's Node links are members of its C base (_NodeBase)
+
+
+def release_graph(graph: fx.Graph) -> None:
+    """Break the reference cycles of a graph that nothing will use again (every node is
+    linked to its neighbours, its users and its graph, and back), so reference counting frees
+    it, and everything its nodes' ``meta`` holds, at once, instead of the cyclic collector
+    finding it all later in a pass over every object the call made.  The graph is unusable
+    after this."""
+    try:
+        nodes = [*graph.nodes, graph._root]
+        for n in nodes:
+            n.users.clear()
+            n._input_nodes.clear()
+            _node_member(n, "_prev", None)
+            _node_member(n, "_next", None)
+            _node_member(n, "graph", None)
+    except (AttributeError, TypeError):  # pragma: no cover - another fx: the collector's job
+        return
 
 
 def symbolic_trace(model: nn.Module, stack_traces: bool = True) -> fx.GraphModule:

@@ -76,3 +76,28 @@ def test_discovery_state_is_freed_before_the_collector_resumes(
     spec = fxfuse.find_groups(model, inputs)
     assert alive_at_resume == [False]
     assert spec.groups  # the spec itself lives on
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "vit_tiny"])
+def test_discovery_leaves_no_graph_for_the_collector(name: str) -> None:
+    """Discovery's graph (and all its nodes' values and layouts) is freed by reference counting
+    when find_groups returns; before, fx's tracer (held by a cycle fx's trace leaves) and the
+    graph's own cycles waited for a collector pass over every object the call made."""
+    import torch.fx as fx
+
+    entry = models.get(name)
+    model, inputs = entry.factory(), entry.example_inputs()
+    fxfuse.find_groups(model, inputs)
+    gc.collect()
+    flags = gc.get_debug()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        spec = fxfuse.find_groups(model, inputs)
+        gc.collect()
+        kinds = {type(o) for o in gc.garbage}
+        assert fx.Node not in kinds and fx.Graph not in kinds
+        assert len(gc.garbage) < 100, sorted(str(k) for k in kinds)
+    finally:
+        gc.set_debug(flags)
+        gc.garbage.clear()
+    assert spec.groups and spec.to_json() == fxfuse.find_groups(model, inputs).to_json()

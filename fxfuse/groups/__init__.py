@@ -9,7 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from .discover import discover
+from ..trace import release_graph
+from .discover import SYMBOLIC, discover
 from .spec import PermutationSpec, build_spec
 
 
@@ -28,6 +29,8 @@ def find_groups(
         disc = discover(model, example_inputs, strict=strict, tracer=tracer)
         spec = build_spec(disc, type(model).__name__)
         spec.lint(disc.param_shapes)
+        if disc.tracer == SYMBOLIC:  # the graph is discovery's own: nothing else holds it
+            release_graph(disc.gm.graph)
         del disc  # freed (by reference counting) while the collector is still paused
     return spec
 

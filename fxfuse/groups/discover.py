@@ -62,6 +62,9 @@ class TensorAxes:
     layouts: tuple[Layout, ...]
 
 
+SYMBOLIC = "torch.fx.symbolic_trace"  # Discovery.tracer of a symbolic trace (fxfuse.trace)
+
+
 @dataclass
 class Discovery:
     """Everything discovery learnt about one model (the spec is derived from it)."""
@@ -72,7 +75,7 @@ class Discovery:
     param_shapes: dict[str, tuple[int, ...]]
     aliases: dict[str, list[str]]
     cuts: list[Reason] = field(default_factory=list)
-    tracer: str = "torch.fx.symbolic_trace"
+    tracer: str = SYMBOLIC
     lifted: dict[str, str] = field(default_factory=dict)  # export: placeholder -> param name
     # (state_dict key, axis) -> the roles its uses gave it (fxfuse.groups.roles)
     roles: dict[tuple[str, int], set[str | None]] = field(default_factory=dict)
