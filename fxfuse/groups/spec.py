@@ -465,13 +465,14 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
     members: dict[int, list[Member]] = {}
     # a rule's label ("heads", "groups") names an atom only where it is a proper factor; an atom
     # that fills an axis by itself (a depthwise conv's "groups") is a plain channel group
-    whole = {r.id for lays in disc.param_axes.values() for r in map(table.resolve, lays)
-             if isinstance(r, Atom)}
+    resolve = table.resolve
+    param_lays = [(key, lays, [resolve(raw) for raw in lays])
+                  for key, lays in disc.param_axes.items()]
+    whole = {r.id for _, _, rs in param_lays for r in rs if isinstance(r, Atom)}
     labels = {a: lab for a, lab in table.labels().items() if a not in whole}
     param_trees = _Trees(names.__getitem__)
-    for key, lays in disc.param_axes.items():
-        for axis, raw in enumerate(lays):
-            resolved = table.resolve(raw)
+    for key, lays, resolved_lays in param_lays:
+        for axis, (raw, resolved) in enumerate(zip(lays, resolved_lays)):
             atoms = param_trees.atoms(resolved)
             for atom in atoms:
                 if atom not in names:
@@ -498,12 +499,15 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
     groups = [Group(names[a], table.atom_size(a), members[a], tuple(joined[a])) for a in names]
     cuts = [CutRecord(r.node, r.op, r.detail, r.source) for r in _unique(disc.cuts)]
     activations: dict[str, tuple[Tree, ...]] = {}
+    node_atoms = node_trees.atoms
     for node in disc.gm.graph.nodes:
         axes_meta = node.meta.get(AXES)
         if node.op.startswith("call") and isinstance(axes_meta, TensorAxes):
-            node_lays = [table.resolve(lay) for lay in axes_meta.layouts]
-            if any(a in names for lay_ in node_lays for a in node_trees.atoms(lay_)):
-                activations[node.name] = tuple(node_trees.tree(lay_) for lay_ in node_lays)
+            node_lays = [resolve(lay) for lay in axes_meta.layouts]
+            for lay_ in node_lays:  # a group acts on one of its axes
+                if not names.keys().isdisjoint(node_atoms(lay_)):
+                    activations[node.name] = tuple([node_trees.tree(x) for x in node_lays])
+                    break
     roles = {ka: r for ka, r in finish_roles(disc.roles, disc.aliases).items() if ka in axes}
     probed = [CutRecord(r.node, r.op, r.detail, r.source) for r in _unique(disc.probed)]
     return PermutationSpec(groups, axes, cuts, model_name, disc.tracer, activations, roles,
