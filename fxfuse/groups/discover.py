@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -91,20 +92,27 @@ class Discovery:
 
 class _Handles:
     """The tensors one op application relates, numbered as the rule sees them: each handle's
-    axis layouts, shape, and (for parameters and views of them) the parameter axes per axis."""
+    axis layouts, shape, and (for parameters and views of them) the parameter axes per axis.
+    ``viewed``: whether some handle has parameter axes (else no member role comes of the op)."""
+
+    __slots__ = ("lineage", "handles", "shapes", "sources", "viewed")
 
     def __init__(self, lineage: dict[str, Any]) -> None:
         self.lineage = lineage
         self.handles: list[tuple[Layout, ...]] = []
         self.shapes: list[tuple[int, ...]] = []
         self.sources: list[Origins | None] = []
+        self.viewed = False
 
     def handle(self, lays: tuple[Layout, ...], shape: tuple[int, ...], dtype: torch.dtype,
                src: Origins | None = None) -> TensorHandle:
-        self.handles.append(lays)
+        handles = self.handles
+        handles.append(lays)
         self.shapes.append(shape)
         self.sources.append(src)
-        return TensorHandle(len(self.handles) - 1, shape, dtype)
+        if src is not None:
+            self.viewed = True
+        return TensorHandle(len(handles) - 1, shape, dtype)
 
     def wrap(self, axes: Any, val: Any, src: Any = None) -> Any:
         if type(axes) is TensorAxes:
@@ -204,7 +212,11 @@ class _Driver:
     # -- the walk -----------------------------------------------------------------------------
     def run(self) -> None:
         for node in self.gm.graph.nodes:
-            self.table.at(node.name, node.op)
+            kind = node.op
+            if kind != "placeholder" and kind != "get_attr" and kind != "output":
+                self._call(node)  # names its node and op itself
+                continue
+            self.table.at(node.name, kind)
             if node.op == "placeholder" and node.name in self.lifted:
                 self._lifted(node)
             elif node.op == "placeholder":
@@ -219,8 +231,6 @@ class _Driver:
                     why = Reason("output", node.name, "output", "model outputs are never permuted")
                     outs = [a.meta.get(AXES) for a in _nodes_in(node.args)]
                     self._fix_all((t for o in outs for t in self._tensor_axes(o)), why)
-            else:
-                self._call(node)
         for key, lays in self.param_axes.items():
             if key not in self.used:
                 why = Reason("unused", key, "state_dict", "not used by the traced forward")
@@ -292,13 +302,11 @@ class _Driver:
         params = self._module_params(node, module, opname, hs) if module is not None else {}
         if not hs.handles:
             return  # no tensor in or out: shape arithmetic, nothing to relate
-        src = source_line(node)
         target = canonical(node.target)
         rule = lookup(type(module) if module is not None else target)
         op = OpView(target, args, kwargs, outs, out_value, module, params)
         declined = ""
         if rule is not None:
-            base = Reason("rule", node.name, opname, "", src)
             try:
                 relations = rule(op)
             except RuleDoesNotApply as exc:
@@ -306,14 +314,18 @@ class _Driver:
             except FxFuseError:
                 raise
             except Exception as exc:
-                raise self._rule_error(node, opname, rule, src, quote_error(exc)) from exc
+                raise self._rule_error(node, opname, rule, source_line(node),
+                                       quote_error(exc)) from exc
             else:
                 try:
-                    self._apply(relations, hs.handles, hs.shapes, base)
+                    self._apply(relations, hs, node, opname)
                 except (TypeError, AttributeError, IndexError) as exc:
-                    raise self._rule_error(node, opname, rule, src, quote_error(exc)) from exc
-                self._record_use(node, relations, hs.sources, out_value, module, params)
+                    raise self._rule_error(node, opname, rule, source_line(node),
+                                           quote_error(exc)) from exc
+                if hs.viewed:
+                    self._record_use(node, relations, hs.sources, out_value, module, params)
                 return
+        src = source_line(node)
         what = (f"the axis rule for {opname}{_module_path(node)} does not apply ({declined})"
                 if declined else f"no axis rule for {opname}{_module_path(node)}")
         msg = (f"{what}; the groups through it stay fixed. Register one with "
@@ -334,8 +346,10 @@ class _Driver:
                                           "measured: " + "; ".join(result.holds), src))
                 failed = "; ".join(result.fails) or "some axes relate as no rule says"
                 cut = Reason("no-rule", node.name, opname, f"{what}; probed: {failed}", src)
-                self._apply(result.relations, hs.handles, hs.shapes, cut, cut_kind="no-rule")
-                self._record_use(node, result.relations, hs.sources, out_value, module, params)
+                self._apply(result.relations, hs, node, opname, cut, cut_kind="no-rule")
+                if hs.viewed:
+                    self._record_use(node, result.relations, hs.sources, out_value, module,
+                                     params)
                 if any(isinstance(r, Cut) for r in result.relations):
                     self.cuts.append(cut)
                 return
@@ -367,8 +381,7 @@ class _Driver:
         src_line = source_line(node)
         try:
             relations = channel_shuffle_rule(op)
-            self._apply(relations, hs.handles, hs.shapes,
-                        Reason("rule", node.name, "channel_shuffle", "", src_line))
+            self._apply(relations, hs, node, "channel_shuffle")
         except Exception as exc:  # the chain was checked: a failure is a bug
             raise self._rule_error(node, "channel_shuffle", channel_shuffle_rule, src_line,
                                    quote_error(exc)) from exc
@@ -504,37 +517,56 @@ class _Driver:
             for lay in lays:
                 self.table.fix(lay, why)
 
-    def _apply(self, relations: list[Any], handles: list[tuple[Layout, ...]],
-               shapes: list[tuple[int, ...]], base: Reason, cut_kind: str = "rule") -> None:
+    def _apply(self, relations: list[Any], hs: _Handles, node: fx.Node, opname: str,
+               base: Reason | None = None, cut_kind: str = "rule") -> None:
+        """Apply a rule's ``relations`` to the tensors ``hs``: unify each ``Same``, fix each
+        ``Cut`` (kind ``cut_kind``), then fix every axis of size > 1 that no relation mentions.
+        ``base`` is the reason of the unions and fixes (a rule's own by default,
+        ``Reason("rule", node, opname, "", source line)``, built where one is first needed: the
+        common atom-atom union records none)."""
+        handles, table = hs.handles, self.table
+        unify_atoms = table.unify_atoms
         mentioned: set[tuple[int, int]] = set()
+        add = mentioned.add
         local: dict[str, Atom] = {}
         cut_why: dict[str, Reason] = {}
-        layout, table = self._layout, self.table
+        layout = self._layout
         for r in relations:
-            if isinstance(r, Same):
+            if type(r) is Same or isinstance(r, Same):
                 a, b = r.a, r.b
                 if type(a) is AxisRef and type(b) is AxisRef:  # most relations: axis = axis
-                    mentioned.add((a.tensor, a.axis))
-                    mentioned.add((b.tensor, b.axis))
-                    table.unify(handles[a.tensor][a.axis], handles[b.tensor][b.axis], base)
+                    add((a.tensor, a.axis))
+                    add((b.tensor, b.axis))
+                    x, y = handles[a.tensor][a.axis], handles[b.tensor][b.axis]
+                    if type(x) is Atom and type(y) is Atom and unify_atoms(x.id, y.id):
+                        continue
+                    if base is None:
+                        base = Reason("rule", node.name, opname, "", source_line(node))
+                    table.unify_layouts(x, y, base)  # unify, its atom-atom case tried
                     continue
+                if base is None:
+                    base = Reason("rule", node.name, opname, "", source_line(node))
                 table.unify(layout(a, handles, mentioned, local),
                             layout(b, handles, mentioned, local), base)
             elif isinstance(r, Cut):
                 why = cut_why.get(r.why)  # one Reason per distinct text (a conv's spatial axes)
                 if why is None:
-                    why = cut_why[r.why] = Reason(cut_kind, base.node, base.op, r.why, base.source)
+                    why = cut_why[r.why] = Reason(cut_kind, node.name, opname, r.why,
+                                                  base.source if base else source_line(node))
                 table.fix(layout(r.a, handles, mentioned, local), why)
             elif isinstance(r, Free):
                 layout(r.a, handles, mentioned, local)
             else:
                 raise TypeError(f"not a relation: {r!r}")
+        shapes = hs.shapes
         for i, lays in enumerate(handles):
+            shape = shapes[i]
             for d, lo in enumerate(lays):
-                if shapes[i][d] > 1 and (i, d) not in mentioned:
-                    why = Reason(cut_kind, base.node, base.op,
-                                 f"the rule does not relate axis {d} of tensor #{i}", base.source)
-                    self.table.fix(lo, why)
+                if shape[d] > 1 and (i, d) not in mentioned:
+                    why = Reason(cut_kind, node.name, opname,
+                                 f"the rule does not relate axis {d} of tensor #{i}",
+                                 base.source if base else source_line(node))
+                    table.fix(lo, why)
 
     def _layout(self, e: Any, handles: list[tuple[Layout, ...]], mentioned: set[tuple[int, int]],
                 local: dict[str, Atom]) -> Layout:
@@ -683,7 +715,9 @@ def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
             for name, t in table.items() if t is not None]
 
 
+@lru_cache(maxsize=8192)
 def _param_origins(key: str, ndim: int) -> Origins:
+    """Each axis ``d`` of parameter ``key`` is made of ``(key, d)`` (immutable, so shared)."""
     return tuple(frozenset({(key, d)}) for d in range(ndim))
 
 

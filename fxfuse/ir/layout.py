@@ -49,6 +49,7 @@ form, unification and cuts are in :mod:`fxfuse.ir.interleave`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 from math import prod
 from typing import Any, NamedTuple
 
@@ -87,6 +88,22 @@ class Interleave:
 
 
 NODES = (Prod, Sum, Interleave)  # the inner nodes of a layout tree (they have ``parts``)
+
+# ``_ATOMS[i] == Atom(i)``: atoms are immutable values and every table numbers its atoms from 0,
+# so one list of them serves every table (building a frozen dataclass costs more than the rest
+# of :meth:`AtomTable.new_axes`); grown on demand up to ``_ATOMS_KEPT``, built beyond that
+_ATOMS: list[Atom] = []
+_ATOMS_KEPT = 1 << 18
+
+
+def _atoms(lo: int, hi: int) -> list[Atom]:
+    """``[Atom(i) for i in range(lo, hi)]``, from :data:`_ATOMS` where it reaches."""
+    have = len(_ATOMS)
+    if hi > have and have < _ATOMS_KEPT:
+        _ATOMS.extend([Atom(i) for i in range(have, min(max(hi, 2 * have), _ATOMS_KEPT))])
+    if hi <= len(_ATOMS):
+        return _ATOMS[lo:hi]
+    return [Atom(i) for i in range(lo, hi)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,22 +194,20 @@ class AtomTable:
         self._size.append(size)
         self._fixed.append(None)
         self._refined.append(None)
+        i = len(self._parent) - 1
         if label is not None:
-            self._labels[len(self._parent) - 1] = label
-        return Atom(len(self._parent) - 1)
+            self._labels[i] = label
+        return _ATOMS[i] if i < len(_ATOMS) else _atoms(i, i + 1)[0]
 
     def new_axes(self, shape: tuple[int, ...]) -> tuple[Atom, ...]:
         """One new atom per axis of a tensor of ``shape`` (:meth:`new` for each, in order)."""
-        parent, sizes, fixed, refined = self._parent, self._size, self._fixed, self._refined
-        out = []
-        for size in shape:
-            i = len(parent)
-            parent.append(i)
-            sizes.append(size)
-            fixed.append(None)
-            refined.append(None)
-            out.append(Atom(i))
-        return tuple(out)
+        parent = self._parent
+        i, k = len(parent), len(shape)
+        parent.extend(range(i, i + k))
+        self._size.extend(shape)
+        self._fixed.extend(repeat(None, k))
+        self._refined.extend(repeat(None, k))
+        return tuple(_ATOMS[i:i + k] if i + k <= len(_ATOMS) else _atoms(i, i + k))
 
     def labels(self) -> dict[int, str]:
         """Root atom -> the label a rule gave one of its members (first one wins)."""
@@ -372,8 +387,10 @@ class AtomTable:
         if self._size[a] != self._size[b]:  # pragma: no cover - guarded by unify
             raise AssertionError("union of atoms of different sizes")
         self._parent[b] = a
-        self._substituted(b)
-        self.links.append(Link(a, b, *self._where))
+        if b in self._holders:  # _substituted(b), without the call where nothing holds b
+            self._substituted(b)
+        node, op = self._where
+        self.links.append(tuple.__new__(Link, (a, b, node, op)))  # Link(...) without its __new__
 
     def _refine(self, a: int, tree: Layout, why: Reason, source: Layout | None = None,
                 resolved: bool = False) -> None:
@@ -404,8 +421,13 @@ class AtomTable:
 
     def unify(self, x: Layout, y: Layout, why: Reason) -> None:
         """Constrain ``x`` and ``y`` to describe the same permutation of one axis."""
-        if type(x) is Atom and type(y) is Atom and self._unify_atoms(x.id, y.id):
+        if type(x) is Atom and type(y) is Atom and self.unify_atoms(x.id, y.id):
             return
+        self.unify_layouts(x, y, why)
+
+    def unify_layouts(self, x: Layout, y: Layout, why: Reason) -> None:
+        """:meth:`unify` without its atom-atom shortcut (for a caller that tried
+        :meth:`unify_atoms` first, or knows a side is not an atom)."""
         if self._rows is not None:  # inside another unify
             self._unify(x, y, why)
             return
@@ -416,7 +438,7 @@ class AtomTable:
         finally:
             self._rows = None
 
-    def _unify_atoms(self, i: int, j: int) -> bool:
+    def unify_atoms(self, i: int, j: int) -> bool:
         """The common case of :meth:`unify`, two atoms whose classes are not refined and have
         one size ``n > 1``, done as :meth:`_unify` does it without building their layouts: both
         free, a union; one fixed, the other is fixed with its first reason and remembers where
@@ -430,13 +452,19 @@ class AtomTable:
             return False
         fa, fb = self._fixed[a], self._fixed[b]
         if fa is None and fb is None:
-            self._union(a, b)
+            if a != b:  # _union(a, b), inline (most unions come this way)
+                parent[b] = a
+                if b in self._holders:
+                    self._substituted(b)
+                node, op = self._where
+                self.links.append(tuple.__new__(Link, (a, b, node, op)))
         elif fa is None or fb is None:
             # fix(Atom(free), reason): a free root was never fixed, so nothing was fixed from
             # it and an input/output reason has nothing further to reach
             fixed, free = (a, b) if fb is None else (b, a)
             self._fixed[free] = self._fixed[fixed]
-            self._substituted(free)
+            if free in self._holders:
+                self._substituted(free)
             self._fixed_from.setdefault(free, []).append(fixed)
         elif self._rows:
             return False

@@ -123,6 +123,12 @@ def _axis_refs(tensor: int, ndim: int) -> tuple[AxisRef, ...]:
     return tuple(AxisRef(tensor, d) for d in range(ndim))
 
 
+# shape -> ``tuple(map(int, shape))``, for the shapes handles were made of (equal shapes have
+# equal integers, so a hit is the conversion's result); cleared when full
+_INT_SHAPES: dict[tuple[Any, ...], tuple[int, ...]] = {}
+_INT_SHAPES_KEPT = 4096
+
+
 class TensorHandle:
     """What a rule sees of one tensor: its shape and its axes (``t[d]``, negative ``d`` allowed)."""
 
@@ -130,10 +136,22 @@ class TensorHandle:
 
     def __init__(self, index: int, shape: Sequence[int], dtype: torch.dtype) -> None:
         self.index = index
-        self.shape = tuple(map(int, shape))
+        try:  # a shape seen before: its integers from the table (converting costs more)
+            ints = _INT_SHAPES.get(shape)  # type: ignore[call-overload]
+        except TypeError:  # an unhashable shape (a list, a symbolic size)
+            ints = None
+        if ints is None:
+            ints = tuple(map(int, shape))
+            try:
+                if len(_INT_SHAPES) >= _INT_SHAPES_KEPT:
+                    _INT_SHAPES.clear()
+                _INT_SHAPES[shape] = ints  # type: ignore[index]
+            except TypeError:
+                pass
+        self.shape = ints
         self.dtype = dtype
-        self.ndim = len(self.shape)
-        self._axes = _axis_refs(index, self.ndim)
+        self.ndim = n = len(ints)
+        self._axes = _axis_refs(index, n)
 
     def __getitem__(self, d: int) -> AxisRef:
         try:  # tuple indexing accepts exactly -ndim <= d < ndim, negative d from the end
