@@ -62,6 +62,9 @@ class TensorAxes:
 
     layouts: tuple[Layout, ...]
 
+    def __init__(self, layouts: tuple[Layout, ...]) -> None:
+        self.__dict__["layouts"] = layouts  # as Same's (fxfuse.rules.registry): one per node
+
 
 SYMBOLIC = "torch.fx.symbolic_trace"  # Discovery.tracer of a symbolic trace (fxfuse.trace)
 
@@ -93,9 +96,10 @@ class Discovery:
 class _Handles:
     """The tensors one op application relates, numbered as the rule sees them: each handle's
     axis layouts, shape, and (for parameters and views of them) the parameter axes per axis.
-    ``viewed``: whether some handle has parameter axes (else no member role comes of the op)."""
+    ``viewed``: whether some handle has parameter axes (else no member role comes of the op);
+    ``big``: every (handle, axis) of size > 1, in order (the axes a rule must mention)."""
 
-    __slots__ = ("lineage", "handles", "shapes", "sources", "viewed")
+    __slots__ = ("lineage", "handles", "shapes", "sources", "viewed", "big")
 
     def __init__(self, lineage: dict[str, Any]) -> None:
         self.lineage = lineage
@@ -103,16 +107,25 @@ class _Handles:
         self.shapes: list[tuple[int, ...]] = []
         self.sources: list[Origins | None] = []
         self.viewed = False
+        self.big: list[tuple[int, int]] = []
 
     def handle(self, lays: tuple[Layout, ...], shape: tuple[int, ...], dtype: torch.dtype,
                src: Origins | None = None) -> TensorHandle:
         handles = self.handles
+        i = len(handles)
         handles.append(lays)
         self.shapes.append(shape)
         self.sources.append(src)
         if src is not None:
             self.viewed = True
-        return TensorHandle(len(handles) - 1, shape, dtype)
+        key = (i, shape)
+        big = _BIG.get(key)
+        if big is None:
+            if len(_BIG) >= _BIG_KEPT:
+                _BIG.clear()
+            big = _BIG[key] = tuple((i, d) for d, n in enumerate(shape) if n > 1)
+        self.big += big
+        return TensorHandle(i, shape, dtype)
 
     def wrap(self, axes: Any, val: Any, src: Any = None) -> Any:
         if type(axes) is TensorAxes:
@@ -144,6 +157,11 @@ _PLANS: dict[Any, tuple[tuple[int, int, str | None], ...]] = {}
 _PLANS_KEPT = 4096
 
 _SCALARS = frozenset({int, float, bool, str, type(None)})  # arguments passed through as they are
+
+# (handle number, shape) -> the handle's (number, axis) pairs of size > 1 (_Handles.big); a
+# function of its key, kept across calls, cleared when full
+_BIG: dict[tuple[int, tuple[int, ...]], tuple[tuple[int, int], ...]] = {}
+_BIG_KEPT = 4096
 
 
 class _Driver:
@@ -558,15 +576,14 @@ class _Driver:
                 layout(r.a, handles, mentioned, local)
             else:
                 raise TypeError(f"not a relation: {r!r}")
-        shapes = hs.shapes
-        for i, lays in enumerate(handles):
-            shape = shapes[i]
-            for d, lo in enumerate(lays):
-                if shape[d] > 1 and (i, d) not in mentioned:
-                    why = Reason(cut_kind, node.name, opname,
-                                 f"the rule does not relate axis {d} of tensor #{i}",
-                                 base.source if base else source_line(node))
-                    table.fix(lo, why)
+        if mentioned.issuperset(hs.big):
+            return
+        for i, d in hs.big:
+            if (i, d) not in mentioned:
+                why = Reason(cut_kind, node.name, opname,
+                             f"the rule does not relate axis {d} of tensor #{i}",
+                             base.source if base else source_line(node))
+                table.fix(handles[i][d], why)
 
     def _layout(self, e: Any, handles: list[tuple[Layout, ...]], mentioned: set[tuple[int, int]],
                 local: dict[str, Atom]) -> Layout:

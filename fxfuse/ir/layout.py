@@ -131,6 +131,17 @@ class Reason:
     detail: str
     source: str | None = None
 
+    def __init__(self, kind: str, node: str, op: str, detail: str,
+                 source: str | None = None) -> None:
+        # the instance dict written directly: a frozen dataclass's generated __init__ sets each
+        # field through object.__setattr__, and discovery makes a reason per cut and fix
+        d = self.__dict__
+        d["kind"] = kind
+        d["node"] = node
+        d["op"] = op
+        d["detail"] = detail
+        d["source"] = source
+
     def __str__(self) -> str:
         where = f" at {self.source}" if self.source else ""
         return f"{self.kind}: {self.detail} (node {self.node!r}, op {self.op}){where}"

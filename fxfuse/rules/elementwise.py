@@ -76,18 +76,19 @@ def broadcast_relations(inputs: list[TensorHandle], y: TensorHandle) -> list[Rel
     """
     rels: list[Relation] = []
     fed = [False] * y.ndim
+    ys, yaxes = y.shape, y.axes()
     for t in inputs:
         off = y.ndim - t.ndim
         if off < 0:
             raise decline(f"an input of shape {t.shape} does not broadcast to {y.shape}")
-        for d, n in enumerate(t.shape):
-            if n == y.shape[d + off]:
-                rels.append(Same(t[d], y[d + off]))
+        for d, (n, ax) in enumerate(zip(t.shape, t.axes())):
+            if n == ys[d + off]:
+                rels.append(Same(ax, yaxes[d + off]))
                 fed[d + off] = True
             elif n != 1:
                 raise decline(f"an input of shape {t.shape} does not broadcast to {y.shape}")
     if not all(fed):
-        rels += [Free(y[d]) for d in range(y.ndim) if not fed[d]]
+        rels += [Free(yaxes[d]) for d in range(y.ndim) if not fed[d]]
     return rels
 
 

@@ -58,19 +58,20 @@ def conv_relations(
     c = x.ndim - k - 1  # channel axis (0 for unbatched input)
     if c not in (0, 1) or y.ndim != x.ndim or w.ndim != k + 2 or not isinstance(groups, int):
         raise decline(f"a {k}-d convolution of a {x.ndim}-d input")
+    xa, ya, wa = x.axes(), y.axes(), w.axes()  # in range: the ranks were checked
     rels: list[Relation] = []
-    out_axes = [w[0], *([b[0]] if b else [])]
+    out_axes = [wa[0], *([b[0]] if b else [])]
     if groups == 1:
-        rels += [Same(x[c], w[1]), *same(y[c], *out_axes)]
+        rels += [Same(xa[c], wa[1]), *same(ya[c], *out_axes)]
     else:
         g = op.new("groups", groups)
         per_out = op.new("out_per_group", w.shape[0] // groups)
-        rels += [Same(x[c], Prod((g, w[1]))), *same(Prod((g, per_out)), y[c], *out_axes)]
+        rels += [Same(xa[c], Prod((g, wa[1]))), *same(Prod((g, per_out)), ya[c], *out_axes)]
     if c == 1:
-        rels.append(Same(x[0], y[0]))
+        rels.append(Same(xa[0], ya[0]))
     for d in range(c + 1, x.ndim):
-        rels += [Cut(x[d], SPATIAL), Cut(y[d], SPATIAL)]
-    rels += [Cut(w[d], SPATIAL) for d in range(2, w.ndim)]
+        rels += [Cut(xa[d], SPATIAL), Cut(ya[d], SPATIAL)]
+    rels += [Cut(wa[d], SPATIAL) for d in range(2, w.ndim)]
     return rels
 
 
@@ -106,8 +107,9 @@ def channel_norm_relations(
     """BatchNorm/InstanceNorm: per-channel tensors share axis 1; other axes pass through."""
     if x.ndim < 2 or y.shape != x.shape:
         raise decline(f"channel normalisation of a {x.ndim}-d input")
-    rels: list[Relation] = [Same(x[d], y[d]) for d in range(x.ndim) if d != 1]
-    rels += same(x[1], y[1], *(t[0] for t in per_channel if t is not None))
+    xa, ya = x.axes(), y.axes()
+    rels: list[Relation] = [Same(xa[d], ya[d]) for d in range(x.ndim) if d != 1]
+    rels += same(xa[1], ya[1], *(t[0] for t in per_channel if t is not None))
     return rels
 
 

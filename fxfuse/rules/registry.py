@@ -96,21 +96,40 @@ class NewAxis:
 Expr = AxisRef | NewAxis | Prod | Sum | Interleave
 
 
+# The relations are frozen dataclasses (values: equal, hashable, immutable) whose ``__init__``
+# writes the instance dict itself: a frozen dataclass's generated one sets each field through
+# ``object.__setattr__``, twice the cost, and rules build several relations per op application.
+# ``dataclass`` keeps an ``__init__`` the class defines; everything else is generated.
+
+
 @dataclass(frozen=True)
 class Same:
     a: Expr
     b: Expr
+
+    def __init__(self, a: Expr, b: Expr) -> None:
+        d = self.__dict__
+        d["a"] = a
+        d["b"] = b
 
 
 @dataclass(frozen=True)
 class Free:
     a: Expr
 
+    def __init__(self, a: Expr) -> None:
+        self.__dict__["a"] = a
+
 
 @dataclass(frozen=True)
 class Cut:
     a: Expr
     why: str
+
+    def __init__(self, a: Expr, why: str) -> None:
+        d = self.__dict__
+        d["a"] = a
+        d["why"] = why
 
 
 Relation = Same | Free | Cut
