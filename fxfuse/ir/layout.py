@@ -49,7 +49,6 @@ form, unification and cuts are in :mod:`fxfuse.ir.interleave`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import repeat
 from math import prod
 from typing import Any, NamedTuple
 
@@ -94,6 +93,9 @@ NODES = (Prod, Sum, Interleave)  # the inner nodes of a layout tree (they have `
 # of :meth:`AtomTable.new_axes`); grown on demand up to ``_ATOMS_KEPT``, built beyond that
 _ATOMS: list[Atom] = []
 _ATOMS_KEPT = 1 << 18
+
+
+_NONES = [(None,) * k for k in range(9)]  # a new atom's entries in _fixed and _refined, k at once
 
 
 def _atoms(lo: int, hi: int) -> list[Atom]:
@@ -213,12 +215,15 @@ class AtomTable:
     def new_axes(self, shape: tuple[int, ...]) -> tuple[Atom, ...]:
         """One new atom per axis of a tensor of ``shape`` (:meth:`new` for each, in order)."""
         parent = self._parent
-        i, k = len(parent), len(shape)
-        parent.extend(range(i, i + k))
-        self._size.extend(shape)
-        self._fixed.extend(repeat(None, k))
-        self._refined.extend(repeat(None, k))
-        return tuple(_ATOMS[i:i + k] if i + k <= len(_ATOMS) else _atoms(i, i + k))
+        i = len(parent)
+        k = len(shape)
+        j = i + k
+        parent += range(i, j)
+        self._size += shape
+        nones = _NONES[k] if k < len(_NONES) else (None,) * k
+        self._fixed += nones
+        self._refined += nones
+        return tuple(_ATOMS[i:j] if j <= len(_ATOMS) else _atoms(i, j))
 
     def labels(self) -> dict[int, str]:
         """Root atom -> the label a rule gave one of its members (first one wins)."""
