@@ -181,13 +181,19 @@ class _Driver:
         self.param_axes: dict[str, tuple[Layout, ...]] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
         self.state = _state_tensors(model)
-        self.buffers = frozenset(k for k, t in self.state.items() if not isinstance(t, nn.Parameter))
+        param = nn.Parameter
+        self.buffers = frozenset(k for k, t in self.state.items()
+                                 if type(t) is not param and not isinstance(t, param))
+        key_of, aliases, shapes, axes = self.key_of, self.aliases, self.param_shapes, self.param_axes
+        new_axes = self.table.new_axes
         for key, t in self.state.items():
-            first = self.key_of.setdefault(id(t), key)
-            self.aliases.setdefault(first, []).append(key)
-            shape = self.param_shapes[key] = tuple(t.shape)
+            first = key_of.setdefault(id(t), key)
+            shape = shapes[key] = tuple(t.shape)
             if first == key:
-                self.param_axes[key] = self.table.new_axes(shape)
+                aliases[key] = [key]
+                axes[key] = new_axes(shape)
+            else:
+                aliases[first].append(key)
         self.used: set[str] = set()
         # for member roles (fxfuse.groups.roles): the parameters each node's value is made of only
         # (a parameter, or a view of parameters), and every op application that reads them
@@ -311,12 +317,19 @@ class _Driver:
         chain = self.shuffles.get(node.name)
         if chain is not None and self._shuffle(node, chain, opname):
             return
-        value = node.meta.get(VALUE)
-        node.meta[AXES] = self._fresh(value)
+        meta = node.meta
+        value = meta.get(VALUE)
         hs = _Handles(self.lineage)
-        args, kwargs = hs.arg(node.args), hs.arg(node.kwargs)
-        out_value = hs.wrap(node.meta[AXES], value)
-        outs = _handles_in(out_value)
+        args, kwargs = hs.arg(node.args), hs.arg(node.kwargs) if node.kwargs else {}
+        if type(value) is TensorMeta:  # _fresh and wrap of one tensor, the common case
+            lays = self.table.new_axes(value.shape)
+            meta[AXES] = TensorAxes(lays)
+            out_value = hs.handle(lays, value.shape, value.dtype)
+            outs = [out_value]
+        else:
+            axes = meta[AXES] = self._fresh(value)
+            out_value = hs.wrap(axes, value)
+            outs = _handles_in(out_value)
         params = self._module_params(node, module, opname, hs) if module is not None else {}
         if not hs.handles:
             return  # no tensor in or out: shape arithmetic, nothing to relate
@@ -460,13 +473,13 @@ class _Driver:
         """Handles of a called module's parameters and buffers (a buffer outside the state_dict
         is a constant: fixed)."""
         params: dict[str, TensorHandle] = {}
+        key_of, used, shapes, axes = self.key_of, self.used, self.param_shapes, self.param_axes
         for name, t in _named_tensors(module):
-            key = self.key_of.get(id(t))
+            key = key_of.get(id(t))
             if key is not None:
-                self.used.add(key)
-                shape = self.param_shapes[key]
-                params[name] = hs.handle(self.param_axes[key], shape, t.dtype,
-                                         _param_origins(key, len(shape)))
+                used.add(key)
+                shape = shapes[key]
+                params[name] = hs.handle(axes[key], shape, t.dtype, _param_origins(key, len(shape)))
                 continue
             lays = self.table.new_axes(tuple(t.shape))
             why = Reason("constant", node.name, opname, f"buffer {name!r} is not in the state_dict")
@@ -514,7 +527,11 @@ class _Driver:
             # a frozenset: sorted where it has several, so the spec's role order does not
             # depend on string hashing (PYTHONHASHSEED)
             for key_axis in keys if len(keys) < 2 else sorted(keys):
-                roles.setdefault(key_axis, set()).add(role)
+                seen = roles.get(key_axis)
+                if seen is None:
+                    roles[key_axis] = {role}
+                else:
+                    seen.add(role)
 
     def _related(self, relations: list[Any], wanted: list[tuple[int, int]]
                  ) -> dict[tuple[Any, Any], set[tuple[Any, Any]]]:

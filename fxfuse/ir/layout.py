@@ -433,7 +433,7 @@ class AtomTable:
         self._refined[a] = tree
         self._substituted(a)
         node, op = self._where
-        self.links += [Link(a, b, node, op) for b in atoms]
+        self.links += [tuple.__new__(Link, (a, b, node, op)) for b in atoms]  # as in _union
 
     def unify(self, x: Layout, y: Layout, why: Reason) -> None:
         """Constrain ``x`` and ``y`` to describe the same permutation of one axis."""
@@ -491,7 +491,7 @@ class AtomTable:
         sa, sb = self._size_of(x, a), self._size_of(y, b)
         if sa != sb:
             raise ValueError(f"cannot relate axes of sizes {sa} and {sb}")
-        if a == b:
+        if a is b or (type(a) is type(b) and a == b):  # a == b (unequal across node types)
             if isinstance(a, Fixed) and self._rows:
                 self._mark_rows(x, y)
             return
