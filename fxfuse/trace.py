@@ -40,6 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import _patcher
 from ._patcher import InstancePatching, instance_patching
 from .errors import InputError, TraceError, quote_error
 from .rules import lookup
@@ -47,6 +48,7 @@ from .rules import lookup
 VALUE = "fxfuse.value"
 OPAQUE = "fxfuse.opaque"  # gm.meta: node name -> why the call could not be traced into
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_FILES = frozenset((__file__, _patcher.__file__))  # the tracer's frames: never the user's
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,8 @@ class _Tracer(fx.Tracer):
             cache: dict[str, Any] = {}
             self._patching = instance_patching(
                 root, lambda name, value: self.getattr(name, value, cache),
-                self.proxy_buffer_attributes, bool(self._autowrap_function_ids))
+                self._forget_param_names, self.proxy_buffer_attributes,
+                bool(self._autowrap_function_ids))
         try:
             fn = getattr(type(root), self.traced_func_name, None) if isinstance(
                 root, nn.Module) else root
@@ -315,15 +318,20 @@ class _Tracer(fx.Tracer):
                 node.stack_trace = stack
         return node
 
+    def _forget_param_names(self) -> None:  # a parameter was registered, replaced or removed
+        self._param_names = None
+
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         """fx's: a parameter of the root's tree is its ``get_attr`` proxy (one per name and
-        trace), found in a table of the tree's parameters made once per trace instead of by
-        fx's walk of ``named_parameters()`` (and ``inspect.signature``) on every read; a
-        parameter the table does not hold, a buffer, anything else: fx's."""
+        trace), found in a table of the tree's parameters made once per trace (and again after
+        the tree's parameters change: the instance patches say so) instead of by fx's walk of
+        ``named_parameters()`` (and ``inspect.signature``) on every read; a parameter the table
+        does not hold, a buffer, anything else, or a trace under fx's class patches: fx's."""
         self._proxy_cache = parameter_proxy_cache  # to forget proxies of rolled-back nodes
         if not isinstance(attr_val, torch.Tensor):  # fx proxies only parameters and buffers
             return attr_val
-        if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
+        if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant \
+                and self._patching is not None:  # told when the tree's parameters change
             names = self._param_names
             if names is None:
                 names = self._param_names = {
@@ -368,8 +376,8 @@ class _Tracer(fx.Tracer):
 
 
 def _user_stack() -> str | None:
-    """The caller's stack from its first ``forward`` frame on, torch's frames and this
-    module's left out, as ``traceback.format_list`` writes it; None without a ``forward``.
+    """The caller's stack from its first ``forward`` frame on, torch's frames and the tracer's
+    own (this module's, :mod:`fxfuse._patcher`'s) left out, as ``traceback.format_list`` writes it; None without a ``forward``.
 
     The frames left out are dropped before they become ``FrameSummary`` objects (their source
     lines looked up, their files stat-ed by ``linecache.checkcache``): the same text as
@@ -378,14 +386,14 @@ def _user_stack() -> str | None:
     filter) that is what runs."""
     if getattr(sys, "tracebacklimit", None) is not None:
         frames = [f for f in traceback.extract_stack()
-                  if not f.filename.startswith(_TORCH_DIR) and f.filename != __file__]
+                  if not f.filename.startswith(_TORCH_DIR) and f.filename not in _OWN_FILES]
         first = next((i for i, f in enumerate(frames) if f.name == "forward"), None)
         return None if first is None else "".join(traceback.format_list(frames[first:])).strip()
     kept: list[tuple[Any, int]] = []
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         name = frame.f_code.co_filename
-        if not name.startswith(_TORCH_DIR) and name != __file__:
+        if not name.startswith(_TORCH_DIR) and name not in _OWN_FILES:
             kept.append((frame, frame.f_lineno))
         frame = frame.f_back
     kept.reverse()  # outermost first, as extract_stack lists them

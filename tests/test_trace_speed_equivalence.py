@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 import fxfuse
+import fxfuse._patcher
 import fxfuse.trace
 import models
 from fxfuse.errors import InputError
@@ -225,7 +226,8 @@ class _ExtractStackTracer(_Tracer):
         node = super().create_node(*args, **kwargs)
         torch_dir = os.path.dirname(torch.__file__)
         frames = [f for f in traceback.extract_stack()
-                  if not f.filename.startswith(torch_dir) and f.filename != fxfuse.trace.__file__
+                  if not f.filename.startswith(torch_dir)
+                  and f.filename not in (fxfuse.trace.__file__, fxfuse._patcher.__file__)
                   and not (f.filename == __file__ and f.name == "create_node")]
         first = next((i for i, f in enumerate(frames) if f.name == "forward"), None)
         if first is not None:
