@@ -139,6 +139,10 @@ class _Scope(fx.proxy.Scope):
 
 
 _CALLS = frozenset(("call_function", "call_method", "call_module"))
+# node target -> fx's candidate name for its node (Graph._target_to_str: a pure function of the
+# target), kept across traces; cleared when it reaches _CANDIDATES_KEPT entries
+_CANDIDATES: dict[Any, str] = {}
+_CANDIDATES_KEPT = 8192
 
 
 def _setter(name: str) -> Callable[[fx.Node, Any], None]:
@@ -303,7 +307,20 @@ class _Tracer(fx.Tracer):
         fx's public setter, the same accounting of uses): ``Graph.create_node`` walks a
         call's arguments with pytree for symbolic ints (a warning about values symbolic
         tracing never makes), a sixth of the trace.  Not where fx would run hooks on the new
-        node or check mutable operations."""
+        node or check mutable operations.
+
+        Without a ``name``, the graph's own candidate for one (``Graph._target_to_str``: a
+        target's ``__name__`` or dotted path in snake case, a regular expression each node) is
+        looked up in a table per process, filled by that same function."""
+        if name is None and type(self.graph) is fx.Graph:
+            try:
+                name = _CANDIDATES.get(target)
+                if name is None:
+                    if len(_CANDIDATES) >= _CANDIDATES_KEPT:
+                        _CANDIDATES.clear()
+                    name = _CANDIDATES[target] = self.graph._target_to_str(target)
+            except TypeError:  # an unhashable target: fx's own
+                name = None
         if (args or kwargs) and kind in _CALLS and not self.check_mutable_operations \
                 and self.graph.owning_module is None:
             node = super().create_node(kind, target, (), {}, name, type_expr)
