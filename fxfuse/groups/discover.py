@@ -37,6 +37,7 @@ from ..rules import (
     target_name,
 )
 from ..rules.probe import ProbeResult, probe
+from ..rules.registry import form_attrs
 from ..rules.shape import channel_shuffle, channel_shuffle_rule
 from ..trace import (
     OPAQUE,
@@ -157,6 +158,40 @@ _PLANS: dict[Any, tuple[tuple[int, int, str | None], ...]] = {}
 _PLANS_KEPT = 4096
 
 _SCALARS = frozenset({int, float, bool, str, type(None)})  # arguments passed through as they are
+
+
+class _Pair(tuple):  # type: ignore[type-arg]
+    """``Same(AxisRef, AxisRef)`` compiled: its two (tensor, axis) pairs (no rule returns one)."""
+
+    __slots__ = ()
+
+
+class _Applied:
+    """A form rule's application, kept per form (:data:`_RELATIONS`): the rule's ``relations``;
+    ``steps``, the same with each ``Same`` of two single axes as a :class:`_Pair`; the axes of
+    size > 1 they leave ``unmentioned`` (known after the first application: a function of the
+    relations and the shapes, both in the form); the role plans' ``same_key`` (:func:`_same_key`,
+    made on first use)."""
+
+    __slots__ = ("relations", "steps", "unmentioned", "same_key")
+
+    def __init__(self, relations: list[Any]) -> None:
+        self.relations = relations
+        self.steps = tuple(
+            _Pair(((r.a.tensor, r.a.axis), (r.b.tensor, r.b.axis)))
+            if type(r) is Same and type(r.a) is AxisRef and type(r.b) is AxisRef else r
+            for r in relations)
+        self.unmentioned: tuple[tuple[int, int], ...] | None = None
+        self.same_key: tuple[Any, ...] | None = None
+
+
+# a form rule's application (fxfuse.rules.registry.form_rule) by the op's form (_form_key): one
+# rule call per form, every conv (norm, activation) of one form shares one; a function of its
+# key, kept across calls like _PLANS, cleared when full.  Entries are only read once made.
+_RELATIONS: dict[tuple[Any, ...], _Applied] = {}
+_RELATIONS_KEPT = 4096
+_FORM_LEAVES = frozenset({torch.dtype, torch.device, torch.memory_format, torch.layout,
+                          type(Ellipsis)})  # immutable argument values a form holds as they are
 
 # (handle number, shape) -> the handle's (number, axis) pairs of size > 1 (_Handles.big); a
 # function of its key, kept across calls, cleared when full
@@ -335,11 +370,16 @@ class _Driver:
             return  # no tensor in or out: shape arithmetic, nothing to relate
         target = canonical(node.target)
         rule = lookup(type(module) if module is not None else target)
-        op = OpView(target, args, kwargs, outs, out_value, module, params)
         declined = ""
         if rule is not None:
+            key = _form_key(rule, target, module, args, kwargs, out_value, params)
             try:
-                relations = rule(op)
+                applied = _RELATIONS.get(key) if key is not None else None
+            except TypeError:  # a module attribute in the key that does not hash
+                key = applied = None
+            try:
+                relations = applied.relations if applied is not None else rule(
+                    OpView(target, args, kwargs, outs, out_value, module, params))
             except RuleDoesNotApply as exc:
                 declined = str(exc) or "the rule does not describe this call"
             except FxFuseError:
@@ -348,13 +388,25 @@ class _Driver:
                 raise self._rule_error(node, opname, rule, source_line(node),
                                        quote_error(exc)) from exc
             else:
+                if applied is None and key is not None and type(relations) is list:
+                    applied = _Applied(relations)  # kept once it applied without an error
                 try:
-                    self._apply(relations, hs, node, opname)
+                    if applied is not None:
+                        unmentioned = self._apply(applied.steps, hs, node, opname,
+                                                  unmentioned=applied.unmentioned)
+                        if applied.unmentioned is None:
+                            applied.unmentioned = unmentioned
+                            if len(_RELATIONS) >= _RELATIONS_KEPT:
+                                _RELATIONS.clear()
+                            _RELATIONS[key] = applied  # type: ignore[index]
+                    else:
+                        self._apply(relations, hs, node, opname)
                 except (TypeError, AttributeError, IndexError) as exc:
                     raise self._rule_error(node, opname, rule, source_line(node),
                                            quote_error(exc)) from exc
                 if hs.viewed:
-                    self._record_use(node, relations, hs.sources, out_value, module, params)
+                    self._record_use(node, relations, hs.sources, out_value, module, params,
+                                     applied)
                 return
         src = source_line(node)
         what = (f"the axis rule for {opname}{_module_path(node)} does not apply ({declined})"
@@ -370,6 +422,7 @@ class _Driver:
             self._fix_handles([hs.handles[h.index] for h in outs], why)
             return
         if self.probe:
+            op = OpView(target, args, kwargs, outs, out_value, module, params)
             result = self._probe(node, module, op)
             if result.found:
                 self.table.at(node.name, f"probed {opname}")
@@ -490,7 +543,7 @@ class _Driver:
 
     def _record_use(self, node: fx.Node, relations: list[Any], sources: list[Origins | None],
                     out_value: Any, module: nn.Module | None,
-                    params: dict[str, TensorHandle]) -> None:
+                    params: dict[str, TensorHandle], applied: _Applied | None = None) -> None:
         """Member roles (:mod:`fxfuse.groups.roles`) from one applied rule.  An op all of whose inputs
         are parameters is a view of them: its output axes inherit the parameter axes they are
         related to.  Otherwise a parameter axis related to an output axis is output-side, one
@@ -507,7 +560,13 @@ class _Driver:
         # roles of the parameter axes among the inputs
         ndims = tuple(-1 if src is None else len(src) for src in sources)  # -1: an activation
         try:
-            key = (_same_key(relations), tuple(outs), ndims)
+            if applied is None:
+                same_key = _same_key(relations)
+            elif applied.same_key is None:
+                same_key = applied.same_key = _same_key(relations)
+            else:
+                same_key = applied.same_key
+            key = (same_key, tuple(outs), ndims)
             plan = _PLANS.get(key)
         except TypeError:  # a rule's expression that does not hash (a list inside a Prod)
             key, plan = None, None
@@ -552,10 +611,13 @@ class _Driver:
             for lay in lays:
                 self.table.fix(lay, why)
 
-    def _apply(self, relations: list[Any], hs: _Handles, node: fx.Node, opname: str,
-               base: Reason | None = None, cut_kind: str = "rule") -> None:
-        """Apply a rule's ``relations`` to the tensors ``hs``: unify each ``Same``, fix each
-        ``Cut`` (kind ``cut_kind``), then fix every axis of size > 1 that no relation mentions.
+    def _apply(self, relations: Iterable[Any], hs: _Handles, node: fx.Node, opname: str,
+               base: Reason | None = None, cut_kind: str = "rule",
+               unmentioned: tuple[tuple[int, int], ...] | None = None
+               ) -> tuple[tuple[int, int], ...]:
+        """Apply a rule's ``relations`` (or an :class:`_Applied`'s steps) to the tensors ``hs``:
+        unify each ``Same``, fix each ``Cut`` (kind ``cut_kind``), then fix every axis of size > 1
+        that no relation mentions (``unmentioned``, where the caller knows them; returned).
         ``base`` is the reason of the unions and fixes (a rule's own by default,
         ``Reason("rule", node, opname, "", source line)``, built where one is first needed: the
         common atom-atom union records none)."""
@@ -563,11 +625,23 @@ class _Driver:
         unify_atoms = table.unify_atoms
         mentioned: set[tuple[int, int]] = set()
         add = mentioned.add
+        track = unmentioned is None
         local: dict[str, Atom] = {}
         cut_why: dict[str, Reason] = {}
         layout = self._layout
         for r in relations:
-            if type(r) is Same or isinstance(r, Same):
+            if type(r) is _Pair:  # Same(AxisRef, AxisRef), compiled
+                p, q = r
+                if track:
+                    add(p)
+                    add(q)
+                x, y = handles[p[0]][p[1]], handles[q[0]][q[1]]
+                if type(x) is Atom and type(y) is Atom and unify_atoms(x.id, y.id):
+                    continue
+                if base is None:
+                    base = Reason("rule", node.name, opname, "", source_line(node))
+                table.unify_layouts(x, y, base)
+            elif type(r) is Same or isinstance(r, Same):
                 a, b = r.a, r.b
                 if type(a) is AxisRef and type(b) is AxisRef:  # most relations: axis = axis
                     add((a.tensor, a.axis))
@@ -593,14 +667,15 @@ class _Driver:
                 layout(r.a, handles, mentioned, local)
             else:
                 raise TypeError(f"not a relation: {r!r}")
-        if mentioned.issuperset(hs.big):
-            return
-        for i, d in hs.big:
-            if (i, d) not in mentioned:
-                why = Reason(cut_kind, node.name, opname,
-                             f"the rule does not relate axis {d} of tensor #{i}",
-                             base.source if base else source_line(node))
-                table.fix(handles[i][d], why)
+        if unmentioned is None:
+            unmentioned = () if mentioned.issuperset(hs.big) else tuple(
+                [(i, d) for i, d in hs.big if (i, d) not in mentioned])
+        for i, d in unmentioned:
+            why = Reason(cut_kind, node.name, opname,
+                         f"the rule does not relate axis {d} of tensor #{i}",
+                         base.source if base else source_line(node))
+            table.fix(handles[i][d], why)
+        return unmentioned
 
     def _layout(self, e: Any, handles: list[tuple[Layout, ...]], mentioned: set[tuple[int, int]],
                 local: dict[str, Atom]) -> Layout:
@@ -621,6 +696,73 @@ class _Driver:
                 return self._layout(e.parts[0], handles, mentioned, local)
             return type(e)(tuple([self._layout(p, handles, mentioned, local) for p in e.parts]))
         raise TypeError(f"not an axis expression: {e!r}")
+
+
+def _form_key(rule: Any, target: Any, module: nn.Module | None, args: tuple[Any, ...],
+              kwargs: dict[str, Any], out: Any, params: dict[str, TensorHandle]
+              ) -> tuple[Any, ...] | None:
+    """The key in :data:`_RELATIONS` of ``rule`` applied to the op these make up (the fields of
+    its :class:`OpView`), None if the rule is not a function of the op's form or the op holds
+    a value a form does not: everything the rule can read of the op (its target, or the
+    module's class and the rule's attributes of it; each tensor's number, shape and dtype; the
+    other values, with their types; the structure)."""
+    attrs = form_attrs(rule)
+    if attrs is None:
+        return None
+    # _form of (args, kwargs, out, params), its first level here: most items are handles
+    form: list[Any] = [(type(args), len(args))]
+    append = form.append
+    for v in args:
+        if type(v) is TensorHandle:
+            append((v.index, v.shape, v.dtype))
+        elif not _form(v, form):
+            return None
+    if kwargs and not _form(kwargs, form):
+        return None
+    append(len(kwargs))  # ends the keyword arguments (one 0 where there are none)
+    if type(out) is TensorHandle:
+        append((out.index, out.shape, out.dtype))
+    elif not _form(out, form):
+        return None
+    for name, h in params.items():
+        append((name, h.index, h.shape, h.dtype))
+    key: tuple[Any, ...]
+    if module is None:
+        key = (rule, target, tuple(form))
+    else:
+        key = (rule, type(module), tuple([getattr(module, a, None) for a in attrs]), tuple(form))
+    return key  # unhashable where a module attribute is (the caller then calls the rule)
+
+
+def _form(v: Any, out: list[Any]) -> bool:
+    """Append ``v``'s form to ``out`` (a tensor handle as its number, shape and dtype; a
+    container as its type and length, then its items; a number or flag with its type): equal
+    forms are equal values to a rule.  False where ``v`` holds something else."""
+    t = type(v)
+    if t is TensorHandle:
+        out.append((v.index, v.shape, v.dtype))
+    elif t is int or t is str or v is None:
+        out.append(v)
+    elif t is float or t is bool:
+        out.append((t, v))
+    elif t is dict:
+        out.append((dict, tuple(v)))
+        for u in v.values():
+            if not _form(u, out):
+                return False
+    elif isinstance(v, (tuple, list)):
+        out.append((t, len(v)))
+        for u in v:
+            if not _form(u, out):
+                return False
+    elif t is slice:
+        out.append(slice)
+        return _form(v.start, out) and _form(v.stop, out) and _form(v.step, out)
+    elif t in _FORM_LEAVES:
+        out.append(v)
+    else:
+        return False
+    return True
 
 
 def _same_key(relations: list[Any]) -> tuple[Any, ...]:

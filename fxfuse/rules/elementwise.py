@@ -27,6 +27,7 @@ from .registry import (
     TensorHandle,
     axis_rule,
     decline,
+    form_rule,
     register_many,
 )
 
@@ -92,6 +93,7 @@ def broadcast_relations(inputs: list[TensorHandle], y: TensorHandle) -> list[Rel
     return rels
 
 
+@form_rule()
 def elementwise_rule(op: OpView) -> list[Relation]:
     return broadcast_relations(op.tensors(), op.out)
 

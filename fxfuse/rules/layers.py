@@ -24,7 +24,18 @@ from torch import nn
 
 from ..ir.layout import Prod
 from .elementwise import broadcast_relations
-from .registry import Cut, Free, OpView, Relation, Same, TensorHandle, axis_rule, decline, same
+from .registry import (
+    Cut,
+    Free,
+    OpView,
+    Relation,
+    Same,
+    TensorHandle,
+    axis_rule,
+    decline,
+    form_rule,
+    same,
+)
 
 SPATIAL = "the kernel mixes neighbouring positions along this axis"
 
@@ -40,12 +51,14 @@ def linear_relations(
 
 
 @axis_rule(nn.Linear)
+@form_rule()
 def linear_module_rule(op: OpView) -> list[Relation]:
     return linear_relations(op.tensor(0, "input"), op.out, op.required_param("weight"),
                             op.param("bias"))
 
 
 @axis_rule(F.linear)
+@form_rule()
 def linear_function_rule(op: OpView) -> list[Relation]:
     return linear_relations(op.tensor(0, "input"), op.out, op.tensor(1, "weight"),
                             op.arg(2, "bias"))
@@ -82,7 +95,7 @@ def _conv_module_rule(k: int):  # type: ignore[no-untyped-def]
             raise decline("not a torch convolution module")
         return conv_relations(op, k, op.tensor(0, "input"), w, op.param("bias"), op.module.groups)
 
-    return conv_module_rule
+    return form_rule("groups")(conv_module_rule)
 
 
 def _conv_function_rule(k: int):  # type: ignore[no-untyped-def]
@@ -91,7 +104,7 @@ def _conv_function_rule(k: int):  # type: ignore[no-untyped-def]
         return conv_relations(op, k, op.tensor(0, "input"), op.tensor(1, "weight"),
                               op.arg(2, "bias"), groups)
 
-    return conv_function_rule
+    return form_rule()(conv_function_rule)
 
 
 for _k, (_mod, _fn) in enumerate(
@@ -117,12 +130,14 @@ def channel_norm_relations(
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
 )
+@form_rule()
 def batchnorm_module_rule(op: OpView) -> list[Relation]:
     names = ("weight", "bias", "running_mean", "running_var")
     return channel_norm_relations(op.tensor(0, "input"), op.out, [op.param(n) for n in names])
 
 
 @axis_rule(F.batch_norm, F.instance_norm)
+@form_rule()
 def batchnorm_function_rule(op: OpView) -> list[Relation]:
     names = ("running_mean", "running_var", "weight", "bias")  # same order in both signatures
     per_channel = [op.arg(i, n) for i, n in enumerate(names, start=1)]
@@ -215,6 +230,7 @@ POOLS = {
 }
 
 
+@form_rule()  # reads op.target (for a module, its path: never in POOLS) and the module's class
 def spatial_rule(op: OpView) -> list[Relation]:
     """Channel/batch axes pass through; spatial axes stay fixed unless globally pooled away."""
     x, y = op.tensor(0, "input"), op.out

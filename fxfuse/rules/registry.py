@@ -284,6 +284,32 @@ def lookup(target: Any) -> Rule | None:
     return _RULES.get(target)
 
 
+# Rules whose relations are a function of the op's *form* alone: its target (for a call_module,
+# the module's class: the rule reads neither the module's path nor its other state), the
+# tensors' shapes and dtypes in order, the other argument values, the parameter names and the
+# module attributes listed here.  Discovery keeps their relations per form
+# (:mod:`fxfuse.groups.discover`): every conv (norm, activation) of one form calls its rule once.
+# Only fxfuse's own rules are marked; a rule registered by a user always runs.
+_FORM_RULES: dict[Any, tuple[str, ...]] = {}
+
+
+def form_rule(*module_attrs: str) -> Callable[[Rule], Rule]:
+    """Mark a rule as a function of the op's form and of the module attributes ``module_attrs``
+    (see :data:`_FORM_RULES`)."""
+
+    def deco(fn: Rule) -> Rule:
+        _FORM_RULES[fn] = module_attrs
+        return fn
+
+    return deco
+
+
+def form_attrs(rule: Rule) -> tuple[str, ...] | None:
+    """The module attributes ``rule``'s relations depend on, if it is a function of the op's
+    form (:func:`form_rule`); None if its relations may depend on anything."""
+    return _FORM_RULES.get(rule)
+
+
 def rule_table() -> dict[Any, Rule]:
     """A copy of the rule table (target -> rule)."""
     return dict(_RULES)
