@@ -170,10 +170,10 @@ class _Applied:
     """A form rule's application, kept per form (:data:`_RELATIONS`): the rule's ``relations``;
     ``steps``, the same with each ``Same`` of two single axes as a :class:`_Pair`; the axes of
     size > 1 they leave ``unmentioned`` (known after the first application: a function of the
-    relations and the shapes, both in the form); the role plans' ``same_key`` (:func:`_same_key`,
-    made on first use)."""
+    relations and the shapes, both in the form); its role ``plans`` (:func:`_role_plan`) by
+    (outputs, parameter ranks), as they are first needed."""
 
-    __slots__ = ("relations", "steps", "unmentioned", "same_key")
+    __slots__ = ("relations", "steps", "unmentioned", "plans")
 
     def __init__(self, relations: list[Any]) -> None:
         self.relations = relations
@@ -182,7 +182,7 @@ class _Applied:
             if type(r) is Same and type(r.a) is AxisRef and type(r.b) is AxisRef else r
             for r in relations)
         self.unmentioned: tuple[tuple[int, int], ...] | None = None
-        self.same_key: tuple[Any, ...] | None = None
+        self.plans: dict[Any, tuple[tuple[int, int, str | None], ...]] = {}
 
 
 # a form rule's application (fxfuse.rules.registry.form_rule) by the op's form (_form_key): one
@@ -550,7 +550,8 @@ class _Driver:
         related only to an activation input is input-side."""
         if all(src is None for src in sources):  # outputs have none (only inputs can)
             return  # only activations in: no parameter axis gets a role here
-        outs = sorted({h.index for h in _handles_in(out_value)})
+        outs = ([out_value.index] if type(out_value) is TensorHandle
+                else sorted({h.index for h in _handles_in(out_value)}))
         inputs = [i for i in range(len(sources)) if i not in outs]
         if all(sources[i] is not None for i in inputs):  # a view: its outputs' origins
             wanted = [(h.index, d) for h in _handles_in(out_value) for d in range(len(h.shape))]
@@ -558,24 +559,23 @@ class _Driver:
             self.lineage[node.name] = _view_origins(out_value, near, sources, inputs)
             return
         # roles of the parameter axes among the inputs
-        ndims = tuple(-1 if src is None else len(src) for src in sources)  # -1: an activation
-        try:
-            if applied is None:
-                same_key = _same_key(relations)
-            elif applied.same_key is None:
-                same_key = applied.same_key = _same_key(relations)
-            else:
-                same_key = applied.same_key
-            key = (same_key, tuple(outs), ndims)
-            plan = _PLANS.get(key)
-        except TypeError:  # a rule's expression that does not hash (a list inside a Prod)
-            key, plan = None, None
+        ndims = tuple([-1 if src is None else len(src) for src in sources])  # -1: an activation
+        form = (tuple(outs), ndims)
+        plan = applied.plans.get(form) if applied is not None else None
         if plan is None:
-            plan = _role_plan(relations, outs, inputs, ndims)
-            if key is not None:
-                if len(_PLANS) >= _PLANS_KEPT:
-                    _PLANS.clear()
-                _PLANS[key] = plan
+            try:
+                key = (_same_key(relations), *form)
+                plan = _PLANS.get(key)
+            except TypeError:  # a rule's expression that does not hash (a list inside a Prod)
+                key, plan = None, None
+            if plan is None:
+                plan = _role_plan(relations, outs, inputs, ndims)
+                if key is not None:
+                    if len(_PLANS) >= _PLANS_KEPT:
+                        _PLANS.clear()
+                    _PLANS[key] = plan
+            if applied is not None:
+                applied.plans[form] = plan
         table = role_table(module)
         names = {h.index: name for name, h in params.items()} if table else {}
         roles = self.roles
