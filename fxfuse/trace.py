@@ -121,6 +121,28 @@ def _math_table() -> tuple[set[int], dict[str, Any], dict[str, Any]]:
 _LEAF_ARGS = frozenset((int, float, bool, str, type(None)))
 
 
+_IS_TENSOR_METHOD = torch.overrides.is_tensor_method_or_property
+_TENSOR_METHODS: dict[Any, bool] = {}  # torch function -> is it a Tensor method or property
+
+
+def _is_tensor_method(func: Any) -> bool:
+    """``torch.overrides.is_tensor_method_or_property``, remembered per function: fx's
+    ``Proxy.__torch_function__`` asks it for every torch function called on a proxy
+    (``torch.cat``, ``F.gelu``, ...), and torch's answer enters and leaves a
+    ``warnings.catch_warnings`` block each time (30 microseconds a call here).  The answer
+    depends on the function alone (torch's set of Tensor methods is fixed per process), so the
+    table holds torch's own answers; it stands in for torch's during a trace only."""
+    try:
+        hit = _TENSOR_METHODS.get(func)
+    except TypeError:  # unhashable: ask torch
+        return bool(_IS_TENSOR_METHOD(func))
+    if hit is None:
+        if len(_TENSOR_METHODS) >= 4096:
+            _TENSOR_METHODS.clear()
+        hit = _TENSOR_METHODS[func] = bool(_IS_TENSOR_METHOD(func))
+    return hit
+
+
 class _ModuleStack(collections.OrderedDict[str, Any]):
     """fx's ``module_stack``, copied into every node's ``meta["nn_module_stack"]`` with
     ``copy.copy``: here the copy is the same plain ``OrderedDict`` made directly, not through
@@ -245,11 +267,13 @@ class _Tracer(fx.Tracer):
                 self._visited.add(id(math.__dict__))
                 math.__dict__.update(wrappers)
                 patched_math = True
+            torch.overrides.is_tensor_method_or_property = _is_tensor_method  # see there
             if self._patching is None:
                 return super().trace(root, concrete_args)
             with self._patching.installed():
                 return super().trace(root, concrete_args)
         finally:
+            torch.overrides.is_tensor_method_or_property = _IS_TENSOR_METHOD
             self._patching = None
             if patched_math:
                 math.__dict__.update(originals)

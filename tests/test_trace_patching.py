@@ -213,6 +213,7 @@ def _untouched() -> None:
     assert nn.Module.__dict__["_call_impl"] is _CALL_IMPL
     assert fx._symbolic_trace.CURRENT_PATCHER is None
     assert fx._symbolic_trace._new_patcher.__module__ == "torch.fx._symbolic_trace"
+    assert torch.overrides.is_tensor_method_or_property.__module__ == "torch.overrides"
 
 
 @pytest.mark.parametrize("buffers", [False, True])
