@@ -563,17 +563,21 @@ def _joined_by(table: AtomTable, names: Mapping[int, str],
     its distinct ends, so it is read as a set of ends.  Each atom's keys keep the order of their
     first links, as link by link (a key seen again in a later run is already there)."""
     joined: dict[int, dict[str, None]] = {a: {} for a in names}
-    named_under: dict[int, list[int]] = {}  # atom -> its named atoms now (the table is final)
+    # atom -> its named atoms now (the table is final), through its class's root: every atom of
+    # a class resolves as its root does
+    named_under: dict[int, list[int]] = {}
+    find = table.find
     for (node, op), run in itertools.groupby(table.links, key=operator.itemgetter(2, 3)):
         where = f"{node} ({op})"
         ends: dict[int, None] = {}
         for link in run:
             ends[link.a] = ends[link.b] = None
         for end in ends:
-            under = named_under.get(end)
+            root = find(end)
+            under = named_under.get(root)
             if under is None:
-                under = named_under[end] = [a for a in atoms(table.resolve(Atom(end)))
-                                            if a in joined]
+                under = named_under[root] = [a for a in atoms(table.resolve(Atom(root)))
+                                             if a in joined]
             for atom in under:
                 joined[atom][where] = None
     return joined
