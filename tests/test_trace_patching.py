@@ -476,3 +476,23 @@ def test_functional_call_leaves_the_parameter() -> None:
 def test_a_reassigned_tied_parameter_is_read_under_its_new_name() -> None:
     ours, theirs = _Tracer(False), _FxTracer()
     assert _signature(ours.trace(TiedReassigned())) == _signature(theirs.trace(TiedReassigned()))
+
+
+def test_tensor_method_answers_are_torchs() -> None:
+    """The tracer's stand-in for ``torch.overrides.is_tensor_method_or_property`` answers as
+    torch does, and its shortcut (a function that is no attribute value of ``torch.Tensor``
+    is no Tensor method) holds for every function torch lists."""
+    import fxfuse.trace as trace
+    from torch.overrides import _get_tensor_methods
+
+    listed = _get_tensor_methods()
+    attrs = trace._tensor_attrs()
+    assert all(f in attrs or f.__name__ == "__get__" for f in listed)
+    probes = [*listed, torch.cat, torch.flatten, torch.relu, F.relu, F.gelu, F.softmax, F.linear,
+              torch.matmul, torch.add, F.scaled_dot_product_attention, F.layer_norm,
+              torch.Tensor.add, torch.Tensor.shape.__get__, torch.Tensor.__add__, torch.stack]
+    trace._TENSOR_METHODS.clear()
+    assert [trace._is_tensor_method(f) for f in probes] == [
+        bool(torch.overrides.is_tensor_method_or_property(f)) for f in probes]
+    assert [trace._is_tensor_method(f) for f in probes] == [  # remembered
+        bool(torch.overrides.is_tensor_method_or_property(f)) for f in probes]
