@@ -408,7 +408,11 @@ def render_section(rows: list[Row], args: argparse.Namespace, total_s: float) ->
         "does), the symbolic trace fxfuse's discovery starts from, without fxfuse's code. Cells: wall-time "
         "median (min) [median CPU time of the process, all threads]; no garbage collection is "
         "forced between the timed calls (each pays for the collections it triggers, the garbage "
-        "of the call before it included). A tool slower than "
+        "of the call before it included). fxfuse's warm calls reuse what it keeps per process "
+        "across calls, each a bounded table of answers that depend only on their key: role plans "
+        "and rule relations per op form (target class, shapes, dtypes, arguments), fx's node-name "
+        "candidate per target, torch's Tensor-method answer per function; its first call fills "
+        "them (in the *cold* column), a model with new op forms fills more. A tool slower than "
         f"{args.timeout:g} s on its first call is skipped. `OMP_WAIT_POLICY=PASSIVE` is set by the "
         "script (unless already set) because spin-waiting OpenMP threads made 2-thread timings "
         "swing by 10x on this VM. Python bytecode caching: " + (

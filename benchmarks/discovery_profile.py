@@ -287,7 +287,10 @@ def render_section(results: list[Result], args: argparse.Namespace, total_s: flo
         "(`_Driver`: one walk applying every node's axis rule, union-find included), *spec* "
         "(`build_spec` + `lint`), *other* (the rest of the end-to-end time). The DenseNet rows "
         "are the zoo's `densenet` with the block layouts of DenseNet-121 (6, 12, 24, 16) and -201 "
-        "(6, 12, 48, 32) on its 32x32 inputs. *graph nodes*: nodes of the symbolic trace.",
+        "(6, 12, 48, 32) on its 32x32 inputs. *graph nodes*: nodes of the symbolic trace. "
+        "Warm calls reuse fxfuse's per-process tables (role plans and rule relations per op "
+        "form, node-name candidates, Tensor-method answers: see the discovery-time section); "
+        "the cold call fills them.",
         load_line(args.load_start, total_s),
         "",
         render_table(results),
