@@ -97,10 +97,9 @@ class Discovery:
 class _Handles:
     """The tensors one op application relates, numbered as the rule sees them: each handle's
     axis layouts, shape, and (for parameters and views of them) the parameter axes per axis.
-    ``viewed``: whether some handle has parameter axes (else no member role comes of the op);
-    ``big``: every (handle, axis) of size > 1, in order (the axes a rule must mention)."""
+    ``viewed``: whether some handle has parameter axes (else no member role comes of the op)."""
 
-    __slots__ = ("lineage", "handles", "shapes", "sources", "viewed", "big")
+    __slots__ = ("lineage", "handles", "shapes", "sources", "viewed")
 
     def __init__(self, lineage: dict[str, Any]) -> None:
         self.lineage = lineage
@@ -108,7 +107,6 @@ class _Handles:
         self.shapes: list[tuple[int, ...]] = []
         self.sources: list[Origins | None] = []
         self.viewed = False
-        self.big: list[tuple[int, int]] = []
 
     def handle(self, lays: tuple[Layout, ...], shape: tuple[int, ...], dtype: torch.dtype,
                src: Origins | None = None) -> TensorHandle:
@@ -119,14 +117,20 @@ class _Handles:
         self.sources.append(src)
         if src is not None:
             self.viewed = True
-        key = (i, shape)
-        big = _BIG.get(key)
-        if big is None:
-            if len(_BIG) >= _BIG_KEPT:
-                _BIG.clear()
-            big = _BIG[key] = tuple((i, d) for d, n in enumerate(shape) if n > 1)
-        self.big += big
         return TensorHandle(i, shape, dtype)
+
+    def big(self) -> list[tuple[int, int]]:
+        """Every (handle, axis) of size > 1, in order: the axes a rule must mention."""
+        out: list[tuple[int, int]] = []
+        for key in enumerate(self.shapes):
+            big = _BIG.get(key)
+            if big is None:
+                if len(_BIG) >= _BIG_KEPT:
+                    _BIG.clear()
+                i, shape = key
+                big = _BIG[key] = tuple([(i, d) for d, n in enumerate(shape) if n > 1])
+            out += big
+        return out
 
     def wrap(self, axes: Any, val: Any, src: Any = None) -> Any:
         if type(axes) is TensorAxes:
@@ -668,8 +672,9 @@ class _Driver:
             else:
                 raise TypeError(f"not a relation: {r!r}")
         if unmentioned is None:
-            unmentioned = () if mentioned.issuperset(hs.big) else tuple(
-                [(i, d) for i, d in hs.big if (i, d) not in mentioned])
+            big = hs.big()
+            unmentioned = () if mentioned.issuperset(big) else tuple(
+                [(i, d) for i, d in big if (i, d) not in mentioned])
         for i, d in unmentioned:
             why = Reason(cut_kind, node.name, opname,
                          f"the rule does not relate axis {d} of tensor #{i}",

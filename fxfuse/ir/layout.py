@@ -268,8 +268,10 @@ class AtomTable:
             ref = self._refined[r]
             if self._fixed[r] is not None or self._size[r] == 1:
                 out: Layout = Fixed(self._size[r])
+            elif ref is None:  # a free atom is itself: nothing to cache (or forget when it changes)
+                return _ATOMS[r] if r < len(_ATOMS) else Atom(r)
             else:
-                out = self.resolve(ref) if ref is not None else Atom(r)
+                out = self.resolve(ref)
             self._resolved[r] = out
             for leaf in _atom_ids(out):
                 self._holders.setdefault(leaf, set()).add(r)
