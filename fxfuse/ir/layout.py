@@ -92,7 +92,7 @@ NODES = (Prod, Sum, Interleave)  # the inner nodes of a layout tree (they have `
 # so one list of them serves every table (building a frozen dataclass costs more than the rest
 # of :meth:`AtomTable.new_axes`); grown on demand up to ``_ATOMS_KEPT``, built beyond that
 _ATOMS: list[Atom] = []
-_ATOMS_KEPT = 1 << 18
+_ATOMS_KEPT = 1 << 16  # a few MB at most; discovery tables hold thousands
 
 
 _NONES = [(None,) * k for k in range(9)]  # a new atom's entries in _fixed and _refined, k at once
