@@ -6,6 +6,10 @@ called ``k`` times, tied embeddings under several ``state_dict`` keys).  Model i
 are fixed.  An op without a rule fixes every axis it touches and is recorded as a *cut* (strict
 mode raises :class:`~fxfuse.errors.UnsupportedOpError` instead).  Any axis a rule leaves
 unmentioned is fixed too.  Only this module mutates the atom table.
+
+A rule marked as a function of the op's form (:func:`fxfuse.rules.registry.form_rule`: fxfuse's
+conv, linear, norm, pooling and elementwise rules) is called once per form; its relations, compiled
+for the table, are kept across calls (:data:`_RELATIONS`), as are the role plans (:data:`_PLANS`).
 """
 
 from __future__ import annotations
