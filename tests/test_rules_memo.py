@@ -26,7 +26,8 @@ def _spec(name: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "densenet", "grouped_conv",
-                                  "channel_shuffle_net", "se_net"])
+                                  "channel_shuffle_net", "se_net", "resnet20_ln", "groupnorm_net",
+                                  "rmsnorm_mlp"])
 def test_kept_relations_give_the_rules_spec(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     disc._RELATIONS.clear()
     cold = _spec(name)  # first use of each form (later nodes of a form already hit)
@@ -67,6 +68,15 @@ def test_forms_that_differ_to_a_rule_get_different_keys() -> None:
     b.groups = 2  # the rule reads it: another form
     assert conv_key(a) != conv_key(b)
     assert disc._form_key(conv, "c", a, (x4,), {}, y4, {}) != conv_key(a)  # no weight
+
+    norm = lookup(nn.LayerNorm)
+    assert norm is not None and form_attrs(norm) == ("normalized_shape",)
+    x3 = TensorHandle(0, (2, 3, 4), torch.float32)
+    y3 = TensorHandle(1, (2, 3, 4), torch.float32)
+    one, two = nn.LayerNorm(4, elementwise_affine=False), nn.LayerNorm((3, 4),
+                                                                      elementwise_affine=False)
+    assert (disc._form_key(norm, "n", one, (x3,), {}, y3, {})
+            != disc._form_key(norm, "n", two, (x3,), {}, y3, {}))
 
 
 class _Scale(nn.Module):

@@ -8,8 +8,9 @@ mode raises :class:`~fxfuse.errors.UnsupportedOpError` instead).  Any axis a rul
 unmentioned is fixed too.  Only this module mutates the atom table.
 
 A rule marked as a function of the op's form (:func:`fxfuse.rules.registry.form_rule`: fxfuse's
-conv, linear, norm, pooling and elementwise rules) is called once per form; its relations, compiled
-for the table, are kept across calls (:data:`_RELATIONS`), as are the role plans (:data:`_PLANS`).
+conv, linear, norm (batch, layer, group), pooling and elementwise rules) is called once per form;
+its relations, compiled for the table, are kept across calls (:data:`_RELATIONS`), as are the
+role plans (:data:`_PLANS`).
 """
 
 from __future__ import annotations
@@ -175,22 +176,28 @@ class _Pair(tuple):  # type: ignore[type-arg]
 
 
 class _Applied:
-    """A form rule's application, kept per form (:data:`_RELATIONS`): the rule's ``relations``;
-    ``steps``, the same with each ``Same`` of two single axes as a :class:`_Pair`; the axes of
-    size > 1 they leave ``unmentioned`` (known after the first application: a function of the
-    relations and the shapes, both in the form); its role ``plans`` (:func:`_role_plan`) by
-    (outputs, parameter ranks), as they are first needed."""
+    """A form rule's application, kept per form (:data:`_RELATIONS`) after its first: the rule's
+    ``relations``; the axes of size > 1 they leave ``unmentioned`` (a function of the relations
+    and the shapes, both in the form); :meth:`steps`, the relations with each ``Same`` of two
+    single axes as a :class:`_Pair` (made at the second application: most forms of a model have
+    one); its role ``plans`` (:func:`_role_plan`) by (outputs, parameter ranks), as first
+    needed."""
 
-    __slots__ = ("relations", "steps", "unmentioned", "plans")
+    __slots__ = ("relations", "unmentioned", "plans", "_steps")
 
-    def __init__(self, relations: list[Any]) -> None:
+    def __init__(self, relations: list[Any], unmentioned: tuple[tuple[int, int], ...]) -> None:
         self.relations = relations
-        self.steps = tuple(
-            _Pair(((r.a.tensor, r.a.axis), (r.b.tensor, r.b.axis)))
-            if type(r) is Same and type(r.a) is AxisRef and type(r.b) is AxisRef else r
-            for r in relations)
-        self.unmentioned: tuple[tuple[int, int], ...] | None = None
+        self.unmentioned = unmentioned
         self.plans: dict[Any, tuple[tuple[int, int, str | None], ...]] = {}
+        self._steps: tuple[Any, ...] | None = None
+
+    def steps(self) -> tuple[Any, ...]:
+        if self._steps is None:
+            self._steps = tuple(
+                _Pair(((r.a.tensor, r.a.axis), (r.b.tensor, r.b.axis)))
+                if type(r) is Same and type(r.a) is AxisRef and type(r.b) is AxisRef else r
+                for r in self.relations)
+        return self._steps
 
 
 # a form rule's application (fxfuse.rules.registry.form_rule) by the op's form (_form_key): one
@@ -396,19 +403,16 @@ class _Driver:
                 raise self._rule_error(node, opname, rule, source_line(node),
                                        quote_error(exc)) from exc
             else:
-                if applied is None and key is not None and type(relations) is list:
-                    applied = _Applied(relations)  # kept once it applied without an error
                 try:
                     if applied is not None:
-                        unmentioned = self._apply(applied.steps, hs, node, opname,
-                                                  unmentioned=applied.unmentioned)
-                        if applied.unmentioned is None:
-                            applied.unmentioned = unmentioned
+                        self._apply(applied.steps(), hs, node, opname,
+                                    unmentioned=applied.unmentioned)
+                    else:
+                        unmentioned = self._apply(relations, hs, node, opname)
+                        if key is not None and type(relations) is list:  # kept once it applied
                             if len(_RELATIONS) >= _RELATIONS_KEPT:
                                 _RELATIONS.clear()
-                            _RELATIONS[key] = applied  # type: ignore[index]
-                    else:
-                        self._apply(relations, hs, node, opname)
+                            applied = _RELATIONS[key] = _Applied(relations, unmentioned)
                 except (TypeError, AttributeError, IndexError) as exc:
                     raise self._rule_error(node, opname, rule, source_line(node),
                                            quote_error(exc)) from exc

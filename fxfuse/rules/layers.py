@@ -158,6 +158,7 @@ def trailing_norm_relations(
 
 
 @axis_rule(nn.LayerNorm, nn.RMSNorm)
+@form_rule("normalized_shape")
 def layernorm_module_rule(op: OpView) -> list[Relation]:
     if not isinstance(op.module, (nn.LayerNorm, nn.RMSNorm)):
         raise decline("not a torch LayerNorm / RMSNorm module")
@@ -166,6 +167,7 @@ def layernorm_module_rule(op: OpView) -> list[Relation]:
 
 
 @axis_rule(F.layer_norm, F.rms_norm)
+@form_rule()
 def layernorm_function_rule(op: OpView) -> list[Relation]:
     shape = op.arg(1, "normalized_shape")
     k = 1 if isinstance(shape, int) else len(shape) if isinstance(shape, (list, tuple)) else -1
@@ -186,6 +188,7 @@ def group_norm_relations(
 
 
 @axis_rule(nn.GroupNorm)
+@form_rule("num_groups")
 def groupnorm_module_rule(op: OpView) -> list[Relation]:
     if not isinstance(op.module, nn.GroupNorm):
         raise decline("not a torch GroupNorm module")
@@ -194,6 +197,7 @@ def groupnorm_module_rule(op: OpView) -> list[Relation]:
 
 
 @axis_rule(F.group_norm)
+@form_rule()
 def groupnorm_function_rule(op: OpView) -> list[Relation]:
     params = [op.arg(2, "weight"), op.arg(3, "bias")]
     return group_norm_relations(op, op.tensor(0, "input"), op.arg(1, "num_groups"), params)
