@@ -482,8 +482,9 @@ def test_tensor_method_answers_are_torchs() -> None:
     """The tracer's stand-in for ``torch.overrides.is_tensor_method_or_property`` answers as
     torch does, and its shortcut (a function that is no attribute value of ``torch.Tensor``
     is no Tensor method) holds for every function torch lists."""
-    import fxfuse.trace as trace
     from torch.overrides import _get_tensor_methods
+
+    import fxfuse.trace as trace
 
     listed = _get_tensor_methods()
     attrs = trace._tensor_attrs()
