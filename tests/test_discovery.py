@@ -578,3 +578,28 @@ def test_einsum_attention_with_sliced_qkv_and_class_token(tracer: str) -> None:
     assert spec.groups_of("embed.weight", 0) == spec.groups_of("head.weight", 1) != []
     assert spec.groups_of("proj.weight", 1) == spec.axes[("qkv.weight", 0)].groups[-2:]
     fxfuse.verify(model, spec, x)
+
+
+class _PoolToOne(nn.Module):
+    """A linear layer's 9 features seen as a 3x3 map, pooled to 1x1 (found in review: every
+    pool to size 1 was taken for a global one)."""
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.fc, self.pool, self.out = nn.Linear(4, 9), pool, nn.Linear(1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.pool(self.fc(x).view(-1, 1, 3, 3)).flatten(1))
+
+
+@pytest.mark.parametrize("pool, global_", [
+    (nn.AvgPool2d(2), False), (nn.MaxPool2d(2), False), (nn.MaxPool2d(2, dilation=2), False),
+    (nn.Upsample(size=1), False), (nn.AvgPool2d(3), True), (nn.MaxPool2d(3), True),
+    (nn.LPPool2d(2, 3), True), (nn.AdaptiveAvgPool2d(1), True), (nn.AdaptiveMaxPool2d(1), True),
+])
+def test_a_pool_to_size_one_frees_spatial_order_only_when_it_reads_every_position(
+        pool: nn.Module, global_: bool) -> None:
+    model, x = _PoolToOne(pool).eval(), torch.randn(5, 4)
+    spec = fxfuse.find_groups(model, x)
+    assert bool(spec.groups_of("fc.weight", 0)) is global_
+    fxfuse.verify(model, spec, x)

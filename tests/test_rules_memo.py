@@ -116,3 +116,29 @@ def test_a_rule_returning_a_tuple_is_a_rule_error() -> None:
             fxfuse.find_groups(nn.Sequential(nn.Linear(2, 3), _Scale()), torch.randn(4, 2))
     finally:
         _RULES.pop(_Scale, None)
+
+
+def _grouped(groups: Any) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=groups),
+                         nn.Conv2d(8, 4, 1), nn.GroupNorm(2, 4)).eval()
+
+
+def test_a_numpy_group_count_gives_the_same_spec_cold_and_warm() -> None:
+    """Found in review: a module attribute entered the form key as a raw value, so a numpy
+    ``groups`` matched an int's key (equal and of equal hash) and got the kept relations an
+    int's rule made, while a fresh process declined it: the spec depended on what the process
+    had seen.  Module attributes take the typed form now, and the rules read a numpy integer
+    count as its int."""
+    import numpy as np
+
+    x = torch.randn(1, 3, 6, 6)
+    disc._RELATIONS.clear()
+    model = _grouped(np.int64(2))
+    model[3].num_groups = np.int64(2)
+    cold = fxfuse.find_groups(model, x).to_json()
+    fxfuse.find_groups(_grouped(2), x)
+    assert fxfuse.find_groups(model, x).to_json() == cold
+    spec = fxfuse.find_groups(model, x)
+    assert any(g.size == 2 for g in spec.groups)  # the conv's (and the norm's) groups
+    assert fxfuse.find_groups(_grouped(2), x).to_json() == cold
+    fxfuse.verify(model, spec, x)

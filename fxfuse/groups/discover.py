@@ -742,8 +742,13 @@ def _form_key(rule: Any, target: Any, module: nn.Module | None, args: tuple[Any,
     key: tuple[Any, ...]
     if module is None:
         key = (rule, target, tuple(form))
-    else:
-        key = (rule, type(module), tuple([getattr(module, a, None) for a in attrs]), tuple(form))
+    else:  # the module's attributes in the same typed form (a numpy integer has none: the
+        # rule, which may refuse what is not an int, runs every time)
+        mod_form: list[Any] = []
+        for a in attrs:
+            if not _form(getattr(module, a, None), mod_form):
+                return None
+        key = (rule, type(module), tuple(mod_form), tuple(form))
     return key  # unhashable where a module attribute is (the caller then calls the rule)
 
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,11 +66,12 @@ def linear_function_rule(op: OpView) -> list[Relation]:
 
 
 def conv_relations(
-    op: OpView, k: int, x: TensorHandle, w: TensorHandle, b: TensorHandle | None, groups: int
+    op: OpView, k: int, x: TensorHandle, w: TensorHandle, b: TensorHandle | None, group_arg: Any
 ) -> list[Relation]:
     y = op.out
     c = x.ndim - k - 1  # channel axis (0 for unbatched input)
-    if c not in (0, 1) or y.ndim != x.ndim or w.ndim != k + 2 or not isinstance(groups, int):
+    groups = _count(group_arg)
+    if c not in (0, 1) or y.ndim != x.ndim or w.ndim != k + 2 or groups is None:
         raise decline(f"a {k}-d convolution of a {x.ndim}-d input")
     xa, ya, wa = x.axes(), y.axes(), w.axes()  # in range: the ranks were checked
     rels: list[Relation] = []
@@ -176,12 +178,13 @@ def layernorm_function_rule(op: OpView) -> list[Relation]:
 
 
 def group_norm_relations(
-    op: OpView, x: TensorHandle, groups: int, params: list[TensorHandle | None]
+    op: OpView, x: TensorHandle, groups: Any, params: list[TensorHandle | None]
 ) -> list[Relation]:
     y = op.out
-    if x.ndim < 2 or not isinstance(groups, int) or groups < 1 or x.shape[1] % groups:
+    count = _count(groups)
+    if x.ndim < 2 or count is None or count < 1 or x.shape[1] % count:
         raise decline(f"group norm with {groups!r} groups of a {x.ndim}-d input")
-    channels = Prod((op.new("groups", groups), op.new("per_group", x.shape[1] // groups)))
+    channels = Prod((op.new("groups", count), op.new("per_group", x.shape[1] // count)))
     rels = same(channels, x[1], y[1], *(p[0] for p in params if p is not None))
     rels += [Same(x[d], y[d]) for d in range(x.ndim) if d != 1]
     return rels
@@ -234,18 +237,74 @@ POOLS = {
 }
 
 
-@form_rule()  # reads op.target (for a module, its path: never in POOLS) and the module's class
+_ADAPTIVE = frozenset((nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.AdaptiveAvgPool2d,
+                       nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
+                       F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.adaptive_avg_pool2d,
+                       F.adaptive_max_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d))
+_WINDOWED = frozenset((nn.MaxPool1d, nn.AvgPool1d, nn.LPPool1d, nn.MaxPool2d, nn.AvgPool2d,
+                       nn.LPPool2d, nn.MaxPool3d, nn.AvgPool3d, F.max_pool1d, F.avg_pool1d,
+                       F.max_pool2d, F.avg_pool2d, F.max_pool3d, F.avg_pool3d))
+
+
+def _count(v: Any) -> int | None:
+    """A group count as an ``int`` (a numpy integer from a config is one too); None if ``v``
+    is not an integer (a bool is not)."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def _per_axis(v: Any, k: int) -> tuple[Any, ...] | None:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,) * k
+    if isinstance(v, (tuple, list)) and len(v) == k and all(
+            isinstance(e, int) and not isinstance(e, bool) for e in v):
+        return tuple(v)
+    return None
+
+
+def _one_window_over_all(op: OpView, kind: Any, sizes: tuple[int, ...]) -> bool:
+    """Whether a windowed pool's single output window holds every input position of each
+    spatial axis (sizes ``sizes``): window ``[-padding, -padding + kernel)`` without dilation
+    covers ``[0, n)`` where ``kernel - padding >= n``.  A smaller window drops positions (a
+    2x2 pool of a 3x3 map reads 4 of 9), so spatial order matters."""
+    k = len(sizes)
+    if op.module is not None:
+        m = op.module
+        kernel, padding = getattr(m, "kernel_size", None), getattr(m, "padding", 0)
+        dilation = getattr(m, "dilation", 1)
+    else:
+        kernel = op.arg(1, "kernel_size")
+        padding = op.arg(3, "padding", 0)
+        dilation = op.arg(4, "dilation", 1) if kind in (F.max_pool1d, F.max_pool2d,
+                                                         F.max_pool3d) else 1
+    ks, ps, ds = _per_axis(kernel, k), _per_axis(padding, k), _per_axis(dilation, k)
+    if ks is None or ps is None or ds is None:
+        return False
+    return all(d == 1 and kk - pp >= n for kk, pp, d, n in zip(ks, ps, ds, sizes))
+
+
+@form_rule("kernel_size", "padding", "dilation")  # and op.target / the module's class
 def spatial_rule(op: OpView) -> list[Relation]:
-    """Channel/batch axes pass through; spatial axes stay fixed unless globally pooled away."""
+    """Channel/batch axes pass through; spatial axes stay fixed unless globally pooled away:
+    an adaptive pool to size 1, or a windowed pool whose one window reads every position (a
+    pool to size 1 that drops positions, or an upsampling to size 1, depends on their order)."""
     x, y = op.tensor(0, "input"), op.out
     k = next((k for k, ts in POOLS.items() if op.target in ts or type(op.module) in ts), 0)
     if x.ndim != y.ndim or not 0 < k < x.ndim:
         raise decline(f"pooling output of shape {y.shape} for an input of shape {x.shape}")
+    kind = type(op.module) if op.module is not None else op.target
+    pooled = all(s == 1 for s in y.shape[x.ndim - k:]) and (
+        kind in _ADAPTIVE or (kind in _WINDOWED and _one_window_over_all(
+            op, kind, tuple(x.shape[x.ndim - k:]))))
     rels: list[Relation] = []
     for d in range(x.ndim):
         if d < x.ndim - k:
             rels.append(Same(x[d], y[d]))
-        elif all(s == 1 for s in y.shape[x.ndim - k:]):
+        elif pooled:
             rels.append(Free(x[d]))  # a global pool (mean, max, Lp) ignores spatial order
         else:
             rels += [Cut(x[d], SPATIAL), Cut(y[d], SPATIAL)]
