@@ -22,6 +22,7 @@ import collections
 import contextlib
 import copy
 import dis
+import functools
 import inspect
 import itertools
 import math
@@ -93,7 +94,6 @@ def _math_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-# argument types fx's create_arg returns as they are (its ``_create_arg_bypass``), exact types
 # (math's names and values, the ids of its public callables, name -> wrapper, name -> function)
 _MATH_TABLE: list[tuple[Any, set[int], dict[str, Any], dict[str, Any]]] = []
 
@@ -118,26 +118,26 @@ def _math_table() -> tuple[set[int], dict[str, Any], dict[str, Any]]:
     return ids, wrappers, originals
 
 
+# argument types fx's create_arg returns as they are (its ``_create_arg_bypass``), exact types
 _LEAF_ARGS = frozenset((int, float, bool, str, type(None)))
 
 
 _IS_TENSOR_METHOD = torch.overrides.is_tensor_method_or_property
 _TENSOR_METHODS: dict[Any, bool] = {}  # torch function -> is it a Tensor method or property
-_TENSOR_ATTRS: list[frozenset[Any]] = []  # the values of torch.Tensor's attributes, made once
 
 
+@functools.cache
 def _tensor_attrs() -> frozenset[Any]:
-    if not _TENSOR_ATTRS:
-        values = set()
-        for name in dir(torch.Tensor):
-            try:
-                value = getattr(torch.Tensor, name)
-                hash(value)
-            except Exception:  # noqa: BLE001 - an attribute that can not be read or hashed
-                continue
-            values.add(value)
-        _TENSOR_ATTRS.append(frozenset(values))
-    return _TENSOR_ATTRS[0]
+    """The values of ``torch.Tensor``'s attributes (the hashable ones), made once."""
+    values = set()
+    for name in dir(torch.Tensor):
+        try:
+            value = getattr(torch.Tensor, name)
+            hash(value)
+        except Exception:  # noqa: BLE001 - an attribute that can not be read or hashed
+            continue
+        values.add(value)
+    return frozenset(values)
 
 
 def _is_tensor_method(func: Any) -> bool:
@@ -278,6 +278,7 @@ class _Tracer(fx.Tracer):
         patched_math = False
         self._param_names = None
         self._patching = None
+        tensor_method = torch.overrides.is_tensor_method_or_property
         if isinstance(root, nn.Module):
             cache: dict[str, Any] = {}
             self._patching = instance_patching(
@@ -298,7 +299,7 @@ class _Tracer(fx.Tracer):
             with self._patching.installed():
                 return super().trace(root, concrete_args)
         finally:
-            torch.overrides.is_tensor_method_or_property = _IS_TENSOR_METHOD
+            torch.overrides.is_tensor_method_or_property = tensor_method
             self._patching = None
             if patched_math:
                 math.__dict__.update(originals)
@@ -443,7 +444,8 @@ class _Tracer(fx.Tracer):
 
 def _user_stack() -> str | None:
     """The caller's stack from its first ``forward`` frame on, torch's frames and the tracer's
-    own (this module's, :mod:`fxfuse._patcher`'s) left out, as ``traceback.format_list`` writes it; None without a ``forward``.
+    own (this module's, :mod:`fxfuse._patcher`'s) left out, as ``traceback.format_list``
+    writes it; None without a ``forward``.
 
     The frames left out are dropped before they become ``FrameSummary`` objects (their source
     lines looked up, their files stat-ed by ``linecache.checkcache``): the same text as

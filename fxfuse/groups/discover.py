@@ -644,41 +644,37 @@ class _Driver:
         for r in relations:
             if type(r) is _Pair:  # Same(AxisRef, AxisRef), compiled
                 p, q = r
-                if track:
-                    add(p)
-                    add(q)
-                x, y = handles[p[0]][p[1]], handles[q[0]][q[1]]
-                if type(x) is Atom and type(y) is Atom and unify_atoms(x.id, y.id):
-                    continue
-                if base is None:
-                    base = Reason("rule", node.name, opname, "", source_line(node))
-                table.unify_layouts(x, y, base)
-            elif type(r) is Same or isinstance(r, Same):
+            elif isinstance(r, Same):
                 a, b = r.a, r.b
-                if type(a) is AxisRef and type(b) is AxisRef:  # most relations: axis = axis
-                    add((a.tensor, a.axis))
-                    add((b.tensor, b.axis))
-                    x, y = handles[a.tensor][a.axis], handles[b.tensor][b.axis]
-                    if type(x) is Atom and type(y) is Atom and unify_atoms(x.id, y.id):
-                        continue
+                if type(a) is not AxisRef or type(b) is not AxisRef:
                     if base is None:
                         base = Reason("rule", node.name, opname, "", source_line(node))
-                    table.unify_layouts(x, y, base)  # unify, its atom-atom case tried
+                    table.unify(layout(a, handles, mentioned, local),
+                                layout(b, handles, mentioned, local), base)
                     continue
-                if base is None:
-                    base = Reason("rule", node.name, opname, "", source_line(node))
-                table.unify(layout(a, handles, mentioned, local),
-                            layout(b, handles, mentioned, local), base)
+                p, q = (a.tensor, a.axis), (b.tensor, b.axis)  # most relations: axis = axis
             elif isinstance(r, Cut):
                 why = cut_why.get(r.why)  # one Reason per distinct text (a conv's spatial axes)
                 if why is None:
                     why = cut_why[r.why] = Reason(cut_kind, node.name, opname, r.why,
                                                   base.source if base else source_line(node))
                 table.fix(layout(r.a, handles, mentioned, local), why)
+                continue
             elif isinstance(r, Free):
                 layout(r.a, handles, mentioned, local)
+                continue
             else:
                 raise TypeError(f"not a relation: {r!r}")
+            # an axis = axis relation: the atom-atom union where it applies, else unify
+            if track:
+                add(p)
+                add(q)
+            x, y = handles[p[0]][p[1]], handles[q[0]][q[1]]
+            if type(x) is Atom and type(y) is Atom and unify_atoms(x.id, y.id):
+                continue
+            if base is None:
+                base = Reason("rule", node.name, opname, "", source_line(node))
+            table.unify_layouts(x, y, base)
         if unmentioned is None:
             big = hs.big()
             unmentioned = () if mentioned.issuperset(big) else tuple(

@@ -470,12 +470,7 @@ class AtomTable:
             return False
         fa, fb = self._fixed[a], self._fixed[b]
         if fa is None and fb is None:
-            if a != b:  # _union(a, b), inline (most unions come this way)
-                parent[b] = a
-                if b in self._holders:
-                    self._substituted(b)
-                node, op = self._where
-                self.links.append(tuple.__new__(Link, (a, b, node, op)))
+            self._union(a, b)
         elif fa is None or fb is None:
             # fix(Atom(free), reason): a free root was never fixed, so nothing was fixed from
             # it and an input/output reason has nothing further to reach
