@@ -169,8 +169,10 @@ class InstancePatching:
     ``_new_patcher`` while the trace runs."""
 
     def __init__(self, modules: list[nn.Module], get: Callable[[str, Any], Any],
-                 changed: Callable[[], None], buffers: bool, autowrap: bool = True) -> None:
+                 changed: Callable[[], None], buffers: bool, autowrap: bool = True,
+                 paths: dict[nn.Module, str] | None = None) -> None:
         self.modules, self.get, self.changed, self.autowrap = modules, get, changed, autowrap
+        self.paths = paths  # module -> its path, as root.named_modules() names it (or None)
         self.keys = ("_parameters", "_buffers") if buffers else ("_parameters",)
         self.inner: list[nn.Module] = []
         self._made: _Patcher | None = None
@@ -268,11 +270,17 @@ def instance_patching(root: nn.Module, get: Callable[[str, Any], Any],
             or vars(nn.Module).get("_call_impl") is not _ORIG_CALL_IMPL \
             or _FX.CURRENT_PATCHER is not None:  # a trace in progress: fx's own nesting
         return None
-    modules = list(root.modules())
+    paths: dict[nn.Module, str] | None = None
+    if type(root).modules is nn.Module.modules:  # modules() is named_modules() without names
+        named = list(root.named_modules())
+        modules = [m for _, m in named]
+        paths = {m: name for name, m in named}
+    else:
+        modules = list(root.modules())
     for m in modules:
         d = m.__dict__
         if d.get("_compiled_call_impl") is not None or "_call_impl" in d \
                 or type(m)._call_impl is not _ORIG_CALL_IMPL \
                 or type(d.get("_parameters")) is not dict or type(d.get("_buffers")) is not dict:
             return None
-    return InstancePatching(modules, get, changed, buffers, autowrap)
+    return InstancePatching(modules, get, changed, buffers, autowrap, paths)

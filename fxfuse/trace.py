@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dis
 import functools
+import hashlib
 import inspect
 import itertools
 import math
@@ -33,13 +34,14 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from types import FrameType
+from types import FrameType, FunctionType
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from . import _patcher
 from ._patcher import InstancePatching, instance_patching
@@ -186,6 +188,43 @@ class _Scope(fx.proxy.Scope):
 
 
 _CALLS = frozenset(("call_function", "call_method", "call_module"))
+_FX_PROXY_LOG = fx.proxy.log  # fx's create_node logs each node at debug level
+_FX = fx._symbolic_trace
+_CONSTANT_TYPES: tuple[type, ...] = getattr(_FX, "_constant_attribute_types", ())
+
+
+def _names_of(code: Any) -> tuple[Any, ...]:
+    """The names a code object and the functions defined in it use (a fingerprint that does
+    not depend on Python's bytecode)."""
+    nested = tuple(_names_of(c) for c in code.co_consts if hasattr(c, "co_names"))
+    return (code.co_name, code.co_names, code.co_varnames, code.co_freevars, nested)
+
+
+# fx.Tracer.trace of torch 2.13 (the names it and its nested functions use, hashed), as
+# _Tracer._trace_module ports it; another fx's trace runs as it is
+_FX_TRACE_NAMES = "b39454fa9cc9a9ede15f299f3ffc5bd02e220beb"
+
+
+def _fx_trace_ported() -> bool:
+    try:
+        names = _names_of(fx.Tracer.trace.__code__)
+    except AttributeError:  # pragma: no cover - another torch
+        return False
+    return (hashlib.sha1(repr(names).encode()).hexdigest() == _FX_TRACE_NAMES
+            and len(_CONSTANT_TYPES) > 0
+            and all(hasattr(_FX, n) for n in ("_is_fx_tracing_flag", "_orig_module_call",
+                                              "_patch_wrapped_functions", "_autowrap_check",
+                                              "_new_patcher")))
+
+
+_FX_TRACE_PORTED = _fx_trace_ported()
+
+
+def _holds_constants(modules: list[nn.Module]) -> bool:
+    """Whether some module's ``__dict__`` holds a value fx's ``tensor_attrs`` collects."""
+    types = _CONSTANT_TYPES
+    return any(any(map(isinstance, m.__dict__.values(), itertools.repeat(types)))
+               for m in modules)
 # node target -> fx's candidate name for its node (Graph._target_to_str: a pure function of the
 # target), kept across traces; cleared when it reaches _CANDIDATES_KEPT entries
 _CANDIDATES: dict[Any, str] = {}
@@ -297,6 +336,8 @@ class _Tracer(fx.Tracer):
             if self._patching is None:
                 return super().trace(root, concrete_args)
             with self._patching.installed():
+                if _FX_TRACE_PORTED and concrete_args is None:
+                    return self._trace_module(root)
                 return super().trace(root, concrete_args)
         finally:
             torch.overrides.is_tensor_method_or_property = tensor_method
@@ -306,6 +347,124 @@ class _Tracer(fx.Tracer):
             for frame, name, orig in reversed(self._patched):
                 frame[name] = orig
             self._patched = []
+
+    def _trace_module(self, root: nn.Module) -> fx.Graph:
+        """``fx.Tracer.trace`` of a module without ``concrete_args`` (torch 2.13's, step for
+        step: :data:`_FX_TRACE_PORTED` says the installed one is that one), under
+        :class:`~fxfuse._patcher.InstancePatching`, except for what costs time and changes
+        nothing:
+
+        * the module paths (``submodule_paths``) come from the walk the instance patching
+          made (the same ``root.named_modules()``);
+        * the tensor attributes (``tensor_attrs``: the plain tensors, script objects and tree
+          specs held in a module's ``__dict__``, which ``create_arg`` names instead of making
+          constants of them) are collected by fx's own recursive walk only where some module
+          holds one: where none does, fx's walk finds nothing (a pass over every attribute
+          of every module, in Python);
+        * the root's arguments are made by :meth:`create_args_for_root`'s shortcut.
+
+        The patches fx makes are the instance patcher's (fx's call wrapper, the same
+        closure); with nothing to autowrap (``_autowrap_function_ids`` empty: this tracer
+        wraps ``math`` itself) fx's autowrap scans are skipped, as the patcher answers them."""
+        patching = self._patching
+        assert patching is not None
+        flag = _FX._is_fx_tracing_flag
+        _FX._is_fx_tracing_flag = True
+        try:
+            _LazyGraphModule.force_recompile(root)  # type: ignore[arg-type]  # as fx calls it
+            self.root = root
+            if not hasattr(type(root), self.traced_func_name):
+                raise AssertionError(f"traced_func_name={self.traced_func_name} doesn't exist "
+                                     f"in {type(root).__name__}")
+            fn = getattr(type(root), self.traced_func_name)
+            self.root_module_name = root._get_name()
+            self.submodule_paths = (patching.paths if patching.paths is not None else
+                                    {mod: name for name, mod in root.named_modules()})
+            self.graph = fx.Graph(tracer_cls=type(self))
+            if hasattr(fn, "__code__"):
+                code = fn.__code__
+                self.graph._co_fields = {"co_name": code.co_name,
+                                         "co_filename": code.co_filename,
+                                         "co_firstlineno": code.co_firstlineno}
+            self.tensor_attrs = {}
+            if _holds_constants(patching.modules):
+                self._collect_tensor_attrs(self.root, [])
+            if not isinstance(fn, FunctionType):
+                raise AssertionError(f"Expected FunctionType, got {type(fn)}")
+            fn_globals = fn.__globals__
+            fn, args = self.create_args_for_root(fn, True, None)
+            ids = self._autowrap_function_ids
+            orig_call = _FX._orig_module_call
+
+            def module_getattr_wrapper(mod: nn.Module, attr: str) -> Any:  # pragma: no cover
+                raise AssertionError("instance patching answers parameter reads")
+
+            def module_call_wrapper(mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
+                def forward(*args: Any, **kwargs: Any) -> Any:
+                    return orig_call(mod, *args, **kwargs)
+
+                if ids:
+                    _FX._autowrap_check(patcher, getattr(getattr(mod, "forward", mod),
+                                                         "__globals__", {}), ids)
+                return self.call_module(mod, forward, args, kwargs)
+
+            with _FX._new_patcher() as patcher:
+                patcher.patch_method(nn.Module, "__getattr__", module_getattr_wrapper,
+                                     deduplicate=False)
+                patcher.patch_method(nn.Module, "__call__", module_call_wrapper,
+                                     deduplicate=False)
+                _FX._patch_wrapped_functions(patcher)
+                if ids:
+                    _FX._autowrap_check(patcher, fn_globals, ids)
+                    for module in self._autowrap_search:
+                        _FX._autowrap_check(patcher, module.__dict__, ids)
+                ann = inspect.get_annotations(inspect.unwrap(fn))
+                self.create_node("output", "output", (self.create_arg(fn(*args)),), {},
+                                 type_expr=ann.get("return", None))
+            self.submodule_paths = None
+        except RuntimeError as e:
+            if e.args and isinstance(e.args[0], str) and "data-dependent" in e.args[0]:
+                e.partial_fx_graph = self.graph.python_code(  # type: ignore[attr-defined]
+                    root_module="self", verbose=True).src
+            raise
+        finally:
+            _FX._is_fx_tracing_flag = flag
+        return self.graph
+
+    def _collect_tensor_attrs(self, m: nn.Module, prefix: list[str]) -> None:
+        """fx's ``collect_tensor_attrs`` (a nested function of its ``trace``): every path to
+        the module, the last one found naming a value held under several."""
+        for k, v in m.__dict__.items():
+            if isinstance(v, _CONSTANT_TYPES):
+                self.tensor_attrs[v] = ".".join(prefix + [k])  # type: ignore[index]
+        for k, v in m.named_children():
+            self._collect_tensor_attrs(v, prefix + [k])
+
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
+                             concrete_args: Any = None) -> tuple[Any, list[Any]]:
+        """fx's, for a module's plain ``forward(self, a, b=..., ...)`` (a function without
+        ``*args``, ``**kwargs``, keyword-only parameters, a wrapper or a ``__signature__``,
+        and no ``concrete_args``): one placeholder per parameter, a default as its argument,
+        its annotation as its type, as fx makes them from ``inspect.signature``, without the
+        signature object or the pytree flattening of the arguments (the module and proxies
+        are pytree leaves: fx's flattening changes nothing).  Everything else: fx's."""
+        co = getattr(root_fn, "__code__", None)
+        if (not is_module or concrete_args is not None or co is None
+                or type(root_fn) is not FunctionType or hasattr(root_fn, "__wrapped__")
+                or hasattr(root_fn, "__signature__") or co.co_kwonlyargcount
+                or co.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
+                or co.co_argcount == 0):
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        names = co.co_varnames[1:co.co_argcount]
+        defaults = root_fn.__defaults__ or ()
+        first_default = len(names) - len(defaults)
+        annotations = root_fn.__annotations__
+        args: list[Any] = [self.root]
+        for i, name in enumerate(names):
+            default = (defaults[i - first_default],) if i >= first_default else ()
+            args.append(self.create_proxy("placeholder", name, default, {},
+                                          type_expr=annotations.get(name, None)))
+        return root_fn, args
 
     def _autowrap(self, frame: dict[str, Any] | None) -> None:
         """fx's ``_autowrap_check``: the math functions among ``frame``'s public names, each
@@ -373,17 +532,64 @@ class _Tracer(fx.Tracer):
                 name = None
         if (args or kwargs) and kind in _CALLS and not self.check_mutable_operations \
                 and self.graph.owning_module is None:
-            node = super().create_node(kind, target, (), {}, name, type_expr)
+            node = self._new_node(kind, target, (), {}, name, type_expr)
             if kwargs:
                 _set_kwargs(node, kwargs)
             _set_args(node, args)
         else:
-            node = super().create_node(kind, target, args, kwargs, name, type_expr)
+            node = self._new_node(kind, target, args, kwargs, name, type_expr)
         if self.stack_traces and not node.stack_trace:
             stack = _user_stack()
             if stack is not None:
                 node.stack_trace = stack
         return node
+
+    def _new_node(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  name: str | None, type_expr: Any | None) -> fx.Node:
+        """``fx.proxy.TracerBase.create_node`` where it does no more than: make the graph's
+        node, note the node's scope (``node_name_to_scope``) and copy the module stack into
+        its ``meta["nn_module_stack"]`` (here with the stack's own ``__copy__``, not through
+        ``copy.copy``'s dispatch).  fx's own where anything else may happen: mutable-op
+        checks, preserved node meta, fx's stack traces, fx's debug log."""
+        if (self.check_mutable_operations or self.record_stack_traces
+                or fx.traceback.has_preserved_node_meta() or _FX_PROXY_LOG.isEnabledFor(10)):
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+        scope = self.scope
+        self.node_name_to_scope[node.name] = (scope.module_path, scope.module_type)
+        stack = self.module_stack
+        if stack:
+            node.meta["nn_module_stack"] = (stack.__copy__() if type(stack) is _ModuleStack
+                                            else copy.copy(stack))
+        return node
+
+    def _module_call(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+        """``fx.Tracer.call_module``'s bookkeeping, the same steps without its scope context
+        manager (two ``Scope`` objects and a ``copy.copy`` a module call): the tracer's scope
+        is the module's for the call and restored after it (also when it raises); the module
+        stack gets the call's key (``path@n`` for the n-th further call of one module) and
+        loses it after a call that returns; a leaf (``is_leaf_module``) is one
+        ``call_module`` node, any other module is traced into."""
+        path = self.path_of_module(m)
+        scope = self.scope
+        before = scope.module_path, scope.module_type
+        scope.module_path, scope.module_type = path, type(m)
+        try:
+            num_calls = self.num_calls.get(path, 0)
+            module_key = f"{path}@{num_calls}" if num_calls > 0 else path
+            self.module_stack[module_key] = (path, type(m))
+            self.num_calls[path] = num_calls + 1
+            if not self.is_leaf_module(m, path):
+                ret_val = forward(*args, **kwargs)
+            else:
+                ret_val = self.create_proxy("call_module", path, args, kwargs)
+            key, _ = self.module_stack.popitem(last=True)
+            if key != module_key:
+                raise AssertionError(f"Unexpected key {key}, expected {module_key}")
+        finally:
+            scope.module_path, scope.module_type = before
+        return ret_val
 
     def _forget_param_names(self) -> None:  # a parameter was registered, replaced or removed
         self._param_names = None
@@ -417,13 +623,13 @@ class _Tracer(fx.Tracer):
         if self._own_wrap:  # fx checks each called module's forward globals (see trace)
             self._autowrap(getattr(getattr(m, "forward", m), "__globals__", None))
         if lookup(type(m)) is not None:
-            return super().call_module(m, forward, args, kwargs)
+            return self._module_call(m, forward, args, kwargs)
         if self._patching is not None:  # the one call the patched _call_impl lets through
             forward = self._patching.run_inner(m, forward)
         before = len(self.graph.nodes)
         stack, calls = dict(self.module_stack), dict(self.num_calls)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            return self._module_call(m, forward, args, kwargs)
         except Exception as exc:  # not traceable: roll back, keep the call as one node
             made = list(self.graph.nodes)[before:]
             for n in reversed(made):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import traceback
+from collections.abc import Callable
 from math import floor
 from typing import Any, NamedTuple
 
@@ -397,3 +398,90 @@ class _SetsItem(nn.Module):
 def test_trace_errors_name_fx_proxy() -> None:
     with pytest.raises(fxfuse.TraceError, match="'Proxy' object does not support item"):
         fxfuse.find_groups(_SetsItem(), torch.randn(2, 3), tracer="symbolic")
+
+
+# -- the port of fx's Tracer.trace (fxfuse.trace._Tracer._trace_module) -----------------------
+def _scopes(tracer: fx.Tracer) -> list[tuple[str, str, Any]]:
+    return [(k, v[0], v[1]) for k, v in tracer.node_name_to_scope.items()]
+
+
+def test_the_port_of_fxs_trace_runs_on_this_torch() -> None:
+    """Without it every test below compares fx with fx: the port runs where the installed
+    ``fx.Tracer.trace`` is the one it was ported from (torch 2.13)."""
+    if torch.__version__.split("+")[0] == "2.13.0":
+        assert fxfuse.trace._FX_TRACE_PORTED
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "densenet", "tied_block_net", "llama_lm",
+                                  "se_net", "vit_tiny"])
+def test_port_keeps_fxs_scopes_and_module_stacks(name: str) -> None:
+    model = models.get(name).factory()
+    ours_t, theirs_t = _Tracer(False), _FxTracer()
+    ours_t.proxy_buffer_attributes = theirs_t.proxy_buffer_attributes = name == "llama_lm"
+    ours, theirs = ours_t.trace(model), theirs_t.trace(model)
+    assert _signature(ours) == _signature(theirs)
+    assert _scopes(ours_t) == _scopes(theirs_t)
+    assert dict(ours_t.num_calls) == dict(theirs_t.num_calls)
+    assert not ours_t.module_stack and ours_t.scope.module_path == theirs_t.scope.module_path
+    assert ours._co_fields == theirs._co_fields and ours_t.submodule_paths is None
+
+
+class _Held(nn.Module):
+    """Plain tensors in module ``__dict__``s (not parameters or buffers): fx names them by
+    their attribute path (a module held twice by one parent: its first name); one set during
+    ``forward`` is not in fx's table (made at the start of the trace): a ``_tensor_constant``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.inner = nn.Module()
+        self.inner.scale = torch.full((4,), 2.0)  # a plain attribute: Module.__setattr__ keeps it
+        self.again = self.inner  # the same module under a second path
+
+    def forward(self, x: torch.Tensor, bias: float = 0.5, *, _unused: Any = None) -> Any:
+        self.fc.late = torch.ones(4)
+        return self.fc(x) * self.inner.scale + self.fc.late + bias
+
+
+class _Defaults(nn.Module):
+    def forward(self, x: torch.Tensor, y: int = 3, z: Any = None) -> torch.Tensor:
+        return x * y if z is None else x
+
+
+class _VarArgs(nn.Module):
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return xs[0] + xs[1]
+
+
+@pytest.mark.parametrize("make", [_Held, _Defaults, _VarArgs, MathNet],
+                         ids=["held_tensors", "defaults", "varargs", "math"])
+def test_port_traces_attributes_and_arguments_as_fx(make: Callable[[], nn.Module]) -> None:
+    ours_t, theirs_t = _Tracer(False), _FxTracer()
+    ours, theirs = ours_t.trace(make()), theirs_t.trace(make())
+    assert _signature(ours) == _signature(theirs)
+    assert [(n.name, n.args, n.type) for n in ours.nodes if n.op == "placeholder"] == [
+        (n.name, n.args, n.type) for n in theirs.nodes if n.op == "placeholder"]
+    assert sorted(ours_t.tensor_attrs.values()) == sorted(theirs_t.tensor_attrs.values())
+    if make is _Held:
+        targets = [n.target for n in ours.nodes if n.op == "get_attr"]
+        assert "inner.scale" in targets and "_tensor_constant0" in targets
+
+
+def test_port_says_fx_is_tracing_and_restores_the_flag() -> None:
+    seen: list[bool] = []
+
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(fx._symbolic_trace.is_fx_tracing())
+            return x + 1
+
+    _Tracer(False).trace(Probe())
+    assert seen == [True] and not fx._symbolic_trace.is_fx_tracing()
+    with pytest.raises(fx.proxy.TraceError):
+        _Tracer(False).trace(_DataDependent())
+    assert not fx._symbolic_trace.is_fx_tracing()
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.sum() > 0 else -x
