@@ -485,3 +485,33 @@ def test_port_says_fx_is_tracing_and_restores_the_flag() -> None:
 class _DataDependent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x if x.sum() > 0 else -x
+
+
+class _ClaimsTensor:
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105
+        return torch.Tensor
+
+
+class _OwnLookup:
+    def __getattribute__(self, name: str) -> Any:
+        return object.__getattribute__(self, name)
+
+
+@pytest.mark.parametrize("held", [None, torch.ones(2), _ClaimsTensor(), _OwnLookup(), 3.0,
+                                  (torch.ones(1),)],
+                         ids=["none", "tensor", "claims_tensor", "own_lookup", "float", "tuple"])
+def test_constant_check_is_never_false_where_fx_finds_one(held: Any) -> None:
+    """``_holds_constants`` decides whether fx's tensor-attribute walk runs: it may say yes
+    where the walk finds nothing (a class that could lie to ``isinstance``), never no where it
+    finds something."""
+    from fxfuse.trace import _CONSTANT_TYPES, _holds_constants
+
+    for name in ["mlp", "resnet20", "llama_lm", "vit_tiny"]:
+        model = models.get(name).factory()
+        if held is not None:
+            model.held = held
+        mods = list(model.modules())
+        found = any(isinstance(v, _CONSTANT_TYPES) for m in mods for v in vars(m).values())
+        assert found == (isinstance(held, torch.Tensor))
+        assert _holds_constants(mods) == (found or isinstance(held, (_ClaimsTensor, _OwnLookup)))
