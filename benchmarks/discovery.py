@@ -75,6 +75,7 @@ COMMAND = "python benchmarks/discovery.py --write"
 
 REPEATS_SMALL = 5
 REPEATS_LARGE = 3
+ROUNDS = 3  # child processes per tool and model, interleaved (see bench_model)
 NUM_THREADS = 1  # discovery is Python-bound; one thread is steadier on the shared 2 cores
 FIXED_COST_S = 0.002  # issue 21: fxfuse's fixed cost under 2 ms
 TARGET_MODEL = "resnet50"
@@ -134,6 +135,7 @@ class Row:
     fxfuse: Timing
     tp: Timing
     fx_trace: Timing
+    rounds: int = 1
 
 
 # -- the child process: one tool, one model -------------------------------------------------------
@@ -263,18 +265,39 @@ def measure(tool: str, name: str, repeats: int, timeout: float,
                   laps=tuple(Lap(*x) for x in data["laps"])), data
 
 
-def bench_model(name: str, index: int, repeats: int, timeout: float, threads: int) -> Row:
+def bench_model(name: str, index: int, repeats: int, timeout: float, threads: int,
+                rounds: int = 1) -> Row:
+    """``rounds`` child processes per tool, interleaved (``A B C``, then ``C B A``, ...: the
+    tool that goes first alternates by model and by round), so that a slow spell of the shared
+    machine falls on every tool alike; each tool's calls of all its rounds are pooled."""
     import models
 
     entry = models.ZOO[name]
     large = "large" in entry.tags
     n = repeats if repeats > 0 else (REPEATS_LARGE if large else REPEATS_SMALL)
-    order = TOOLS if index % 2 == 0 else TOOLS[::-1]  # alternate which tool runs first
-    results = {tool: measure(tool, name, n, timeout, threads) for tool in order}
-    fx, fx_data = results["fxfuse"]
-    tp_timing, _ = results["torch-pruning"]
+    runs: dict[str, list[tuple[Timing, dict[str, Any]]]] = {tool: [] for tool in TOOLS}
+    for r in range(rounds):
+        order = TOOLS if (index + r) % 2 == 0 else TOOLS[::-1]
+        for tool in order:
+            runs[tool].append(measure(tool, name, n, timeout, threads))
+    fx_data = runs["fxfuse"][0][1]
+    merged = {tool: pooled([t for t, _ in got]) for tool, got in runs.items()}
     return Row(name, large, n, fx_data.get("groups"), fx_data.get("perm_axes"),
-               fx_data.get("cuts"), fx, tp_timing, results["torch.fx"][0])
+               fx_data.get("cuts"), merged["fxfuse"], merged["torch-pruning"],
+               merged["torch.fx"], rounds)
+
+
+def pooled(timings: list[Timing]) -> Timing:
+    """One tool's rounds as one timing: every round's calls; the cold call (with its import and
+    module count) of the round whose cold wall time is the median; a round without timings
+    (an error, a timeout) makes the whole a status."""
+    failed = next((t for t in timings if not t.laps or t.cold is None), None)
+    if failed is not None:
+        return failed
+    by_cold = sorted(timings, key=lambda t: t.cold.wall_s if t.cold else 0.0)
+    mid = by_cold[(len(by_cold) - 1) // 2]
+    return Timing(cold=mid.cold, import_s=mid.import_s, modules=mid.modules,
+                  laps=tuple(lap for t in timings for lap in t.laps))
 
 
 # -- reporting ----------------------------------------------------------------------------------
@@ -294,7 +317,7 @@ def trace_ratio(row: Row) -> float | None:
 
 def render_table(rows: list[Row]) -> str:
     lines = [
-        "| model | runs | groups | permutable axes | cuts | fxfuse cold | fxfuse median (min) "
+        "| model | rounds x calls | groups | permutable axes | cuts | fxfuse cold | fxfuse median (min) "
         "[CPU] | torch-pruning cold | torch-pruning median (min) [CPU] | fxfuse / tp (medians) "
         "| torch.fx trace alone median (min) [CPU] | trace alone / tp |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -303,7 +326,7 @@ def render_table(rows: list[Row]) -> str:
         name = f"{r.model} (large)" if r.large else r.model
         q = ratio(r)
         lines.append(
-            f"| {name} | {r.repeats} | {fmt_count(r.groups)} | {fmt_count(r.perm_axes)} | "
+            f"| {name} | {r.rounds} x {r.repeats} | {fmt_count(r.groups)} | {fmt_count(r.perm_axes)} | "
             f"{fmt_count(r.cuts)} | {r.fxfuse.cold_cell()} | {r.fxfuse.cell()} | "
             f"{r.tp.cold_cell()} | {r.tp.cell()} | {'-' if q is None else f'{q:.2f}x'} | "
             f"{r.fx_trace.cell()} | {'-' if (t := trace_ratio(r)) is None else f'{t:.2f}x'} |"
@@ -380,8 +403,12 @@ def render_section(rows: list[Row], args: argparse.Namespace, total_s: float) ->
         "quick smoke run (1 repeat)"
         if args.quick
         else (
-            f"after the cold call, the median of {REPEATS_SMALL} calls for small models and "
-            f"{REPEATS_LARGE} for large ones (the same number for both tools)"
+            f"after the cold call, {REPEATS_SMALL} calls for small models and "
+            f"{REPEATS_LARGE} for large ones (the same number for every tool); this in "
+            f"{args.rounds} rounds: {args.rounds} child processes per tool and model, "
+            "interleaved (A B C, C B A, ...), whose calls are pooled (the median of "
+            f"{args.rounds * REPEATS_SMALL} or {args.rounds * REPEATS_LARGE} calls) and whose "
+            "median cold call is shown"
         )
     )
     if args.models:
@@ -448,13 +475,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=NUM_THREADS, help=f"torch.set_num_threads (default: {NUM_THREADS})"
     )
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help=f"child processes per tool and model (default: {ROUNDS})")
     parser.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.write and (args.models or args.quick or args.threads != NUM_THREADS):
+    if args.write and (args.models or args.quick or args.threads != NUM_THREADS
+                       or args.rounds != ROUNDS):
         parser.error(
-            f"--write records the full run only ({COMMAND}); drop --models/--quick/--threads"
+            f"--write records the full run only ({COMMAND}); drop --models/--quick/--threads/"
+            "--rounds"
         )
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     return args
 
 
@@ -481,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i, name in enumerate(names):
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-        rows.append(bench_model(name, i, 1 if args.quick else 0, args.timeout, args.threads))
+        rows.append(bench_model(name, i, 1 if args.quick else 0, args.timeout, args.threads,
+                                1 if args.quick else args.rounds))
         r = rows[-1]
         print(f"  fxfuse {r.fxfuse.cell()}, torch-pruning {r.tp.cell()}", file=sys.stderr,
               flush=True)
