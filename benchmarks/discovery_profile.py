@@ -67,6 +67,7 @@ END = "<!-- discovery-profile:end -->"
 # the baseline: main before this session's issue-21 changes (GraphTrace, atom-table cache, ...)
 COMMAND = "python benchmarks/discovery_profile.py --baseline 0837e25 --write"
 NUM_THREADS = 1  # discovery is Python-bound; one thread is steadier on the shared 2 cores
+ROUNDS = 3  # child processes per model and code version (see main)
 REPEATS = 5
 STAGES = ("trace", "record", "rules", "spec", "other")
 # label -> (zoo name, factory keyword arguments)
@@ -213,6 +214,22 @@ def profile(label: str, code: str, root: Path, repeats: int, threads: int) -> Re
     return Result(label, code, child.data)
 
 
+def pooled(results: list[Result]) -> Result:
+    """One model and code version over its rounds: per stage, the median of the rounds' cold
+    times and of their warm medians (and of the import times); a round that failed makes the
+    whole its status."""
+    failed = next((r for r in results if not r.data), None)
+    if failed is not None:
+        return failed
+    first = results[0]
+    data = dict(first.data)
+    for part in ("cold", "warm"):
+        data[part] = {k: statistics.median(r.data[part][k] for r in results)
+                      for k in first.data[part]}
+    data["import_s"] = statistics.median(r.data["import_s"] for r in results)
+    return Result(first.label, first.code, data)
+
+
 def cell(stages: dict[str, float], key: str) -> str:
     return fmt_seconds(stages[key])
 
@@ -277,7 +294,9 @@ def render_section(results: list[Result], args: argparse.Namespace, total_s: flo
         f"- Date: {datetime.date.today().isoformat()}; commit {revision_note(args.revision)}; "
         f"code profiled: {codes}",
         machine_line(args.threads),
-        "- Method: one fresh child process per model and code version: it imports torch and the "
+        f"- Method: {args.rounds} fresh child processes per model and code version, "
+        "interleaved (the code version that goes first alternates by model and by round); each "
+        "row is the median over them of each cell. Each process imports torch and the "
         "zoo, builds the model, imports fxfuse (*import fxfuse*), then times "
         "`fxfuse.find_groups(model, inputs)` once *cold* (first call in the process) and "
         f"{args.repeats} times *warm* (median per stage; *warm CPU*: the process's CPU time of "
@@ -311,11 +330,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default="", help="comma-separated labels (default: all)")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="warm calls per model")
     parser.add_argument("--threads", type=int, default=NUM_THREADS)
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help=f"child processes per model and code version (default: {ROUNDS})")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--root", default=str(REPO_ROOT), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.write and (args.models or args.repeats != REPEATS or args.threads != NUM_THREADS):
+    if args.write and (args.models or args.repeats != REPEATS or args.threads != NUM_THREADS
+                       or args.rounds != ROUNDS):
         parser.error(f"--write records the full run only ({COMMAND})")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     return args
 
 
@@ -332,15 +356,18 @@ def main(argv: list[str] | None = None) -> int:
     args.revision = fxfuse_revision()
     results: list[Result] = []
     with baseline_tree(args.baseline) as base:
-        for label in labels:
+        for i, label in enumerate(labels):
             runs = [("this checkout", REPO_ROOT)]
             if base is not None:
                 runs.append((args.baseline, base))
-            if len(results) % 4 == 2:  # alternate which code runs first
-                runs.reverse()
-            for code, root in runs:
-                print(f"profiling {label} ({code}) ...", file=sys.stderr, flush=True)
-                results.append(profile(label, code, root, args.repeats, args.threads))
+            rounds: dict[str, list[Result]] = {code: [] for code, _ in runs}
+            for r in range(args.rounds):
+                # alternate which code runs first, by model and by round
+                for code, root in (runs if (i + r) % 2 == 0 else runs[::-1]):
+                    print(f"profiling {label} ({code}, round {r + 1}) ...", file=sys.stderr,
+                          flush=True)
+                    rounds[code].append(profile(label, code, root, args.repeats, args.threads))
+            results += [pooled(got) for got in rounds.values()]
     results.sort(key=lambda r: (labels.index(r.label), r.code != "this checkout"))
     section = render_section(results, args, time.perf_counter() - start)
     print(section)
