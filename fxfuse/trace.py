@@ -179,14 +179,6 @@ class _ModuleStack(collections.OrderedDict[str, Any]):
         return collections.OrderedDict(self)
 
 
-class _Scope(fx.proxy.Scope):
-    """fx's tracer ``scope``, copied (``copy.copy``) on every module call: the copy made
-    directly."""
-
-    def __copy__(self) -> fx.proxy.Scope:
-        return fx.proxy.Scope(self.module_path, self.module_type)
-
-
 _CALLS = frozenset(("call_function", "call_method", "call_module"))
 _FX_PROXY_LOG = fx.proxy.log  # fx's create_node logs each node at debug level
 _FX = fx._symbolic_trace
@@ -323,9 +315,8 @@ class _Tracer(fx.Tracer):
         else:  # pragma: no cover - another torch version
             super().__init__()
         self._own_wrap = own_wrap
-        # fx's own containers with a cheaper copy (where fx copies them: unused otherwise)
+        # fx's module stack with a cheaper copy (every node's meta gets one: _new_node)
         self.module_stack = _ModuleStack(self.module_stack)
-        self.scope = _Scope(self.scope.module_path, self.scope.module_type)
         self.stack_traces = stack_traces
         self.opaque: dict[str, str] = {}
         self._proxy_cache: dict[str, Any] | None = None
