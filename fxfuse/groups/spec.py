@@ -95,6 +95,17 @@ class AxisSpec:
     layout: Tree
     fixed_because: tuple[str, ...] = ()
 
+    def __init__(self, key: str, axis: int, size: int, layout: Tree,
+                 fixed_because: tuple[str, ...] = ()) -> None:
+        # the instance dict written directly (as ``Reason``): a frozen dataclass's generated
+        # __init__ sets each field through object.__setattr__, and a spec has one per axis
+        d = self.__dict__
+        d["key"] = key
+        d["axis"] = axis
+        d["size"] = size
+        d["layout"] = layout
+        d["fixed_because"] = fixed_because
+
     @property
     def groups(self) -> list[str]:
         return tree_groups(self.layout)
@@ -465,12 +476,12 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
     members: dict[int, list[Member]] = {}
     # a rule's label ("heads", "groups") names an atom only where it is a proper factor; an atom
     # that fills an axis by itself (a depthwise conv's "groups") is a plain channel group
-    resolve = table.resolve
-    param_lays = [(key, lays, [resolve(raw) for raw in lays])
-                  for key, lays in disc.param_axes.items()]
+    resolve_all = table.resolve_all
+    param_lays = [(key, lays, resolve_all(lays)) for key, lays in disc.param_axes.items()]
     whole = {r.id for _, _, rs in param_lays for r in rs if isinstance(r, Atom)}
     labels = {a: lab for a, lab in table.labels().items() if a not in whole}
     param_trees = _Trees(names.__getitem__)
+    fixed_because = _FixedBecause(table)
     for key, lays, resolved_lays in param_lays:
         for axis, (raw, resolved) in enumerate(zip(lays, resolved_lays)):
             atoms = param_trees.atoms(resolved)
@@ -487,7 +498,7 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
                     taken.add(name)
             tree = param_trees.tree(resolved)
             size = disc.param_shapes[key][axis]
-            because = tuple(r.short() for r in table.fixed_reasons(raw))  # also partly fixed
+            because = fixed_because(raw)  # also partly fixed
             distinct = list(dict.fromkeys(atoms))
             for alias in disc.aliases[key]:
                 axes[(alias, axis)] = AxisSpec(alias, axis, size, tree, because)
@@ -503,7 +514,7 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
     for node in disc.gm.graph.nodes:
         axes_meta = node.meta.get(AXES)
         if node.op.startswith("call") and isinstance(axes_meta, TensorAxes):
-            node_lays = [resolve(lay) for lay in axes_meta.layouts]
+            node_lays = resolve_all(axes_meta.layouts)
             for lay_ in node_lays:  # a group acts on one of its axes
                 if not names.keys().isdisjoint(node_atoms(lay_)):
                     activations[node.name] = tuple([node_trees.tree(x) for x in node_lays])
@@ -512,6 +523,39 @@ def build_spec(disc: Discovery, model_name: str) -> PermutationSpec:
     probed = [CutRecord(r.node, r.op, r.detail, r.source) for r in _unique(disc.probed)]
     return PermutationSpec(groups, axes, cuts, model_name, disc.tracer, activations, roles,
                            disc.buffers, probed, tuple(disc.notes))
+
+
+class _FixedBecause:
+    """An axis' ``fixed_because`` (the short reasons of the fixed atom classes under its raw
+    layout, :meth:`AtomTable.fixed_reasons`) on a finished table: of an atom, a function of its
+    class (its root's fixing, refinement and later reasons), so found once per class; each
+    reason's text made once."""
+
+    def __init__(self, table: AtomTable) -> None:
+        self.table = table
+        self._of_root: dict[int, tuple[str, ...]] = {}
+        self._short: dict[int, str] = {}  # id(reason) -> reason.short(); the table holds them
+
+    def __call__(self, raw: Layout) -> tuple[str, ...]:
+        if type(raw) is not Atom:
+            return self._texts(self.table.fixed_reasons(raw))
+        root = self.table.find(raw.id)
+        hit = self._of_root.get(root)
+        if hit is None:
+            hit = self._of_root[root] = self._texts(self.table.fixed_reasons(raw))
+        return hit
+
+    def _texts(self, reasons: list[Reason]) -> tuple[str, ...]:
+        if not reasons:
+            return ()
+        short = self._short
+        out = []
+        for r in reasons:
+            text = short.get(id(r))
+            if text is None:
+                text = short[id(r)] = r.short()
+            out.append(text)
+        return tuple(out)
 
 
 class _Trees:

@@ -48,6 +48,7 @@ form, unification and cuts are in :mod:`fxfuse.ir.interleave`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from math import prod
 from typing import Any, NamedTuple
@@ -93,6 +94,20 @@ NODES = (Prod, Sum, Interleave)  # the inner nodes of a layout tree (they have `
 # of :meth:`AtomTable.new_axes`); grown on demand up to ``_ATOMS_KEPT``, built beyond that
 _ATOMS: list[Atom] = []
 _ATOMS_KEPT = 1 << 16  # a few MB at most; discovery tables hold thousands
+
+
+# ``_FIXED[n] == Fixed(n)``, shared as :data:`_ATOMS` is (the resolution of every fixed atom class:
+# the batch and spatial axes of every node), filled on demand for up to ``_FIXED_KEPT`` sizes
+_FIXED: dict[int, Fixed] = {}
+_FIXED_KEPT = 4096
+
+
+def _fixed(n: int) -> Fixed:
+    """``Fixed(n)``, kept in :data:`_FIXED` while it has room."""
+    out = Fixed(n)
+    if len(_FIXED) < _FIXED_KEPT:
+        _FIXED[n] = out
+    return out
 
 
 _NONES = [(None,) * k for k in range(9)]  # a new atom's entries in _fixed and _refined, k at once
@@ -266,8 +281,11 @@ class AtomTable:
             if hit is not None:
                 return hit
             ref = self._refined[r]
-            if self._fixed[r] is not None or self._size[r] == 1:
-                out: Layout = Fixed(self._size[r])
+            if self._fixed[r] is not None or self._size[r] == 1:  # for good, and holds no atom
+                n = self._size[r]
+                out: Layout = _FIXED.get(n) or _fixed(n)
+                self._resolved[r] = out
+                return out
             elif ref is None:  # a free atom is itself: nothing to cache (or forget when it changes)
                 return _ATOMS[r] if r < len(_ATOMS) else Atom(r)
             else:
@@ -283,6 +301,29 @@ class AtomTable:
         if isinstance(lay, Interleave):
             return _il.resolve_interleave(self, lay)
         return self._resolve_sum(lay)
+
+    def resolve_all(self, lays: Iterable[Layout]) -> list[Layout]:
+        """``[resolve(lay) for lay in lays]``, with :meth:`resolve`'s first cases (an atom whose
+        class is cached, or free and not refined) inline: most layouts a finished discovery
+        resolves again (every axis of every node, for the spec) are such atoms."""
+        find, cached = self.find, self._resolved
+        fixed, size, refined = self._fixed, self._size, self._refined
+        resolve = self.resolve
+        kept = len(_ATOMS)
+        out: list[Layout] = []
+        for lay in lays:
+            if type(lay) is Atom:
+                r = find(lay.id)
+                hit = cached.get(r)
+                if hit is None:
+                    if fixed[r] is None and size[r] != 1 and refined[r] is None:
+                        hit = _ATOMS[r] if r < kept else Atom(r)
+                    else:
+                        hit = resolve(lay)
+                out.append(hit)
+            else:
+                out.append(resolve(lay))
+        return out
 
     def _resolve_prod(self, lay: Prod) -> Layout:
         parts: list[Layout] = []
