@@ -354,10 +354,18 @@ class AtomTable:
 
     def _resolve_sum(self, lay: Sum) -> Layout:
         parts: list[Layout] = []
-        cached = self._resolved
+        cached, find = self._resolved, self.find
+        fixed, size, refined = self._fixed, self._size, self._refined
         for p in lay.parts:
-            q = cached.get(self.find(p.id)) if type(p) is Atom else None  # resolve's first case
-            if q is None:
+            if type(p) is Atom:  # resolve's first cases, inline (as in resolve_all)
+                r = find(p.id)
+                q = cached.get(r)
+                if q is None:
+                    if fixed[r] is None and size[r] != 1 and refined[r] is None:
+                        q = _ATOMS[r] if r < len(_ATOMS) else Atom(r)
+                    else:
+                        q = self.resolve(p)
+            else:
                 q = self.resolve(p)
             for f in q.parts if isinstance(q, Sum) else (q,):
                 if isinstance(f, Fixed) and parts and isinstance(parts[-1], Fixed):
