@@ -277,7 +277,7 @@ class _Proxy(fx.Proxy):
         tracer = self.tracer
         instructions = getattr(tracer, "_instructions", None)
         if instructions is None:  # pragma: no cover - not made by _Tracer
-            return super().__iter__()
+            return fx.Proxy.__iter__(self)
         table = instructions.get(frame.f_code)
         if table is None:
             insts = list(dis.get_instructions(frame.f_code))
@@ -291,8 +291,26 @@ class _Proxy(fx.Proxy):
             return (self[i] for i in range(inst.argval))  # type: ignore[index]
         return tracer.iter(self)
 
+    def __getattr__(self, k: str) -> fx.proxy.Attribute:
+        return _Attribute(self, k)  # fx's Proxy.__getattr__, with this iteration
+
+
+class _Attribute(fx.proxy.Attribute):
+    """fx's ``Attribute`` (``x.shape``, ``x.size``: a proxy's attribute, its node made when
+    first used) with :class:`_Proxy`'s iteration.  fx's ``Proxy.__iter__`` keeps its own frame
+    in a local (``inspect.currentframe()``): a reference cycle through that frame, the caller's
+    and the disassembled instructions, so every ``b, t, c = x.shape`` left the whole trace (its
+    nodes, the caller's proxies) as garbage for the cyclic collector, about a quarter of a deep
+    transformer's discovery, growing faster than the graph."""
+
+    __iter__ = _Proxy.__iter__
+
+    def __getattr__(self, k: str) -> fx.proxy.Attribute:
+        return _Attribute(self, k)
+
 
 _Proxy.__name__ = _Proxy.__qualname__ = "Proxy"  # as fx's in messages: "'Proxy' object ..."
+_Attribute.__name__ = _Attribute.__qualname__ = "Attribute"
 
 
 class _Tracer(fx.Tracer):

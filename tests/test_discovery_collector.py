@@ -101,3 +101,33 @@ def test_discovery_leaves_no_graph_for_the_collector(name: str) -> None:
         gc.set_debug(flags)
         gc.garbage.clear()
     assert spec.groups and spec.to_json() == fxfuse.find_groups(model, inputs).to_json()
+
+
+class _ShapeBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape  # unpacks fx's Attribute proxy (x.shape): fx's own iteration kept
+        return x + self.fc(x).reshape(b, t, c)  # its frame, and so the trace, in a cycle
+
+
+def test_unpacking_a_shape_leaves_no_graph_for_the_collector() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), *(_ShapeBlock() for _ in range(4)),
+                                torch.nn.Linear(8, 2))
+    inputs = (torch.randn(2, 3, 4),)
+    fxfuse.find_groups(model, inputs)
+    gc.collect()
+    flags = gc.get_debug()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        spec = fxfuse.find_groups(model, inputs)
+        gc.collect()
+        kinds = {type(o).__name__ for o in gc.garbage}
+        assert not {"Node", "Graph", "Instruction", "frame"} & kinds, sorted(kinds)
+        assert len(gc.garbage) < 100, sorted(kinds)
+    finally:
+        gc.set_debug(flags)
+        gc.garbage.clear()
+    assert spec.axes[("1.fc.weight", 0)].groups == spec.axes[("0.weight", 0)].groups != []

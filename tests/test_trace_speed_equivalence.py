@@ -271,7 +271,8 @@ class _Unpacks(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x.chunk(2, dim=1)
         (c, d), e = x.split(2, dim=1)[:2], x[:, :1]
-        return torch.cat([b, a, c * d + e], dim=1)
+        n, k = x.shape  # an attribute proxy unpacked (fx's Attribute)
+        return torch.cat([b, a, c * d + e], dim=1).reshape(n, k)
 
 
 class _Loops(nn.Module):
@@ -279,13 +280,19 @@ class _Loops(nn.Module):
         return sum(row for row in x)  # iterates a proxy: not traceable, kept opaque
 
 
+class _ShapeLoop(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * len([s for s in x.shape])  # iterates an attribute proxy: opaque too
+
+
 class _IterNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.unpacks, self.loops, self.fc = _Unpacks(), _Loops(), nn.Linear(6, 6)
+        self.shape_loop = _ShapeLoop()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.unpacks(self.fc(x))
+        y = self.shape_loop(self.unpacks(self.fc(x)))
         first, *rest = y.unbind(0)  # UNPACK_EX: fx's tracer.iter, which fails: root is opaque
         return self.loops(y) + first
 
@@ -299,7 +306,7 @@ def test_proxy_iteration_is_fxs() -> None:
     assert str(ours.value) == str(theirs.value)
     tracer, reference = _Tracer(False), _FxProxyTracer(False)
     assert _signature(tracer.trace(_Wrap(model))) == _signature(reference.trace(_Wrap(model)))
-    assert tracer.opaque == reference.opaque and len(tracer.opaque) == 1
+    assert tracer.opaque == reference.opaque and len(tracer.opaque) == 2
 
 
 class _Wrap(nn.Module):
@@ -308,7 +315,7 @@ class _Wrap(nn.Module):
         self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.loops(self.inner.unpacks(self.inner.fc(x)))
+        return self.inner.loops(self.inner.shape_loop(self.inner.unpacks(self.inner.fc(x))))
 
 
 def _attention_cases() -> list[tuple[dict[str, Any], tuple[tuple[int, ...], ...], dict[str, Any]]]:
