@@ -78,15 +78,10 @@ def test_discovery_state_is_freed_before_the_collector_resumes(
     assert spec.groups  # the spec itself lives on
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet20", "vit_tiny"])
-def test_discovery_leaves_no_graph_for_the_collector(name: str) -> None:
-    """Discovery's graph (and all its nodes' values and layouts) is freed by reference counting
-    when find_groups returns; before, fx's tracer (held by a cycle fx's trace leaves) and the
-    graph's own cycles waited for a collector pass over every object the call made."""
-    import torch.fx as fx
-
-    entry = models.get(name)
-    model, inputs = entry.factory(), entry.example_inputs()
+def _second_call_garbage(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
+                         ) -> tuple[fxfuse.PermutationSpec, list[str]]:
+    """A warm find_groups' spec, and the type names of what it left for the collector (objects
+    in reference cycles, unreachable once it returned)."""
     fxfuse.find_groups(model, inputs)
     gc.collect()
     flags = gc.get_debug()
@@ -94,12 +89,22 @@ def test_discovery_leaves_no_graph_for_the_collector(name: str) -> None:
     try:
         spec = fxfuse.find_groups(model, inputs)
         gc.collect()
-        kinds = {type(o) for o in gc.garbage}
-        assert fx.Node not in kinds and fx.Graph not in kinds
-        assert len(gc.garbage) < 100, sorted(str(k) for k in kinds)
+        return spec, [type(o).__name__ for o in gc.garbage]
     finally:
         gc.set_debug(flags)
         gc.garbage.clear()
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "vit_tiny"])
+def test_discovery_leaves_no_graph_for_the_collector(name: str) -> None:
+    """Discovery's graph (and all its nodes' values and layouts) is freed by reference counting
+    when find_groups returns; before, fx's tracer (held by a cycle fx's trace leaves) and the
+    graph's own cycles waited for a collector pass over every object the call made."""
+    entry = models.get(name)
+    model, inputs = entry.factory(), entry.example_inputs()
+    spec, garbage = _second_call_garbage(model, inputs)
+    assert not {"Node", "Graph"} & set(garbage)
+    assert len(garbage) < 100, sorted(set(garbage))
     assert spec.groups and spec.to_json() == fxfuse.find_groups(model, inputs).to_json()
 
 
@@ -116,18 +121,7 @@ class _ShapeBlock(torch.nn.Module):
 def test_unpacking_a_shape_leaves_no_graph_for_the_collector() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), *(_ShapeBlock() for _ in range(4)),
                                 torch.nn.Linear(8, 2))
-    inputs = (torch.randn(2, 3, 4),)
-    fxfuse.find_groups(model, inputs)
-    gc.collect()
-    flags = gc.get_debug()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        spec = fxfuse.find_groups(model, inputs)
-        gc.collect()
-        kinds = {type(o).__name__ for o in gc.garbage}
-        assert not {"Node", "Graph", "Instruction", "frame"} & kinds, sorted(kinds)
-        assert len(gc.garbage) < 100, sorted(kinds)
-    finally:
-        gc.set_debug(flags)
-        gc.garbage.clear()
+    spec, garbage = _second_call_garbage(model, (torch.randn(2, 3, 4),))
+    assert not {"Node", "Graph", "Instruction", "frame"} & set(garbage), sorted(set(garbage))
+    assert len(garbage) < 100, sorted(set(garbage))
     assert spec.axes[("1.fc.weight", 0)].groups == spec.axes[("0.weight", 0)].groups != []
