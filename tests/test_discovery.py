@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from torch import nn
 
 import fxfuse
 import models
+from fxfuse.groups.spec import Member
 from fxfuse.ir.layout import Fixed, Interleave, Prod, Sum, Unit
 from fxfuse.rules import Same
 from fxfuse.testing import randomize_constants
@@ -603,3 +607,63 @@ def test_a_pool_to_size_one_frees_spatial_order_only_when_it_reads_every_positio
     spec = fxfuse.find_groups(model, x)
     assert bool(spec.groups_of("fc.weight", 0)) is global_
     fxfuse.verify(model, spec, x)
+
+
+def _densenet_spec_json() -> dict[str, Any]:
+    entry = models.get("densenet")
+    return json.loads(fxfuse.find_groups(entry.factory(), entry.example_inputs()).to_json())
+
+
+def _first_sum_axis(data: dict[str, Any]) -> dict[str, Any]:
+    return next(a for a in data["axes"] if a["layout"][0] == "sum")
+
+
+def _wrong_size(data: dict[str, Any]) -> str:
+    _first_sum_axis(data)["size"] += 1
+    return "does not have size"
+
+
+def _unknown_group_in_a_sum(data: dict[str, Any]) -> str:
+    _first_sum_axis(data)["layout"][1][1] = ["g", "nowhere"]
+    return "unknown group 'nowhere'"
+
+
+def _member_not_in_its_axis(data: dict[str, Any]) -> str:
+    axis = _first_sum_axis(data)
+    used = {g for _, g in axis["layout"][1]}
+    other = next(g for g in data["groups"] if g["name"] not in used)
+    other["members"].append([axis["key"], axis["axis"]])
+    return f"group '{other['name']}' lists {axis['key']}:{axis['axis']}"
+
+
+def _group_without_members(data: dict[str, Any]) -> str:
+    data["groups"].append({"name": "lonely", "size": 3, "members": []})
+    return "group 'lonely' has no members"
+
+
+@pytest.mark.parametrize("edit", [_wrong_size, _unknown_group_in_a_sum, _member_not_in_its_axis,
+                                  _group_without_members], ids=lambda f: f.__name__.strip("_"))
+def test_lint_refuses_each_broken_invariant(edit: Callable[[dict[str, Any]], str]) -> None:
+    data = _densenet_spec_json()
+    fxfuse.PermutationSpec.from_json(json.dumps(data))  # the spec as found lints
+    message = edit(data)
+    with pytest.raises(fxfuse.SpecError, match=re.escape(message)):
+        fxfuse.PermutationSpec.from_json(json.dumps(data))
+
+
+def test_lint_reads_members_of_other_integer_types() -> None:
+    """A hand-built member ``(key, numpy integer)`` names the same axis as ``(key, int)``."""
+    import dataclasses
+
+    import numpy as np
+
+    spec = fxfuse.PermutationSpec.from_json(json.dumps(_densenet_spec_json()))
+    groups = [dataclasses.replace(g, members=[Member(m.key, np.int64(m.axis), m.layout)
+                                              for m in g.members]) for g in spec.groups]
+    dataclasses.replace(spec, groups=groups).lint()
+    first = groups[0]
+    key, axis = next(ka for ka, a in spec.axes.items() if first.name not in a.groups)
+    wrong = dataclasses.replace(first, members=[*first.members,
+                                                Member(key, np.int64(axis), Fixed(1))])
+    with pytest.raises(fxfuse.SpecError, match=re.escape(f"lists {key}:{axis}[1] but that axis")):
+        dataclasses.replace(spec, groups=[wrong, *groups[1:]]).lint()

@@ -203,16 +203,25 @@ class PermutationSpec:
                     raise SpecError(f"the spec permutes {key}:{axis} (size {a.size}) but the model "
                                     f"has {key} with shape {have}; the spec was discovered for "
                                     f"another model: run fxfuse.find_groups on this one")
-        # axis -> its groups, computed once per axis (a wide concat axis has many groups)
+        # axis -> its groups, computed once per axis and layout tree (a wide concat axis has
+        # many groups; a norm's weight, bias and statistics share one tree)
         used: dict[tuple[str, int], set[str]] = {}
+        of_tree: dict[int, tuple[Tree, set[str]]] = {}
         for g in self.groups:
             if not g.members:
                 raise SpecError(f"group {g.name!r} has no members")
             for m in g.members:
-                ka = (m.key, m.axis)
-                if ka not in used:
-                    used[ka] = set(tree_groups(self.axes[ka].layout))
-                if g.name not in used[ka]:
+                key, axis = m
+                # ``(m.key, m.axis)``: the member itself where it holds a str and an int
+                ka = (key, axis) if type(key) is str and type(axis) is int else (m.key, m.axis)
+                groups = used.get(ka)
+                if groups is None:
+                    layout = self.axes[ka].layout
+                    seen = of_tree.get(id(layout))
+                    if seen is None:
+                        seen = of_tree[id(layout)] = (layout, set(tree_groups(layout)))
+                    groups = used[ka] = seen[1]
+                if g.name not in groups:
                     raise SpecError(f"group {g.name!r} lists {m} but that axis does not use it")
 
     # -- text -----------------------------------------------------------------------------------
@@ -359,6 +368,14 @@ def tree_size(t: Tree, sizes: Mapping[str, int]) -> int:
         return sizes[t.group]
     if isinstance(t, Fixed):
         return int(t.n)
+    if type(t) is Sum:  # a concatenation (long in dense networks): its leaves summed inline
+        total = 0
+        for c in t.parts:
+            if type(c) is Unit and c.group in sizes:
+                total += sizes[c.group]
+            else:
+                total += tree_size(c, sizes)
+        return total
     vals = [tree_size(c, sizes) for c in t.parts]
     if isinstance(t, Interleave):
         if len(set(vals)) > 1:
