@@ -304,9 +304,7 @@ class _Attribute(fx.proxy.Attribute):
     transformer's discovery, growing faster than the graph."""
 
     __iter__ = _Proxy.__iter__
-
-    def __getattr__(self, k: str) -> fx.proxy.Attribute:
-        return _Attribute(self, k)
+    __getattr__ = _Proxy.__getattr__
 
 
 _Proxy.__name__ = _Proxy.__qualname__ = "Proxy"  # as fx's in messages: "'Proxy' object ..."

@@ -354,19 +354,7 @@ class AtomTable:
 
     def _resolve_sum(self, lay: Sum) -> Layout:
         parts: list[Layout] = []
-        cached, find = self._resolved, self.find
-        fixed, size, refined = self._fixed, self._size, self._refined
-        for p in lay.parts:
-            if type(p) is Atom:  # resolve's first cases, inline (as in resolve_all)
-                r = find(p.id)
-                q = cached.get(r)
-                if q is None:
-                    if fixed[r] is None and size[r] != 1 and refined[r] is None:
-                        q = _ATOMS[r] if r < len(_ATOMS) else Atom(r)
-                    else:
-                        q = self.resolve(p)
-            else:
-                q = self.resolve(p)
+        for q in self.resolve_all(lay.parts):  # a long sum's parts are mostly plain atoms
             for f in q.parts if isinstance(q, Sum) else (q,):
                 if isinstance(f, Fixed) and parts and isinstance(parts[-1], Fixed):
                     parts[-1] = Fixed(parts[-1].n + f.n)
