@@ -932,12 +932,16 @@ def model_device(model: nn.Module) -> torch.device:
 def eval_mode(*models: nn.Module, no_grad: bool = True) -> Iterator[None]:
     """Eval mode (and no grad unless ``no_grad=False``) for the duration; every module's
     training flag is restored.  Where no module overrides ``nn.Module``'s ``train``, ``eval``,
-    ``__setattr__`` or its walks over submodules (``_PLAIN``), ``eval()`` only sets each
-    module's ``training`` to False: the flags are then set directly (``nn.Module.__setattr__``
-    and ``train`` cost about a microsecond a module), and only those that change."""
-    modes = [(m, m.training) for model in models for m in model.modules()]
-    plain = all(all(getattr(t, k) is v for k, v in _PLAIN)
-                for t in {type(m) for m, _ in modes})
+    ``__setattr__`` or its walks over submodules (:func:`_plain_type`), ``eval()`` only sets
+    each module's ``training`` to False: the modules are then found by a walk over their
+    ``_modules`` tables (:func:`_plain_modules`, the modules ``modules()`` yields) and the flags
+    set directly (``nn.Module.__setattr__`` and ``train`` cost about a microsecond a module),
+    and only those that change."""
+    found = [_plain_modules(model) for model in models]
+    plain = all(f is not None for f in found)
+    if not plain:
+        found = [list(model.modules()) for model in models]
+    modes = [(m, m.training) for mods in found for m in mods]  # type: ignore[union-attr]
     if plain:
         for m, mode in modes:
             if mode is not False:
@@ -958,6 +962,38 @@ def eval_mode(*models: nn.Module, no_grad: bool = True) -> Iterator[None]:
 
 _PLAIN = [(k, getattr(nn.Module, k)) for k in ("train", "eval", "__setattr__", "children",
                                                  "named_children", "modules", "named_modules")]
+_PLAIN_TYPES: dict[type, bool] = {}  # module class -> whether it overrides none of _PLAIN
+
+
+def _plain_type(t: type) -> bool:
+    hit = _PLAIN_TYPES.get(t)
+    if hit is None:
+        if len(_PLAIN_TYPES) >= 4096:
+            _PLAIN_TYPES.clear()
+        hit = _PLAIN_TYPES[t] = all(getattr(t, k) is v for k, v in _PLAIN)
+    return hit
+
+
+def _plain_modules(model: nn.Module) -> list[nn.Module] | None:
+    """``list(model.modules())`` (each module once, in its order) by a walk over the
+    ``_modules`` tables, where every module found is of a :func:`_plain_type` class (whose
+    ``modules()`` is that walk); None where one is not (its own walk must answer)."""
+    out: list[nn.Module] = []
+    seen: set[nn.Module] = set()
+    todo = [model]
+    plain = _plain_type
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        if not plain(type(m)):
+            return None
+        seen.add(m)
+        out.append(m)
+        subs = m._modules
+        if subs:
+            todo += [s for s in reversed(subs.values()) if s is not None]
+    return out
 
 
 def _cache_configs(model: nn.Module) -> list[Any]:
@@ -1317,8 +1353,28 @@ def attribute(root: nn.Module, target: str) -> Any:
     """``root``'s attribute at the dotted path ``target`` (a get_attr / call_module node's)."""
     value: Any = root
     for atom in target.split("."):
-        value = getattr(value, atom)
+        value = member(value, atom)
     return value
+
+
+_MODULE_TABLES = ("_parameters", "_buffers", "_modules")  # where Module.__getattr__ looks
+_GETATTR, _GETATTRIBUTE = nn.Module.__getattr__, nn.Module.__getattribute__
+
+
+def member(obj: Any, name: str) -> Any:
+    """``getattr(obj, name)``; of a module whose instance and class have no attribute ``name``,
+    read from its parameter, buffer or submodule table, in the order ``nn.Module.__getattr__``
+    reads them, without the failed attribute lookup that comes before it (where the class does
+    not override attribute access)."""
+    if isinstance(obj, nn.Module):
+        d, cls = obj.__dict__, type(obj)
+        if (name not in d and cls.__getattr__ is _GETATTR and cls.__getattribute__ is _GETATTRIBUTE
+                and not hasattr(cls, name)):
+            for table in _MODULE_TABLES:
+                entries = d.get(table)
+                if entries is not None and name in entries:
+                    return entries[name]
+    return getattr(obj, name)
 
 
 def _record(traced: GraphTrace, inputs: Sequence[Any]) -> None:
@@ -1338,7 +1394,7 @@ def _record(traced: GraphTrace, inputs: Sequence[Any]) -> None:
         owner = owners.get(head)
         if owner is None:
             owner = owners[head] = attribute(root, head)
-        return getattr(owner, atom)
+        return member(owner, atom)
 
     drop: dict[fx.Node, list[fx.Node]] = {}  # node -> the values whose last use it is
     used: set[fx.Node] = set()
