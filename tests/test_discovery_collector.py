@@ -11,6 +11,12 @@ import fxfuse
 import models
 
 
+@pytest.fixture(autouse=True)
+def _no_kept_specs() -> None:
+    """Every call here discovers (none finds its spec kept: fxfuse.groups.memo)."""
+    fxfuse.groups.clear_spec_cache()
+
+
 def _mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     entry = models.get("mlp")
     return entry.factory(), entry.example_inputs()

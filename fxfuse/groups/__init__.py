@@ -9,8 +9,18 @@ from typing import Any
 
 from torch import nn
 
-from ..trace import release_graph
-from .discover import SYMBOLIC, discover
+from ..errors import InputError, TraceError
+from ..trace import GraphTrace, as_input_tuple, release_graph
+from . import memo
+from .discover import (
+    STATE_TENSORS,
+    SYMBOLIC,
+    TRACERS,
+    _state_tensors,
+    discover,
+    export_after,
+    symbolic_graph,
+)
 from .spec import PermutationSpec, build_spec
 
 
@@ -24,15 +34,51 @@ def find_groups(
     ``strict=True`` an op without an axis rule raises :class:`~fxfuse.errors.UnsupportedOpError`
     instead of cutting the groups through it.  ``tracer``: ``"auto"`` (``torch.fx.symbolic_trace``,
     falling back to ``torch.export`` for models it can not trace), ``"symbolic"`` or ``"export"``.
+
+    The model is traced and run on every call; where its trace, recorded values, rules, called
+    modules and state_dict are those of a model discovered before (:mod:`fxfuse.groups.memo`:
+    the same architecture again, e.g. in every federated round), the spec found then is
+    returned (a copy) instead of relating every axis again.  :func:`clear_spec_cache` forgets
+    those specs.
     """
+    if tracer not in TRACERS:
+        raise InputError(f"tracer must be one of {TRACERS}, got {tracer!r}")
     with _collector_paused():
-        disc = discover(model, example_inputs, strict=strict, tracer=tracer)
+        inputs = as_input_tuple(example_inputs)
+        graph: GraphTrace | None = None
+        key = None
+        if tracer != "export" and not strict:
+            try:
+                graph = symbolic_graph(model, inputs)
+            except TraceError as exc:
+                if tracer == "symbolic":
+                    raise
+                disc = export_after(model, inputs, exc)
+            else:
+                tensors = graph.meta[STATE_TENSORS] = _state_tensors(model)
+                key = memo.form_key(model, graph, tensors, (tracer,))
+                spec = memo.cached(key)
+                if spec is not None:
+                    release_graph(graph.graph)
+                    return spec
+                disc = discover(model, inputs, tracer=tracer, graph=graph)
+        else:
+            disc = discover(model, inputs, strict=strict, tracer=tracer)
         spec = build_spec(disc, type(model).__name__)
         spec.lint(disc.param_shapes)
         if disc.tracer == SYMBOLIC:  # the graph is discovery's own: nothing else holds it
             release_graph(disc.gm.graph)
+            memo.keep(key, spec)
+        elif graph is not None:
+            release_graph(graph.graph)
         del disc  # freed (by reference counting) while the collector is still paused
     return spec
+
+
+def clear_spec_cache() -> None:
+    """Forget the specs :func:`find_groups` kept (each model's next discovery relates its axes
+    again)."""
+    memo.clear()
 
 
 @contextlib.contextmanager

@@ -60,6 +60,9 @@ from .roles import IN, OUT, Origins, axis_classes, related_axes, role_table
 from .shuffle import Shuffle, find_shuffles, prefer_interleave
 
 AXES = "fxfuse.axes"
+# GraphTrace.meta key: the model's state tensors (_state_tensors), where the caller found them
+# already for this trace
+STATE_TENSORS = "fxfuse.state_tensors"
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,7 @@ class _Driver:
         self.aliases: dict[str, list[str]] = {}
         self.param_axes: dict[str, tuple[Layout, ...]] = {}
         self.param_shapes: dict[str, tuple[int, ...]] = {}
-        self.state = _state_tensors(model)
+        self.state = gm.meta.get(STATE_TENSORS) or _state_tensors(model)
         param = nn.Parameter
         self.buffers = frozenset(k for k, t in self.state.items()
                                  if type(t) is not param and not isinstance(t, param))
@@ -940,10 +943,18 @@ def _recipe(node: fx.Node, root: nn.Module) -> str:
 TRACERS = ("auto", "symbolic", "export")
 
 
-def _symbolic(model: nn.Module, inputs: tuple[Any, ...], strict: bool, fix_io: bool,
-              probe: bool) -> Discovery:
+def symbolic_graph(model: nn.Module, inputs: tuple[Any, ...], strict: bool = False) -> GraphTrace:
+    """The model's symbolic trace (with stack traces in strict mode), its values recorded on
+    ``inputs``: what the symbolic path of :func:`discover` starts from."""
     gm = trace_graph(model, stack_traces=strict)
     record_values(gm, inputs)
+    return gm
+
+
+def _symbolic(model: nn.Module, inputs: tuple[Any, ...], strict: bool, fix_io: bool,
+              probe: bool, gm: GraphTrace | None = None) -> Discovery:
+    if gm is None:
+        gm = symbolic_graph(model, inputs, strict)
     driver = _Driver(model, gm, strict, fix_io, probe=probe)
     driver.run()
     cuts, probed = driver.cuts, driver.probed
@@ -966,6 +977,16 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], strict: bool, fix_io: boo
                      buffers=driver.buffers, probed=driver.probed)
 
 
+def export_after(model: nn.Module, inputs: tuple[Any, ...], failed: TraceError, *,
+                 strict: bool = False, fix_io: bool = True, probe: bool = True) -> Discovery:
+    """The ``torch.export`` discovery that ``tracer="auto"`` falls back to where the symbolic
+    trace failed with ``failed`` (both errors in the one raised where export fails too)."""
+    try:
+        return _export(model, inputs, strict, fix_io, probe and not strict)
+    except TraceError as exc2:
+        raise TraceError(f"{failed} Then: {exc2}") from exc2
+
+
 def opaque_cuts(disc: Discovery) -> list[Reason]:
     """The cuts at calls symbolic tracing could not see into (``fxfuse.opaque``)."""
     opaque = disc.gm.meta.get(OPAQUE, {})
@@ -981,7 +1002,7 @@ def _covered(disc: Discovery) -> int:
 
 def discover(
     model: nn.Module, example_inputs: Any, *, strict: bool = False, fix_io: bool = True,
-    tracer: str = "auto", probe: bool = True,
+    tracer: str = "auto", probe: bool = True, graph: GraphTrace | None = None,
 ) -> Discovery:
     """Trace ``model``, record its values on ``example_inputs`` and relate every axis.
 
@@ -992,7 +1013,8 @@ def discover(
     could not see into, keeping the one with fewer cuts, then more permuted parameter axes,
     and saying so in ``notes``).  One rule table serves both levels (:mod:`fxfuse.rules.aten`).
     ``probe``: measure the relations of ops without a rule (:mod:`fxfuse.rules.probe`; never in
-    strict mode).
+    strict mode).  ``graph``: the model's :func:`symbolic_graph` on these inputs (in this
+    ``strict`` mode), where the caller made it already: the symbolic path starts from it.
     """
     if tracer not in TRACERS:
         raise InputError(f"tracer must be one of {TRACERS}, got {tracer!r}")
@@ -1001,14 +1023,11 @@ def discover(
     if tracer == "export":
         return _export(model, inputs, strict, fix_io, probe)
     try:
-        sym = _symbolic(model, inputs, strict, fix_io, probe)
+        sym = _symbolic(model, inputs, strict, fix_io, probe, graph)
     except TraceError as exc:
         if tracer == "symbolic":
             raise
-        try:
-            return _export(model, inputs, strict, fix_io, probe)
-        except TraceError as exc2:
-            raise TraceError(f"{exc} Then: {exc2}") from exc2
+        return export_after(model, inputs, exc, strict=strict, fix_io=fix_io, probe=probe)
     opaque = opaque_cuts(sym)
     if tracer == "symbolic" or not opaque:
         return sym

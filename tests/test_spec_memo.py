@@ -1,0 +1,226 @@
+"""The specs find_groups keeps per form of a traced model (fxfuse.groups.memo): a model discovered
+again gets the spec a fresh discovery gives, and anything discovery reads that changed is a miss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxfuse
+import models
+from fxfuse.groups import clear_spec_cache, memo
+from fxfuse.rules import Same, axis_rule, registry
+
+
+def _text(spec: fxfuse.PermutationSpec) -> str:
+    return "\n".join([spec.to_json(), str(spec), repr(spec.axes), repr(spec.activations),
+                      repr(spec.groups), repr(spec.cuts), repr(spec.roles)])
+
+
+def _fresh(model: nn.Module, inputs: Any) -> fxfuse.PermutationSpec:
+    clear_spec_cache()
+    return fxfuse.find_groups(model, inputs)
+
+
+@pytest.fixture(autouse=True)
+def _empty_memo() -> Any:
+    clear_spec_cache()
+    yield
+    clear_spec_cache()
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_a_model_discovered_again_gets_the_spec_a_fresh_discovery_gives(name: str) -> None:
+    entry = models.get(name)
+    model, inputs = entry.factory().eval(), entry.example_inputs()
+    first = fxfuse.find_groups(model, inputs)
+    kept = len(memo._SPECS)
+    again = fxfuse.find_groups(model, inputs)
+    assert _text(again) == _text(first) == _text(_fresh(model, inputs))
+    if not (first.cuts or first.probed or first.notes):
+        assert kept == 1  # the zoo's models have exact keys: each is kept
+    assert again is not first and again.groups is not first.groups
+
+
+def test_a_caller_changing_its_spec_does_not_change_the_next_one() -> None:
+    entry = models.get("resnet20")
+    model, inputs = entry.factory().eval(), entry.example_inputs()
+    spec = fxfuse.find_groups(model, inputs)
+    want = _text(_fresh(model, inputs))
+    spec.groups.pop()
+    spec.groups[0].members.clear()
+    spec.axes.clear()
+    spec.activations.clear()
+    spec.roles.clear()
+    again = fxfuse.find_groups(model, inputs)
+    again.axes.clear()
+    assert _text(fxfuse.find_groups(model, inputs)) == want
+
+
+class _Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_tying_weights_between_calls_is_a_miss() -> None:
+    model, x = _Two().eval(), torch.randn(2, 8)
+    untied = fxfuse.find_groups(model, x)
+    model.b.weight = model.a.weight  # same shapes, one tensor: a and b now share their groups
+    tied = fxfuse.find_groups(model, x)
+    assert _text(tied) == _text(_fresh(model, x))
+    assert len(tied.groups) < len(untied.groups)
+
+
+class _Chunked(nn.Module):
+    def __init__(self, halves: bool) -> None:
+        super().__init__()
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(8, 4)
+        self.halves = halves
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        a, b = (h.chunk(2, dim=-1) if self.halves else (h[..., :8], h[..., 8:]))
+        return self.down(a * b)
+
+
+def test_a_traced_attribute_changing_between_calls_is_a_miss() -> None:
+    model, x = _Chunked(halves=True).eval(), torch.randn(2, 8)
+    before = fxfuse.find_groups(model, x)
+    model.halves = False  # another graph: slices instead of chunk
+    after = fxfuse.find_groups(model, x)
+    assert _text(after) == _text(_fresh(model, x))
+    assert _text(after) != _text(before)
+
+
+class _Scale(nn.Module):
+    """A leaf with a user rule that reads an attribute (``shared``) no form lists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(8))
+        self.shared = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+class _ScaleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.s = _Scale()
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.s(self.a(x)))
+
+
+def _shared_rule(op: Any) -> list[Any]:
+    x, y, w = op.args[0], op.out, op.param("weight")
+    if op.module.shared:  # y = x * w: channels stay channels
+        return [Same(x[0], y[0]), Same(x[1], y[1]), Same(w[0], y[1])]
+    return [Same(x[0], y[0]), Same(w[0], y[1])]  # x's channels left unrelated: fixed
+
+
+def _cut_rule(op: Any) -> list[Any]:
+    x, y, w = op.args[0], op.out, op.param("weight")
+    return [Same(x[0], y[0]), Same(w[0], y[1])]
+
+
+@pytest.fixture
+def scale_rule() -> Any:
+    axis_rule(_Scale)(_shared_rule)  # a module with a rule is a leaf of the trace
+    yield
+    registry._RULES.pop(_Scale, None)
+
+
+def test_a_rule_reading_a_module_attribute_sees_it_change(scale_rule: Any) -> None:
+    model, x = _ScaleNet().eval(), torch.randn(2, 8)
+    joined = fxfuse.find_groups(model, x)
+    model.s.shared = False  # the rule now leaves x[1] and y[1] unrelated: fixed
+    apart = fxfuse.find_groups(model, x)
+    assert _text(apart) == _text(_fresh(model, x))
+    assert _text(apart) != _text(joined)
+
+
+def test_another_rule_registered_between_calls_is_a_miss(scale_rule: Any) -> None:
+    model, x = _ScaleNet().eval(), torch.randn(2, 8)
+    before = fxfuse.find_groups(model, x)
+    axis_rule(_Scale)(_cut_rule)
+    after = fxfuse.find_groups(model, x)
+    assert _text(after) == _text(_fresh(model, x))
+    assert _text(after) != _text(before)
+
+
+def test_inputs_of_other_shapes_make_other_keys() -> None:
+    model = models.get("resnet20").factory().eval()
+    seen = []
+    for shape in [(2, 3, 32, 32), (2, 3, 16, 16), (1, 3, 32, 32)]:
+        fxfuse.find_groups(model, torch.randn(*shape))
+        seen.append(len(memo._SPECS))
+    assert seen == [1, 2, 3]
+
+
+def test_the_spec_names_the_class_of_each_model() -> None:
+    class Other(_Two):
+        pass
+
+    x = torch.randn(2, 8)
+    assert fxfuse.find_groups(_Two().eval(), x).model == "_Two"
+    assert fxfuse.find_groups(Other().eval(), x).model == "Other"
+
+
+def test_values_a_key_can_not_hold_exactly_keep_nothing(scale_rule: Any) -> None:
+    model, x = _ScaleNet().eval(), torch.randn(2, 8)
+    model.a.extra = np.int64(3)  # an attribute of a type the key does not know (nn.Linear:
+    # a form rule reads none, so it is keyed as its listed attributes only) -> still kept
+    fxfuse.find_groups(model, x)
+    assert len(memo._SPECS) == 1
+    clear_spec_cache()
+    model.s.extra = np.int64(3)  # _Scale has no form rule: all its attributes are read
+    spec = fxfuse.find_groups(model, x)
+    assert len(memo._SPECS) == 0
+    assert _text(fxfuse.find_groups(model, x)) == _text(spec)
+
+
+@pytest.mark.parametrize("a, b", [(1, True), (1, 1.0), (0.0, -0.0), ((1, 2), [1, 2]),
+                                  ("x", ("x",))])
+def test_the_key_tells_apart_values_python_calls_equal(a: Any, b: Any) -> None:
+    assert memo._canon(a) != memo._canon(b)
+    assert memo._canon(a) == memo._canon(a) and hash(memo._canon(a)) == hash(memo._canon(a))
+
+
+class _Cut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.fft.fft(self.a(x)).real, torch.eye(8))
+
+
+def test_discoveries_with_cuts_or_probes_are_not_kept() -> None:
+    spec = fxfuse.find_groups(_Cut().eval(), torch.randn(2, 8))
+    assert spec.cuts or spec.probed
+    assert len(memo._SPECS) == 0
+
+
+def test_the_memo_keeps_a_bounded_number_of_specs() -> None:
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    for n in range(1, memo._KEPT + 6):
+        fxfuse.find_groups(model, torch.randn(n, 4))
+    assert len(memo._SPECS) == memo._KEPT
+    clear_spec_cache()
+    assert len(memo._SPECS) == 0
