@@ -37,7 +37,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -80,7 +80,9 @@ NUM_THREADS = 1  # discovery is Python-bound; one thread is steadier on the shar
 FIXED_COST_S = 0.002  # issue 21: fxfuse's fixed cost under 2 ms
 TARGET_MODEL = "resnet50"
 TARGET_SECONDS = 1.0
-TOOLS = ("fxfuse", "torch-pruning", "torch.fx")
+# "fxfuse, new": find_groups with its spec memo emptied before every call (not timed): each call
+# discovers the model as a new architecture, as the first call of one in a process does
+TOOLS = ("fxfuse", "torch-pruning", "torch.fx", "fxfuse, new")
 # "torch.fx": torch's own symbolic tracer alone (`torch.fx.Tracer().trace(model)`, no fxfuse
 # code): the floor under any discovery that traces with torch.fx on every call
 
@@ -136,6 +138,7 @@ class Row:
     tp: Timing
     fx_trace: Timing
     rounds: int = 1
+    fx_new: Timing = field(default_factory=Timing)
 
 
 # -- the child process: one tool, one model -------------------------------------------------------
@@ -173,7 +176,8 @@ def worker(tool: str, name: str, repeats: int, timeout: float, threads: int) -> 
     registers a rule)."""
     torch.set_num_threads(threads)
     out: dict[str, Any] = {}
-    if tool == "fxfuse":
+    forget: Any = None  # run before each timed call, not timed
+    if tool in ("fxfuse", "fxfuse, new"):
         def load() -> Any:  # `import fxfuse` is lazy: looking up find_groups loads what it uses
             import fxfuse
 
@@ -182,6 +186,12 @@ def worker(tool: str, name: str, repeats: int, timeout: float, threads: int) -> 
 
         def call(lib: Any) -> Any:
             return lib.find_groups(model, inputs)
+
+        if tool == "fxfuse, new":
+            def forget() -> None:
+                from fxfuse.groups import clear_spec_cache
+
+                clear_spec_cache()
     elif tool == "torch.fx":
         def load() -> Any:
             import torch.fx
@@ -229,6 +239,8 @@ def worker(tool: str, name: str, repeats: int, timeout: float, threads: int) -> 
             laps = []
             for _ in range(repeats):  # no forced collection between calls: each call pays for
                 # the collections it triggers, the garbage left by the call before included
+                if forget is not None:
+                    forget()
                 result, lap = timed(lambda: call(lib))
                 laps.append(lap)
     except BenchTimeout as exc:
@@ -242,7 +254,7 @@ def worker(tool: str, name: str, repeats: int, timeout: float, threads: int) -> 
     out["import_s"] = import_lap.wall_s
     out["modules"] = loaded
     out["laps"] = [[lap.wall_s, lap.cpu_s] for lap in laps]
-    if tool == "fxfuse":
+    if tool in ("fxfuse", "fxfuse, new"):
         out["groups"] = len(result.groups)
         out["perm_axes"] = sum(1 for axis_spec in result.axes.values() if axis_spec.groups)
         out["cuts"] = len(result.cuts)
@@ -284,7 +296,7 @@ def bench_model(name: str, index: int, repeats: int, timeout: float, threads: in
     merged = {tool: pooled([t for t, _ in got]) for tool, got in runs.items()}
     return Row(name, large, n, fx_data.get("groups"), fx_data.get("perm_axes"),
                fx_data.get("cuts"), merged["fxfuse"], merged["torch-pruning"],
-               merged["torch.fx"], rounds)
+               merged["torch.fx"], rounds, merged["fxfuse, new"])
 
 
 def pooled(timings: list[Timing]) -> Timing:
@@ -310,6 +322,11 @@ def ratio(row: Row) -> float | None:
     return None if fx is None or tp is None or tp == 0 else fx / tp
 
 
+def new_ratio(row: Row) -> float | None:
+    fx, tp = row.fx_new.median_s, row.tp.median_s
+    return None if fx is None or tp is None or tp == 0 else fx / tp
+
+
 def trace_ratio(row: Row) -> float | None:
     fx, tp = row.fx_trace.median_s, row.tp.median_s
     return None if fx is None or tp is None or tp == 0 else fx / tp
@@ -319,8 +336,9 @@ def render_table(rows: list[Row]) -> str:
     lines = [
         "| model | rounds x calls | groups | permutable axes | cuts | fxfuse cold | fxfuse median (min) "
         "[CPU] | torch-pruning cold | torch-pruning median (min) [CPU] | fxfuse / tp (medians) "
+        "| fxfuse, new architecture each call: median (min) [CPU] | new / tp "
         "| torch.fx trace alone median (min) [CPU] | trace alone / tp |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         name = f"{r.model} (large)" if r.large else r.model
@@ -329,6 +347,7 @@ def render_table(rows: list[Row]) -> str:
             f"| {name} | {r.rounds} x {r.repeats} | {fmt_count(r.groups)} | {fmt_count(r.perm_axes)} | "
             f"{fmt_count(r.cuts)} | {r.fxfuse.cold_cell()} | {r.fxfuse.cell()} | "
             f"{r.tp.cold_cell()} | {r.tp.cell()} | {'-' if q is None else f'{q:.2f}x'} | "
+            f"{r.fx_new.cell()} | {'-' if (n := new_ratio(r)) is None else f'{n:.2f}x'} | "
             f"{r.fx_trace.cell()} | {'-' if (t := trace_ratio(r)) is None else f'{t:.2f}x'} |"
         )
     return "\n".join(lines)
@@ -361,7 +380,9 @@ def verdicts(rows: list[Row]) -> list[str]:
         ratios = [ratio(r) or 0.0 for r in both]
         verdict = "PASS" if not slower else "FAIL"
         line = (f"- No slower than torch-pruning's `build_dependency` on every model both tools "
-                f"build (per model, medians): **{verdict}**: fxfuse is slower on {len(slower)} of "
+                f"build (per model, medians; fxfuse's calls after its first: the same model "
+                f"discovered again, its spec from the memo after the trace and the recording): "
+                f"**{verdict}**: fxfuse is slower on {len(slower)} of "
                 f"{len(both)} models (fxfuse / tp from {min(ratios):.2f}x to {max(ratios):.2f}x, "
                 f"median {statistics.median(ratios):.2f}x)")
         if faster:
@@ -373,6 +394,21 @@ def verdicts(rows: list[Row]) -> list[str]:
                  f"slower on {len(cpu_slower)} of {len(both)}; cold (import + first call), on "
                  f"{len(cold_slower)} of {len(both)}.")
         out.append(line)
+        news = [r for r in both if new_ratio(r) is not None]
+        if news:
+            new_ratios = [new_ratio(r) or 0.0 for r in news]
+            new_slower = [r for r in news if (new_ratio(r) or 0.0) > 1.0]
+            new_faster = [r for r in news if (new_ratio(r) or 0.0) <= 1.0]
+            line = (f"- The same, each call discovering a new architecture (fxfuse's spec memo "
+                    f"emptied before every call: every axis related again, as on the first call "
+                    f"of an architecture in a process): **{'PASS' if not new_slower else 'FAIL'}**"
+                    f": fxfuse is slower on {len(new_slower)} of {len(news)} models (new / tp "
+                    f"from {min(new_ratios):.2f}x to {max(new_ratios):.2f}x, median "
+                    f"{statistics.median(new_ratios):.2f}x)")
+            if new_faster:
+                line += ("; at or below torch-pruning on: "
+                         + ", ".join(f"{r.model} ({new_ratio(r):.2f}x)" for r in new_faster))
+            out.append(line + ".")
     timed_fx = [r for r in rows if r.fxfuse.median_s is not None]
     if timed_fx:
         low = min(timed_fx, key=lambda r: r.fxfuse.median_s or 0.0)
@@ -429,7 +465,13 @@ def render_section(rows: list[Row], args: argparse.Namespace, total_s: float) ->
         "of Python modules loaded meanwhile; where fxfuse's cold call spends its time is in "
         "the discovery-profile section), then " + run_kind + ". fxfuse: `fxfuse.find_groups(model, inputs)` "
         "end to end (tracing, shape recording, discovery, spec build); torch-pruning: "
-        "`tp.DependencyGraph().build_dependency(model, example_inputs=inputs)`; torch.fx (a "
+        "`tp.DependencyGraph().build_dependency(model, example_inputs=inputs)`; fxfuse, new "
+        "architecture each call (its own child processes too): the same calls with "
+        "`fxfuse.groups.clear_spec_cache()` before each (not timed), so no call finds the "
+        "model's spec in the memo (`fxfuse.groups.memo`: a spec kept per exact form of the "
+        "traced model, its recorded values, rules, called modules and state_dict; the plain "
+        "fxfuse column's calls after the first find it there, after tracing and recording); "
+        "torch.fx (a "
         "reference, in its own child process too): `torch.fx.Tracer().trace(model)` alone "
         "(retried with `proxy_buffer_attributes=True` where the plain trace fails, as fxfuse "
         "does), the symbolic trace fxfuse's discovery starts from, without fxfuse's code. Cells: wall-time "
