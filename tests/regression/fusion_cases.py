@@ -36,6 +36,28 @@ from fxfuse.testing import randomize_constants
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "fusion_regression.json"
 TENSORS = GOLDEN.with_name("fusion_regression_tensors.pt")
 RTOL = 1e-6
+
+
+def cpu_golden() -> Path:
+    """Cases recorded again on a CPU whose float kernels (``torch.backends.cpu``'s capability:
+    AVX2, AVX512, ...) break near-ties differently (activation matching among units that are
+    dead on the data): those cases' record for this capability, read over the main one."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return GOLDEN.with_name(f"fusion_regression.{cap}.json")
+
+
+def record_cpu(cases: set[str]) -> None:
+    """Record ``cases`` ("name/setting") for this CPU's capability (:func:`cpu_golden`), for
+    cases whose permutations differ here only by near-ties (check that first)."""
+    torch.set_num_threads(1)
+    path = cpu_golden()
+    golden = json.loads(path.read_text()) if path.exists() else {"rtol": RTOL, "cases": {}}
+    for case in sorted(cases):
+        name, setting = case.split("/", 1)
+        state, perms = run_case(name, setting)
+        golden["cases"][case] = {"perms": perms, "state": fingerprint(state)}
+        print(f"recorded {case} for {path.name}", file=sys.stderr)
+    path.write_text(json.dumps(golden, indent=0, sort_keys=True) + "\n")
 FULL_TENSORS = ("mlp", "layernorm_mlp", "flatten_net", "grouped_conv", "tied_block_net")
 
 
@@ -151,6 +173,10 @@ def record(only: set[str] | None = None, settings: set[str] | None = None) -> No
 
 if __name__ == "__main__":
     # python -m tests.regression.fusion_cases [--only NAME ...] [--setting NAME ...]
+    # python -m tests.regression.fusion_cases --cpu NAME/SETTING ...   (this CPU's record)
+    if sys.argv[1:2] == ["--cpu"]:
+        record_cpu(set(sys.argv[2:]))
+        sys.exit(0)
     chosen: dict[str, set[str]] = {}
     flag = None
     for arg in sys.argv[1:]:
