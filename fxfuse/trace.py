@@ -1357,6 +1357,21 @@ def attribute(root: nn.Module, target: str) -> Any:
     return value
 
 
+def attribute_reader(root: nn.Module) -> Callable[[str], Any]:
+    """:func:`attribute` of ``root`` for many targets: each owner ``a.b`` of a target ``a.b.c``
+    looked up once (fx walks the whole path for every node), its attribute ``c`` each time."""
+    owners: dict[str, Any] = {"": root}
+
+    def fetch(target: str) -> Any:
+        head, _, atom = target.rpartition(".")
+        owner = owners.get(head)
+        if owner is None:
+            owner = owners[head] = attribute(root, head)
+        return member(owner, atom)
+
+    return fetch
+
+
 _MODULE_TABLES = ("_parameters", "_buffers", "_modules")  # where Module.__getattr__ looks
 _GETATTR, _GETATTRIBUTE = nn.Module.__getattr__, nn.Module.__getattribute__
 
@@ -1387,15 +1402,7 @@ def _record(traced: GraphTrace, inputs: Sequence[Any]) -> None:
     (fx walks the whole path for every node: a few microseconds a node on deep models), so a
     forward that rebinds a submodule of the model while it runs is not seen by later nodes."""
     root, graph = traced.root, traced.graph
-    owners: dict[str, Any] = {"": root}
-
-    def fetch(target: str) -> Any:
-        head, _, atom = target.rpartition(".")
-        owner = owners.get(head)
-        if owner is None:
-            owner = owners[head] = attribute(root, head)
-        return member(owner, atom)
-
+    fetch = attribute_reader(root)
     drop: dict[fx.Node, list[fx.Node]] = {}  # node -> the values whose last use it is
     used: set[fx.Node] = set()
     for node in reversed(graph.nodes):

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..rules import canonical, lookup
 from ..rules.registry import form_attrs
-from ..trace import VALUE, GraphTrace, TensorMeta, attribute, member
+from ..trace import VALUE, GraphTrace, TensorMeta, attribute_reader
 from .discover import _named_tensors
 from .spec import Group, PermutationSpec
 
@@ -156,16 +156,7 @@ def form_key(model: nn.Module, gm: GraphTrace, tensors: dict[str, torch.Tensor],
     try:
         state, first = _state(model, tensors)
         rows: list[Any] = [options, state]
-        root = gm.root
-        owners: dict[str, Any] = {"": root}
-
-        def fetch(target: str) -> Any:
-            head, _, atom = target.rpartition(".")
-            owner = owners.get(head)
-            if owner is None:
-                owner = owners[head] = attribute(root, head)
-            return member(owner, atom)
-
+        fetch = attribute_reader(gm.root)
         for node in gm.graph.nodes:
             op, target = node.op, node.target
             row: list[Any] = [node.name, op, _canon(node.args), _canon(node.kwargs),
