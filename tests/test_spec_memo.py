@@ -27,6 +27,12 @@ def _fresh(model: nn.Module, inputs: Any) -> fxfuse.PermutationSpec:
     return fxfuse.find_groups(model, inputs)
 
 
+def _kept(model: nn.Module, inputs: Any) -> fxfuse.PermutationSpec:
+    """Discover ``model`` twice: an outline's first discovery is not kept, its second is."""
+    fxfuse.find_groups(model, inputs)
+    return fxfuse.find_groups(model, inputs)
+
+
 @pytest.fixture(autouse=True)
 def _empty_memo() -> Any:
     clear_spec_cache()
@@ -39,8 +45,11 @@ def test_a_model_discovered_again_gets_the_spec_a_fresh_discovery_gives(name: st
     entry = models.get(name)
     model, inputs = entry.factory().eval(), entry.example_inputs()
     first = fxfuse.find_groups(model, inputs)
+    assert len(memo._SPECS) == 0  # a first discovery is not kept
+    second = fxfuse.find_groups(model, inputs)
     kept = len(memo._SPECS)
     again = fxfuse.find_groups(model, inputs)
+    assert _text(second) == _text(first)
     assert _text(again) == _text(first) == _text(_fresh(model, inputs))
     if not (first.cuts or first.probed or first.notes):
         assert kept == 1  # the zoo's models have exact keys: each is kept
@@ -50,8 +59,8 @@ def test_a_model_discovered_again_gets_the_spec_a_fresh_discovery_gives(name: st
 def test_a_caller_changing_its_spec_does_not_change_the_next_one() -> None:
     entry = models.get("resnet20")
     model, inputs = entry.factory().eval(), entry.example_inputs()
-    spec = fxfuse.find_groups(model, inputs)
     want = _text(_fresh(model, inputs))
+    spec = _kept(model, inputs)
     spec.groups.pop()
     spec.groups[0].members.clear()
     spec.axes.clear()
@@ -75,7 +84,7 @@ class _Two(nn.Module):
 
 def test_tying_weights_between_calls_is_a_miss() -> None:
     model, x = _Two().eval(), torch.randn(2, 8)
-    untied = fxfuse.find_groups(model, x)
+    untied = _kept(model, x)
     model.b.weight = model.a.weight  # same shapes, one tensor: a and b now share their groups
     tied = fxfuse.find_groups(model, x)
     assert _text(tied) == _text(_fresh(model, x))
@@ -97,7 +106,7 @@ class _Chunked(nn.Module):
 
 def test_a_traced_attribute_changing_between_calls_is_a_miss() -> None:
     model, x = _Chunked(halves=True).eval(), torch.randn(2, 8)
-    before = fxfuse.find_groups(model, x)
+    before = _kept(model, x)
     model.halves = False  # another graph: slices instead of chunk
     after = fxfuse.find_groups(model, x)
     assert _text(after) == _text(_fresh(model, x))
@@ -148,7 +157,7 @@ def scale_rule() -> Any:
 
 def test_a_rule_reading_a_module_attribute_sees_it_change(scale_rule: Any) -> None:
     model, x = _ScaleNet().eval(), torch.randn(2, 8)
-    joined = fxfuse.find_groups(model, x)
+    joined = _kept(model, x)
     model.s.shared = False  # the rule now leaves x[1] and y[1] unrelated: fixed
     apart = fxfuse.find_groups(model, x)
     assert _text(apart) == _text(_fresh(model, x))
@@ -157,7 +166,7 @@ def test_a_rule_reading_a_module_attribute_sees_it_change(scale_rule: Any) -> No
 
 def test_another_rule_registered_between_calls_is_a_miss(scale_rule: Any) -> None:
     model, x = _ScaleNet().eval(), torch.randn(2, 8)
-    before = fxfuse.find_groups(model, x)
+    before = _kept(model, x)
     axis_rule(_Scale)(_cut_rule)
     after = fxfuse.find_groups(model, x)
     assert _text(after) == _text(_fresh(model, x))
@@ -168,7 +177,7 @@ def test_inputs_of_other_shapes_make_other_keys() -> None:
     model = models.get("resnet20").factory().eval()
     seen = []
     for shape in [(2, 3, 32, 32), (2, 3, 16, 16), (1, 3, 32, 32)]:
-        fxfuse.find_groups(model, torch.randn(*shape))
+        _kept(model, torch.randn(*shape))
         seen.append(len(memo._SPECS))
     assert seen == [1, 2, 3]
 
@@ -186,11 +195,11 @@ def test_values_a_key_can_not_hold_exactly_keep_nothing(scale_rule: Any) -> None
     model, x = _ScaleNet().eval(), torch.randn(2, 8)
     model.a.extra = np.int64(3)  # an attribute of a type the key does not know (nn.Linear:
     # a form rule reads none, so it is keyed as its listed attributes only) -> still kept
-    fxfuse.find_groups(model, x)
+    _kept(model, x)
     assert len(memo._SPECS) == 1
     clear_spec_cache()
     model.s.extra = np.int64(3)  # _Scale has no form rule: all its attributes are read
-    spec = fxfuse.find_groups(model, x)
+    spec = _kept(model, x)
     assert len(memo._SPECS) == 0
     assert _text(fxfuse.find_groups(model, x)) == _text(spec)
 
@@ -212,9 +221,21 @@ class _Cut(nn.Module):
 
 
 def test_discoveries_with_cuts_or_probes_are_not_kept() -> None:
-    spec = fxfuse.find_groups(_Cut().eval(), torch.randn(2, 8))
+    spec = _kept(_Cut().eval(), torch.randn(2, 8))
     assert spec.cuts or spec.probed
     assert len(memo._SPECS) == 0
+
+
+def test_a_new_outline_is_not_keyed_and_its_second_discovery_is_kept() -> None:
+    from fxfuse.groups.discover import _state_tensors, symbolic_graph
+
+    model, x = _Two().eval(), (torch.randn(2, 8),)
+    graph, tensors = symbolic_graph(model, x), _state_tensors(model)
+    assert memo.form_key(model, graph, tensors, ("auto",)) is None  # first sight: no key made
+    key = memo.form_key(model, graph, tensors, ("auto",))
+    assert key is not None and key == memo.form_key(model, graph, tensors, ("auto",))
+    clear_spec_cache()  # forgets the outlines too
+    assert memo.form_key(model, graph, tensors, ("auto",)) is None
 
 
 def test_the_memo_keeps_a_bounded_number_of_specs() -> None:

@@ -23,8 +23,10 @@ or None where some of it is a value the key can not hold exactly (an attribute o
 type, a tensor argument): then nothing is kept.  Every leaf value is
 tagged with its exact type (``1``, ``1.0`` and ``True`` are three keys; a float by its
 ``repr``, so ``-0.0`` and ``nan`` are themselves), containers with theirs.  Only discoveries
-without cuts, probes or notes are kept (those name source lines or compare traces), in a
-bounded table (least recently used out); a kept spec is copied out and in (a caller may change
+without cuts, probes or notes are kept (those name source lines or compare traces), from a
+model's second discovery (the first of an outline, class, node count and state_dict size, is
+neither keyed nor kept: a new architecture does not pay for its key), in a bounded table (least
+recently used out); a kept spec is copied out and in (a caller may change
 its lists and dicts), sharing its immutable parts (members, layout trees, axis specs).
 """
 
@@ -45,6 +47,11 @@ from .spec import Group, PermutationSpec
 
 _KEPT = 32  # specs kept (least recently used out)
 _SPECS: OrderedDict[_Key, PermutationSpec] = OrderedDict()
+# (class, graph nodes, state tensors) of the models discovered so far: the exact key is made
+# only for a model whose outline was seen before (its second discovery keeps the spec), so the
+# first discovery of an architecture does not pay for it
+_SEEN: OrderedDict[tuple[Any, int, int], None] = OrderedDict()
+_SEEN_KEPT = 1024
 
 
 class _Unkeyable(Exception):
@@ -152,7 +159,16 @@ class _Key:
 def form_key(model: nn.Module, gm: GraphTrace, tensors: dict[str, torch.Tensor],
              options: tuple[Any, ...]) -> _Key | None:
     """The key of a discovery of ``model`` from its recorded symbolic trace ``gm``
-    (``tensors``: its state_dict, keep_vars), or None where it has no exact one."""
+    (``tensors``: its state_dict, keep_vars), or None where it has no exact one, or where no
+    model of its outline (class, node count, state_dict size) was discovered before: the first
+    discovery of an architecture is not keyed (nor kept), its second is."""
+    outline = (type(model), len(gm.graph.nodes), len(tensors))
+    if outline not in _SEEN:
+        _SEEN[outline] = None
+        if len(_SEEN) > _SEEN_KEPT:
+            _SEEN.popitem(last=False)
+        return None
+    _SEEN.move_to_end(outline)
     try:
         state, first = _state(model, tensors)
         rows: list[Any] = [options, state]
@@ -199,8 +215,10 @@ def keep(key: _Key | None, spec: PermutationSpec) -> None:
 
 
 def clear() -> None:
-    """Forget every kept spec (the next discovery of each model relates its axes again)."""
+    """Forget every kept spec and every outline seen (the next discovery of each model relates
+    its axes again, and is not kept: the one after it is)."""
     _SPECS.clear()
+    _SEEN.clear()
 
 
 def _copy(spec: PermutationSpec) -> PermutationSpec:
