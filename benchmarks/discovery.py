@@ -317,19 +317,22 @@ def fmt_count(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-def ratio(row: Row) -> float | None:
-    fx, tp = row.fxfuse.median_s, row.tp.median_s
+def _per_tp(timing: Timing, row: Row) -> float | None:
+    """``timing``'s median over torch-pruning's on the same model (None without both)."""
+    fx, tp = timing.median_s, row.tp.median_s
     return None if fx is None or tp is None or tp == 0 else fx / tp
+
+
+def ratio(row: Row) -> float | None:
+    return _per_tp(row.fxfuse, row)
 
 
 def new_ratio(row: Row) -> float | None:
-    fx, tp = row.fx_new.median_s, row.tp.median_s
-    return None if fx is None or tp is None or tp == 0 else fx / tp
+    return _per_tp(row.fx_new, row)
 
 
 def trace_ratio(row: Row) -> float | None:
-    fx, tp = row.fx_trace.median_s, row.tp.median_s
-    return None if fx is None or tp is None or tp == 0 else fx / tp
+    return _per_tp(row.fx_trace, row)
 
 
 def render_table(rows: list[Row]) -> str:

@@ -938,10 +938,9 @@ def eval_mode(*models: nn.Module, no_grad: bool = True) -> Iterator[None]:
     set directly (``nn.Module.__setattr__`` and ``train`` cost about a microsecond a module),
     and only those that change."""
     found = [_plain_modules(model) for model in models]
-    plain = all(f is not None for f in found)
-    if not plain:
-        found = [list(model.modules()) for model in models]
-    modes = [(m, m.training) for mods in found for m in mods]  # type: ignore[union-attr]
+    plain = None not in found
+    modes = [(m, m.training) for model, mods in zip(models, found)
+             for m in (mods if mods is not None else model.modules())]
     if plain:
         for m, mode in modes:
             if mode is not False:

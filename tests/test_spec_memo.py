@@ -136,16 +136,16 @@ class _ScaleNet(nn.Module):
         return self.b(self.s(self.a(x)))
 
 
-def _shared_rule(op: Any) -> list[Any]:
+def _cut_rule(op: Any) -> list[Any]:
     x, y, w = op.args[0], op.out, op.param("weight")
-    if op.module.shared:  # y = x * w: channels stay channels
-        return [Same(x[0], y[0]), Same(x[1], y[1]), Same(w[0], y[1])]
     return [Same(x[0], y[0]), Same(w[0], y[1])]  # x's channels left unrelated: fixed
 
 
-def _cut_rule(op: Any) -> list[Any]:
-    x, y, w = op.args[0], op.out, op.param("weight")
-    return [Same(x[0], y[0]), Same(w[0], y[1])]
+def _shared_rule(op: Any) -> list[Any]:
+    x, y = op.args[0], op.out
+    if op.module.shared:  # y = x * w: channels stay channels
+        return [*_cut_rule(op), Same(x[1], y[1])]
+    return _cut_rule(op)
 
 
 @pytest.fixture

@@ -52,6 +52,7 @@ from ..trace import (
     as_input_tuple,
     attribute,
     export_trace,
+    member,
     record_values,
     source_line,
     trace_graph,
@@ -850,14 +851,11 @@ def _fill(v: Any, values: dict[int, torch.Tensor]) -> Any:
 
 
 def _child(module: nn.Module, name: str) -> Any:
-    """``getattr(module, name, None)``, read from the submodule table where nothing else
-    answers to ``name`` first (an instance or class attribute, a parameter or buffer): that is
-    where ``Module.__getattr__`` finds a submodule, without two failed attribute lookups."""
-    sub = module._modules.get(name)
-    if (sub is None or name in module.__dict__ or hasattr(type(module), name)
-            or name in module._parameters or name in module._buffers):
-        return getattr(module, name, None)
-    return sub
+    """``getattr(module, name, None)``, a submodule read from its table (:func:`member`)."""
+    try:
+        return member(module, name)
+    except AttributeError:
+        return None
 
 
 def _state_tensors(model: nn.Module) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from fxfuse.testing import randomize_constants
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "fusion_regression.json"
 TENSORS = GOLDEN.with_name("fusion_regression_tensors.pt")
 RTOL = 1e-6
+FULL_TENSORS = ("mlp", "layernorm_mlp", "flatten_net", "grouped_conv", "tied_block_net")
 
 
 def cpu_golden() -> Path:
@@ -58,7 +59,6 @@ def record_cpu(cases: set[str]) -> None:
         golden["cases"][case] = {"perms": perms, "state": fingerprint(state)}
         print(f"recorded {case} for {path.name}", file=sys.stderr)
     path.write_text(json.dumps(golden, indent=0, sort_keys=True) + "\n")
-FULL_TENSORS = ("mlp", "layernorm_mlp", "flatten_net", "grouped_conv", "tied_block_net")
 
 
 def unrelated(name: str, seed: int) -> nn.Module:
