@@ -245,3 +245,136 @@ def test_the_memo_keeps_a_bounded_number_of_specs() -> None:
     assert len(memo._SPECS) == memo._KEPT
     clear_spec_cache()
     assert len(memo._SPECS) == 0
+
+
+# -- keys from the trace alone (memo.shape_key) -------------------------------------------------
+def _kinds() -> list[str]:
+    """How each kept spec is keyed: "shapes" (before the recording) or "values" (after it)."""
+    return ["shapes" if k.rows[1] is memo._SHAPES else "values" for k in memo._SPECS]
+
+
+def _recordings(monkeypatch: Any) -> list[int]:
+    """Count the recordings (the model's runs) find_groups makes."""
+    import fxfuse.groups as groups
+
+    runs: list[int] = []
+    record = groups.record_values
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        runs.append(1)
+        record(*args, **kwargs)
+
+    monkeypatch.setattr(groups, "record_values", counted)
+    return runs
+
+
+def test_a_repeat_whose_shapes_say_it_all_does_not_run_the_model(monkeypatch: Any) -> None:
+    model, x = _Two().eval(), torch.randn(2, 8)
+    runs = _recordings(monkeypatch)
+    spec = _kept(model, x)
+    assert (len(runs), _kinds()) == (2, ["shapes"])
+    again = fxfuse.find_groups(model, x)
+    assert len(runs) == 2  # a hit before the recording
+    assert _text(again) == _text(spec) == _text(_fresh(model, x))
+    fxfuse.find_groups(model, torch.randn(5, 8))  # another batch size: another key, recorded
+    assert len(runs) == 4
+
+
+class _Clamped(_Two):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x).clamp(min=0)))  # clamp: not in the shape tables
+
+
+def test_an_op_outside_the_shape_tables_is_keyed_after_the_recording(monkeypatch: Any) -> None:
+    model, x = _Clamped().eval(), torch.randn(2, 8)
+    runs = _recordings(monkeypatch)
+    spec = _kept(model, x)
+    assert _kinds() == ["values"]
+    assert _text(fxfuse.find_groups(model, x)) == _text(spec)
+    assert len(runs) == 3  # every call records
+
+
+def test_a_hook_on_a_called_module_is_keyed_after_the_recording() -> None:
+    model, x = _Two().eval(), torch.randn(2, 8)
+    before = _kept(model, x)
+    handle = model.b.register_forward_hook(lambda m, i, o: o.unsqueeze(1))  # another shape
+    try:
+        clear_spec_cache()
+        hooked = _kept(model, x)
+        assert _kinds() == ["values"]  # a hook's output is seen only by the recording
+        assert _text(fxfuse.find_groups(model, x)) == _text(hooked)
+    finally:
+        handle.remove()
+    assert _text(fxfuse.find_groups(model, x)) == _text(before)
+
+
+def _shape_key(model: nn.Module, *inputs: Any, graph: Any = None) -> Any:
+    from fxfuse.groups.discover import _state_tensors
+    from fxfuse.trace import trace_graph
+
+    graph = graph or trace_graph(model, stack_traces=False)
+    return memo.shape_key(model, graph, _state_tensors(model), inputs, ("auto",))
+
+
+def test_a_shape_key_holds_the_inputs_dtypes_and_shapes_and_the_default_dtype() -> None:
+    model = _Two().eval()
+    key = _shape_key(model, torch.randn(2, 8))
+    assert key is not None and key == _shape_key(model, torch.randn(2, 8))
+    assert key != _shape_key(model, torch.randn(3, 8))
+    assert key != _shape_key(model, torch.randn(2, 8, dtype=torch.float64))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert _shape_key(model, torch.randn(2, 8, dtype=torch.float32)) != key
+    finally:
+        torch.set_default_dtype(old)
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_no_shape_key_where_something_outside_it_may_change_the_shapes() -> None:
+    model, x = _Two().eval(), torch.randn(2, 8)
+    assert _shape_key(model, x) is not None
+    with torch.autocast("cpu"):
+        assert _shape_key(model, x) is None
+    from torch.overrides import TorchFunctionMode
+
+    from fxfuse.trace import trace_graph
+
+    graph = trace_graph(model, stack_traces=False)  # fx does not trace under a mode
+    with TorchFunctionMode():
+        assert _shape_key(model, x, graph=graph) is None
+    assert _shape_key(model, x.as_subclass(_Sub)) is None
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    try:
+        assert _shape_key(model, x) is None
+    finally:
+        handle.remove()
+    model.b.forward = lambda t: t[:, :3]  # type: ignore[method-assign]
+    assert _shape_key(model, x) is None
+
+
+class _Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.a(x)
+        return h[:, 1:5], h[h[:, 0] > 0], h[:, torch.tensor([0, 2])]
+
+
+def test_an_index_by_a_tensor_is_found_after_the_recording() -> None:
+    from fxfuse.trace import record_values, trace_graph
+
+    model, x = _Masked().eval(), torch.randn(4, 8)
+    graph = trace_graph(model, stack_traces=False)
+    record_values(graph, (x,))
+    assert not memo.shapes_suffice(graph)
+    index = [n for n in graph.graph.nodes if n.target is __import__("operator").getitem]
+    for n in index[1:]:  # only the slice stays: shapes suffice
+        n.replace_all_uses_with(n.args[0])
+        graph.graph.erase_node(n)
+    assert memo.shapes_suffice(graph)

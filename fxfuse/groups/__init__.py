@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import InputError, TraceError
-from ..trace import GraphTrace, as_input_tuple, release_graph
+from ..trace import GraphTrace, as_input_tuple, record_values, release_graph, trace_graph
 from . import memo
 from .discover import (
     STATE_TENSORS,
@@ -19,7 +19,6 @@ from .discover import (
     _state_tensors,
     discover,
     export_after,
-    symbolic_graph,
 )
 from .spec import PermutationSpec, build_spec
 
@@ -30,16 +29,19 @@ def find_groups(
     """Discover the permutation groups of ``model`` from its torch.fx graph.
 
     ``example_inputs`` is a tensor or a tuple of tensors the model's ``forward`` accepts.  The model
-    is run once (eval mode, no grad; its modes are restored) and never modified.  With
+    is run at most once (eval mode, no grad; its modes are restored) and never modified.  With
     ``strict=True`` an op without an axis rule raises :class:`~fxfuse.errors.UnsupportedOpError`
     instead of cutting the groups through it.  ``tracer``: ``"auto"`` (``torch.fx.symbolic_trace``,
     falling back to ``torch.export`` for models it can not trace), ``"symbolic"`` or ``"export"``.
 
-    The model is traced and run on every call; where its trace, recorded values, rules, called
-    modules and state_dict are those of a model discovered before (:mod:`fxfuse.groups.memo`:
-    the same architecture again, e.g. in every federated round), the spec found then is
-    returned (a copy) instead of relating every axis again.  :func:`clear_spec_cache` forgets
-    those specs.
+    The model is traced on every call; where its trace, recorded values, rules, called modules
+    and state_dict are those of a model discovered before (:mod:`fxfuse.groups.memo`: the same
+    architecture again, e.g. in every federated round), the spec found then is returned (a copy)
+    instead of relating every axis again.  Where every op of the trace has an output shape that
+    follows from its inputs' shapes (convolutions, linear layers, norms, activations, reshapes,
+    concatenation, attention, ...), the inputs' shapes and dtypes stand in for the recorded
+    values and such a repeat is found without running the model; otherwise the model is run on
+    every call.  :func:`clear_spec_cache` forgets those specs.
     """
     if tracer not in TRACERS:
         raise InputError(f"tracer must be one of {TRACERS}, got {tracer!r}")
@@ -49,18 +51,29 @@ def find_groups(
         key = None
         if tracer != "export" and not strict:
             try:
-                graph = symbolic_graph(model, inputs)
+                graph = trace_graph(model, stack_traces=False)
             except TraceError as exc:
                 if tracer == "symbolic":
                     raise
                 disc = export_after(model, inputs, exc)
             else:
                 tensors = graph.meta[STATE_TENSORS] = _state_tensors(model)
-                key = memo.form_key(model, graph, tensors, (tracer,))
+                options = (tracer,)
+                known = memo.seen(model, graph, tensors)  # a first discovery is not keyed
+                # a trace whose recorded values follow from the shapes is keyed before the
+                # recording (a hit does not run the model), any other after it
+                key = memo.shape_key(model, graph, tensors, inputs, options) if known else None
                 spec = memo.cached(key)
                 if spec is not None:
                     release_graph(graph.graph)
                     return spec
+                record_values(graph, inputs)
+                if known and (key is None or not memo.shapes_suffice(graph)):
+                    key = memo.value_key(model, graph, tensors, options)
+                    spec = memo.cached(key)
+                    if spec is not None:
+                        release_graph(graph.graph)
+                        return spec
                 disc = discover(model, inputs, tracer=tracer, graph=graph)
         else:
             disc = discover(model, inputs, strict=strict, tracer=tracer)

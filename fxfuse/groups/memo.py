@@ -20,7 +20,18 @@ A discovery is a function of what its axis walk reads, and of nothing else:
 
 :func:`form_key` makes that key after the trace and the recording (which run on every call),
 or None where some of it is a value the key can not hold exactly (an attribute of an unknown
-type, a tensor argument): then nothing is kept.  Every leaf value is
+type, a tensor argument): then nothing is kept.
+
+Where every op of the trace is one whose recorded value (shape, dtype, the Python values of shape
+arithmetic) is a function of its arguments' recorded shapes and dtypes and of constants, never of
+tensor data (:data:`SHAPE_FUNCTIONS`, :data:`SHAPE_METHODS`, :data:`SHAPE_MODULES`, hook-free, no
+tensor index), the recorded values are a function of the inputs' and the state's shapes and dtypes:
+node by node, each argument's recorded value is the same as before, so each output's is.  Such a
+trace is keyed before the recording, by :func:`shape_key`: the same rows without the recorded
+values, with the inputs' shapes and dtypes and torch's default dtype instead; a hit there does not
+run the model.  Anything else (an op not in those tables, a module with hooks, an indexing by a
+tensor, autocast or a torch function / dispatch mode active, an input that is not a plain tensor
+or Python value) is keyed by :func:`form_key` after the recording, as above.  Every leaf value is
 tagged with its exact type (``1``, ``1.0`` and ``True`` are three keys; a float by its
 ``repr``, so ``-0.0`` and ``nan`` are themselves), containers with theirs.  Only discoveries
 without cuts, probes or notes are kept (those name source lines or compare traces), from a
@@ -32,11 +43,15 @@ its lists and dicts), sharing its immutable parts (members, layout trees, axis s
 
 from __future__ import annotations
 
+import builtins
+import operator
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..rules import canonical, lookup
@@ -156,41 +171,185 @@ class _Key:
                 and self.rows == other.rows)  # type: ignore[attr-defined]
 
 
-def form_key(model: nn.Module, gm: GraphTrace, tensors: dict[str, torch.Tensor],
-             options: tuple[Any, ...]) -> _Key | None:
-    """The key of a discovery of ``model`` from its recorded symbolic trace ``gm``
-    (``tensors``: its state_dict, keep_vars), or None where it has no exact one, or where no
-    model of its outline (class, node count, state_dict size) was discovered before: the first
-    discovery of an architecture is not keyed (nor kept), its second is."""
+def seen(model: nn.Module, gm: GraphTrace, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether a model of this one's outline (class, node count, state_dict size) was discovered
+    before; it counts as seen from now on.  The first discovery of an architecture is neither
+    keyed nor kept (it does not pay for a key), its second is."""
     outline = (type(model), len(gm.graph.nodes), len(tensors))
     if outline not in _SEEN:
         _SEEN[outline] = None
         if len(_SEEN) > _SEEN_KEPT:
             _SEEN.popitem(last=False)
-        return None
+        return False
     _SEEN.move_to_end(outline)
+    return True
+
+
+def form_key(model: nn.Module, gm: GraphTrace, tensors: dict[str, torch.Tensor],
+             options: tuple[Any, ...]) -> _Key | None:
+    """:func:`value_key`, where a model of this one's outline was discovered before
+    (:func:`seen`, which this call counts), else None."""
+    return value_key(model, gm, tensors, options) if seen(model, gm, tensors) else None
+
+
+def value_key(model: nn.Module, gm: GraphTrace, tensors: dict[str, torch.Tensor],
+              options: tuple[Any, ...]) -> _Key | None:
+    """The key of a discovery of ``model`` from its recorded symbolic trace ``gm``
+    (``tensors``: its state_dict, keep_vars), or None where it has no exact one."""
+    try:
+        return _key(model, gm, tensors, [options], None)
+    except _Unkeyable:
+        return None
+
+
+def shape_key(model: nn.Module, gm: GraphTrace, tensors: dict[str, torch.Tensor],
+              inputs: Sequence[Any], options: tuple[Any, ...]) -> _Key | None:
+    """The key of a discovery of ``model`` from its symbolic trace ``gm`` *before* its values are
+    recorded on ``inputs``, where every op of the trace records a value that is a function of its
+    arguments' shapes and dtypes (see the module's docstring), else None.  A discovery is kept
+    under it only where the recording confirms that no op indexed by a tensor
+    (:func:`shapes_suffice`); else under its :func:`value_key`."""
+    context = _shape_context()
+    if context is None:
+        return None
+    try:
+        return _key(model, gm, tensors, [options, _SHAPES, context,
+                                         tuple([_input(v) for v in inputs])], _shape_op)
+    except _Unkeyable:
+        return None
+
+
+def _key(model: nn.Module, gm: GraphTrace, tensors: dict[str, torch.Tensor], rows: list[Any],
+         shape_op: Any) -> _Key:
+    """The rows of a key: ``rows``, the state, then one per node (its recorded value where
+    ``shape_op`` is None; else ``shape_op(node, module)`` vets each op, raising _Unkeyable)."""
     try:
         state, first = _state(model, tensors)
-        rows: list[Any] = [options, state]
+        rows.append(state)
         fetch = attribute_reader(gm.root)
         for node in gm.graph.nodes:
             op, target = node.op, node.target
-            row: list[Any] = [node.name, op, _canon(node.args), _canon(node.kwargs),
-                              _canon(node.meta.get(VALUE, _MISSING))]
+            row: list[Any] = [node.name, op, _canon(node.args), _canon(node.kwargs)]
+            if shape_op is None:
+                row.append(_canon(node.meta.get(VALUE, _MISSING)))
             if op == "call_module":
                 mod = fetch(str(target))
                 rule = lookup(type(mod))
-                row += [target, rule, _module(mod, first, rule)]
+                if shape_op is None:
+                    row += [target, rule, _module(mod, first, rule)]
+                else:
+                    shape_op(node, mod)  # the output's shape: from every attribute the module holds
+                    row += [target, rule, _module(mod, first, None)]
             elif op == "get_attr":
                 row += [target, _tensor(fetch(str(target)), first)]
             elif op == "call_function" or op == "call_method":
+                if shape_op is not None:
+                    shape_op(node, None)
                 row += [_canon(target), lookup(canonical(target))]
             else:
                 row.append(target)
             rows.append(tuple(row))
         return _Key(tuple(rows))
-    except (_Unkeyable, TypeError, AttributeError):
+    except (TypeError, AttributeError) as exc:
+        raise _Unkeyable(type(exc).__name__) from None
+
+
+# -- keys from the trace alone ------------------------------------------------------------------
+# Ops whose output's shape and dtype (and a Python value they return) are a function of their
+# arguments' shapes, dtypes and Python values, never of tensor data.  Not here (so keyed after the
+# recording): data-dependent shapes (nonzero, masked_select, unique, boolean indexing), Python
+# values read from tensors (item, tolist), any user function or module.
+SHAPE_FUNCTIONS: frozenset[Any] = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
+    operator.neg, operator.pos, operator.pow, operator.matmul, operator.getitem,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.matmul, torch.bmm, torch.einsum,
+    torch.cat, torch.stack, torch.flatten, torch.transpose, torch.permute, torch.reshape,
+    torch.split, torch.chunk, torch.unsqueeze, torch.squeeze, torch.mean, torch.sum,
+    torch.sigmoid, torch.tanh, torch.relu, torch.softmax,
+    F.relu, F.gelu, F.silu, F.glu, F.sigmoid, F.tanh, F.softmax, F.dropout, F.linear, F.conv1d,
+    F.conv2d, F.conv3d, F.layer_norm, F.group_norm, F.scaled_dot_product_attention,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d,
+})
+SHAPE_METHODS: frozenset[str] = frozenset({
+    "add", "sub", "mul", "div", "neg", "matmul", "chunk", "split", "contiguous", "expand",
+    "expand_as", "flatten", "mean", "sum", "permute", "reshape", "size", "dim", "transpose",
+    "unsqueeze", "squeeze", "view", "view_as", "softmax", "relu", "sigmoid", "tanh", "float",
+})
+# exact classes (a subclass may compute anything), without hooks
+SHAPE_MODULES: frozenset[type] = frozenset({
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid,
+    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.Softmax, nn.Identity, nn.Dropout,
+    nn.Flatten, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d,
+    nn.AvgPool2d, nn.MaxPool1d, nn.MaxPool2d, nn.Embedding, nn.MultiheadAttention,
+})
+_SHAPES = object()  # tags a shape key's first rows (never equal to a value key's)
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "T", "mT"})
+
+
+def _shape_op(node: fx.Node, module: nn.Module | None) -> None:
+    if module is not None:  # a forward set on the instance may compute anything
+        ok = (type(module) in SHAPE_MODULES and "forward" not in module.__dict__
+              and not any(getattr(module, h) for h in _HOOKS))
+    elif node.target is builtins.getattr:  # x.shape, x.dtype: not x.device (not in the key)
+        ok = len(node.args) == 2 and node.args[1] in _SHAPE_ATTRIBUTES
+    elif node.op == "call_function":
+        ok = node.target in SHAPE_FUNCTIONS
+    else:
+        ok = node.target in SHAPE_METHODS
+    if not ok:
+        raise _Unkeyable(str(node.target))
+
+
+def _shape_context() -> tuple[Any, ...] | None:
+    """What besides the inputs the recorded shapes and dtypes can depend on (torch's default
+    dtype), or None where something may change them that the key does not hold (autocast, a
+    torch function or dispatch mode, a global module hook)."""
+    mod = nn.modules.module
+    if (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._len_torch_dispatch_stack() > 0
+            or mod._global_forward_hooks or mod._global_forward_pre_hooks):
         return None
+    return (torch.get_default_dtype(),)
+
+
+def _input(v: Any) -> Any:
+    """An example input as a shape key holds it: a plain tensor by shape, dtype and layout,
+    containers by their items, any other value exactly."""
+    t = type(v)
+    if t is torch.Tensor:
+        return (_TENSOR, tuple(v.shape), v.dtype, v.layout)
+    if t in _CONTAINERS:
+        return (t, *[_input(u) for u in v])
+    if isinstance(v, torch.Tensor):
+        raise _Unkeyable(t.__name__)  # a tensor subclass may compute anything
+    return _canon(v)
+
+
+def shapes_suffice(gm: GraphTrace) -> bool:
+    """After the recording: no ``getitem`` of the trace indexed by a tensor (a boolean mask
+    makes a data-dependent shape), so the values :func:`shape_key` leaves out follow from the
+    shapes.  (Two models with one shape key record the same kinds of index: every value before
+    an index is the same, node by node.)"""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is operator.getitem:
+            found: list[fx.Node] = []
+            fx.node.map_arg(node.args[1:], found.append)
+            if any(_holds_tensor(n.meta.get(VALUE)) for n in found):
+                return False
+    return True
+
+
+def _holds_tensor(v: Any) -> bool:
+    if type(v) is TensorMeta:
+        return True
+    if isinstance(v, (tuple, list)):
+        return any(_holds_tensor(u) for u in v)
+    if isinstance(v, dict):
+        return any(_holds_tensor(u) for u in v.values())
+    return False
 
 
 def cached(key: _Key | None) -> PermutationSpec | None:
