@@ -322,6 +322,7 @@ def test_a_shape_key_holds_the_inputs_dtypes_and_shapes_and_the_default_dtype() 
     assert key is not None and key == _shape_key(model, torch.randn(2, 8))
     assert key != _shape_key(model, torch.randn(3, 8))
     assert key != _shape_key(model, torch.randn(2, 8, dtype=torch.float64))
+    assert key != _shape_key(model, torch.randn(8, 2).t())  # not contiguous: a view may fail
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -352,6 +353,12 @@ def test_no_shape_key_where_something_outside_it_may_change_the_shapes() -> None
         assert _shape_key(model, x) is None
     finally:
         handle.remove()
+    with torch.no_grad():
+        weight = model.a.weight
+        model.a.weight = nn.Parameter(weight.as_subclass(_Sub))  # a subclass in the state
+        assert _shape_key(model, x) is None
+        model.a.weight = weight
+    assert _shape_key(model, x) is not None
     model.b.forward = lambda t: t[:, :3]  # type: ignore[method-assign]
     assert _shape_key(model, x) is None
 

@@ -40,8 +40,10 @@ def find_groups(
     instead of relating every axis again.  Where every op of the trace has an output shape that
     follows from its inputs' shapes (convolutions, linear layers, norms, activations, reshapes,
     concatenation, attention, ...), the inputs' shapes and dtypes stand in for the recorded
-    values and such a repeat is found without running the model; otherwise the model is run on
-    every call.  :func:`clear_spec_cache` forgets those specs.
+    values and such a repeat is found without running the model (so an input that has the
+    shapes and dtypes of one seen before but that the model can not run on, an out-of-range
+    embedding index, raises nothing then); otherwise the model is run on every call.
+    :func:`clear_spec_cache` forgets those specs.
     """
     if tracer not in TRACERS:
         raise InputError(f"tracer must be one of {TRACERS}, got {tracer!r}")

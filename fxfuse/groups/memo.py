@@ -210,8 +210,8 @@ def shape_key(model: nn.Module, gm: GraphTrace, tensors: dict[str, torch.Tensor]
     under it only where the recording confirms that no op indexed by a tensor
     (:func:`shapes_suffice`); else under its :func:`value_key`."""
     context = _shape_context()
-    if context is None:
-        return None
+    if context is None or any(type(t) not in _PLAIN for t in tensors.values()):
+        return None  # a tensor subclass in the state may compute anything
     try:
         return _key(model, gm, tensors, [options, _SHAPES, context,
                                          tuple([_input(v) for v in inputs])], _shape_op)
@@ -283,6 +283,7 @@ SHAPE_MODULES: frozenset[type] = frozenset({
     nn.Flatten, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d,
     nn.AvgPool2d, nn.MaxPool1d, nn.MaxPool2d, nn.Embedding, nn.MultiheadAttention,
 })
+_PLAIN = frozenset({torch.Tensor, nn.Parameter})
 _SHAPES = object()  # tags a shape key's first rows (never equal to a value key's)
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "T", "mT"})
@@ -319,8 +320,8 @@ def _input(v: Any) -> Any:
     """An example input as a shape key holds it: a plain tensor by shape, dtype and layout,
     containers by their items, any other value exactly."""
     t = type(v)
-    if t is torch.Tensor:
-        return (_TENSOR, tuple(v.shape), v.dtype, v.layout)
+    if t is torch.Tensor:  # contiguity: whether a view of it runs
+        return (_TENSOR, tuple(v.shape), v.dtype, v.layout, v.is_contiguous())
     if t in _CONTAINERS:
         return (t, *[_input(u) for u in v])
     if isinstance(v, torch.Tensor):
