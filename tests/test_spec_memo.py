@@ -385,3 +385,55 @@ def test_an_index_by_a_tensor_is_found_after_the_recording() -> None:
         n.replace_all_uses_with(n.args[0])
         graph.graph.erase_node(n)
     assert memo.shapes_suffice(graph)
+
+
+class _Heads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 12), nn.Linear(12, 3)
+        self.register_buffer("heads", torch.tensor(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)  # a 0-dim integer buffer's *value* is a size
+        return self.b(h.view(h.size(0), self.heads, -1).transpose(1, 2).reshape(h.size(0), -1))
+
+
+def test_an_integer_tensor_as_an_argument_is_keyed_after_the_recording() -> None:
+    model, x = _Heads().eval(), torch.randn(2, 4)
+    _kept(model, x)
+    assert _kinds() == ["values"]
+    model.heads.fill_(3)  # same shape and dtype, other shapes downstream
+    hit = fxfuse.find_groups(model, x)
+    assert _text(hit) == _text(_fresh(model, x))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_a_shape_key_holds_strides_and_devices_and_only_plain_strided_tensors() -> None:
+    model, x = _Two().eval(), torch.randn(2, 8)
+    key = _shape_key(model, x)
+    assert key != _shape_key(model, torch.randn(8, 4)[::4])  # (2, 8), other strides
+    assert _shape_key(model, x.to_sparse_csr()) is None
+    model.a.register_buffer("extra", torch.zeros(8).as_subclass(_Sub), persistent=False)
+    assert _shape_key(model, x) is None  # not in the state_dict, still a subclass
+    del model.a.extra
+    assert _shape_key(model, x) == key
+    assert _shape_key(model.to("meta"), x) != key  # the model on another device than before
+
+
+class _Viewed(_Two):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.view(x.size(0), -1) + self.shift)
+
+
+def test_a_model_that_no_longer_runs_on_its_inputs_raises_as_a_fresh_discovery_does() -> None:
+    model, x = _Viewed().eval(), torch.randn(2, 2, 4)
+    _kept(model, x)
+    assert _kinds() == ["shapes"]
+    with pytest.raises(fxfuse.errors.InputError):  # strides a view can not take: recorded
+        fxfuse.find_groups(model, torch.randn(2, 4, 2).transpose(1, 2))
+    with pytest.raises(fxfuse.errors.InputError):  # the model on another device
+        fxfuse.find_groups(model.to("meta"), x)

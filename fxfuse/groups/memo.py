@@ -28,10 +28,13 @@ tensor data (:data:`SHAPE_FUNCTIONS`, :data:`SHAPE_METHODS`, :data:`SHAPE_MODULE
 tensor index), the recorded values are a function of the inputs' and the state's shapes and dtypes:
 node by node, each argument's recorded value is the same as before, so each output's is.  Such a
 trace is keyed before the recording, by :func:`shape_key`: the same rows without the recorded
-values, with the inputs' shapes and dtypes and torch's default dtype instead; a hit there does not
-run the model.  Anything else (an op not in those tables, a module with hooks, an indexing by a
-tensor, autocast or a torch function / dispatch mode active, an input that is not a plain tensor
-or Python value) is keyed by :func:`form_key` after the recording, as above.  Every leaf value is
+values, with the inputs' shapes, dtypes, strides and devices, the state's strides and devices and
+torch's default dtype instead (strides and devices: whether the model runs on them at all); a hit
+there does not run the model.  Anything else (an op not in those tables, a module with hooks, an
+integer or boolean tensor as an argument after an op's first or any tensor in an index (its values
+may be a size or a mask), autocast or a torch function / dispatch mode active, a tensor that is a
+subclass or not strided, an input that is not a tensor or Python value) is keyed by
+:func:`value_key` after the recording, as above.  Every leaf value is
 tagged with its exact type (``1``, ``1.0`` and ``True`` are three keys; a float by its
 ``repr``, so ``-0.0`` and ``nan`` are themselves), containers with theirs.  Only discoveries
 without cuts, probes or notes are kept (those name source lines or compare traces), from a
@@ -130,13 +133,14 @@ def _tensor(t: Any, first: dict[int, str]) -> Any:
     return _canon(t)
 
 
-def _module(m: nn.Module, first: dict[int, str], rule: Any) -> tuple[Any, ...]:
+def _module(m: nn.Module, first: dict[int, str], rule: Any, tensor: Any = _tensor
+            ) -> tuple[Any, ...]:
     """A called module's part of the key: its class, its tensors (as the rule sees them: named
     as ``named_parameters`` and ``named_buffers`` name them) and, for a form rule
     (:func:`~fxfuse.rules.registry.form_rule`, a function of the op's form and of the module
     attributes it lists), those attributes; for any other rule (or none), every attribute the
     module holds itself, and its submodules'."""
-    tensors = tuple([(name, _tensor(t, first)) for name, t in _named_tensors(m)])
+    tensors = tuple([(name, tensor(t, first)) for name, t in _named_tensors(m)])
     attrs = form_attrs(rule) if rule is not None else None
     if attrs is not None:
         return (type(m), tensors, *[(a, _canon(getattr(m, a, None))) for a in attrs])
@@ -210,8 +214,8 @@ def shape_key(model: nn.Module, gm: GraphTrace, tensors: dict[str, torch.Tensor]
     under it only where the recording confirms that no op indexed by a tensor
     (:func:`shapes_suffice`); else under its :func:`value_key`."""
     context = _shape_context()
-    if context is None or any(type(t) not in _PLAIN for t in tensors.values()):
-        return None  # a tensor subclass in the state may compute anything
+    if context is None:
+        return None
     try:
         return _key(model, gm, tensors, [options, _SHAPES, context,
                                          tuple([_input(v) for v in inputs])], _shape_op)
@@ -223,9 +227,12 @@ def _key(model: nn.Module, gm: GraphTrace, tensors: dict[str, torch.Tensor], row
          shape_op: Any) -> _Key:
     """The rows of a key: ``rows``, the state, then one per node (its recorded value where
     ``shape_op`` is None; else ``shape_op(node, module)`` vets each op, raising _Unkeyable)."""
+    tensor = _tensor if shape_op is None else _shape_tensor
     try:
         state, first = _state(model, tensors)
         rows.append(state)
+        if shape_op is not None:  # where each runs: a view needs the strides, an op one device
+            rows.append(tuple([_layout(t) for t in tensors.values()]))
         fetch = attribute_reader(gm.root)
         for node in gm.graph.nodes:
             op, target = node.op, node.target
@@ -239,9 +246,9 @@ def _key(model: nn.Module, gm: GraphTrace, tensors: dict[str, torch.Tensor], row
                     row += [target, rule, _module(mod, first, rule)]
                 else:
                     shape_op(node, mod)  # the output's shape: from every attribute the module holds
-                    row += [target, rule, _module(mod, first, None)]
+                    row += [target, rule, _module(mod, first, None, tensor)]
             elif op == "get_attr":
-                row += [target, _tensor(fetch(str(target)), first)]
+                row += [target, tensor(fetch(str(target)), first)]
             elif op == "call_function" or op == "call_method":
                 if shape_op is not None:
                     shape_op(node, None)
@@ -320,8 +327,8 @@ def _input(v: Any) -> Any:
     """An example input as a shape key holds it: a plain tensor by shape, dtype and layout,
     containers by their items, any other value exactly."""
     t = type(v)
-    if t is torch.Tensor:  # contiguity: whether a view of it runs
-        return (_TENSOR, tuple(v.shape), v.dtype, v.layout, v.is_contiguous())
+    if t is torch.Tensor:
+        return (_TENSOR, tuple(v.shape), v.dtype, *_layout(v))
     if t in _CONTAINERS:
         return (t, *[_input(u) for u in v])
     if isinstance(v, torch.Tensor):
@@ -329,18 +336,56 @@ def _input(v: Any) -> Any:
     return _canon(v)
 
 
+def _layout(t: torch.Tensor) -> tuple[Any, ...]:
+    """Where a plain strided tensor's elements are (whether a view of it runs) and its device
+    (whether an op with it runs); a tensor subclass, a sparse or other layout has no shape key
+    (it may compute anything, or has no strides)."""
+    if type(t) not in _PLAIN or t.layout is not torch.strided:
+        raise _Unkeyable(type(t).__name__)
+    return (t.stride(), t.device)
+
+
+def _shape_tensor(t: Any, first: dict[int, str]) -> Any:
+    """:func:`_tensor` for a shape key: a state entry by its key (the state's rows hold its
+    shape, dtype, strides and device), any other tensor (a non-persistent buffer, a constant)
+    by its shape, dtype, strides and device."""
+    key = first.get(id(t))
+    if key is not None:
+        return (_STATE, key)
+    if isinstance(t, torch.Tensor):
+        return (_TENSOR, tuple(t.shape), t.dtype, *_layout(t))
+    return _canon(t)
+
+
 def shapes_suffice(gm: GraphTrace) -> bool:
-    """After the recording: no ``getitem`` of the trace indexed by a tensor (a boolean mask
-    makes a data-dependent shape), so the values :func:`shape_key` leaves out follow from the
-    shapes.  (Two models with one shape key record the same kinds of index: every value before
-    an index is the same, node by node.)"""
+    """After the recording: whether the values :func:`shape_key` leaves out follow from the
+    shapes.  They do not where an op's argument after its first (the tensor it acts on) is an
+    integer or boolean tensor (its *values* may be a size, a dim, a count: ``x.view(n, self.heads,
+    -1)`` with a 0-dim buffer; a mask), or where an index holds any tensor (a boolean mask makes
+    a data-dependent shape, an integer one reads values).  (Two models with one shape key record
+    the same kinds of argument: every value before them is the same, node by node.)"""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is operator.getitem:
-            found: list[fx.Node] = []
-            fx.node.map_arg(node.args[1:], found.append)
-            if any(_holds_tensor(n.meta.get(VALUE)) for n in found):
-                return False
+        if node.op not in _CALLS:
+            continue
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args[1:], node.kwargs), found.append)
+        test = _holds_tensor if node.target is operator.getitem else _holds_integers
+        if any(test(n.meta.get(VALUE)) for n in found):
+            return False
     return True
+
+
+_CALLS = frozenset({"call_function", "call_method", "call_module"})
+
+
+def _holds_integers(v: Any) -> bool:
+    if type(v) is TensorMeta:
+        return not (v.dtype.is_floating_point or v.dtype.is_complex)
+    if isinstance(v, (tuple, list)):
+        return any(_holds_integers(u) for u in v)
+    if isinstance(v, dict):
+        return any(_holds_integers(u) for u in v.values())
+    return False
 
 
 def _holds_tensor(v: Any) -> bool:
