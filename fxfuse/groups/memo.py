@@ -315,7 +315,9 @@ def _shape_context() -> tuple[Any, ...] | None:
     dtype), or None where something may change them that the key does not hold (autocast, a
     torch function or dispatch mode, a global module hook)."""
     mod = nn.modules.module
+    any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)  # every device type
     if (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+            or (any_autocast is not None and any_autocast())
             or torch._C._is_torch_function_mode_enabled()
             or torch._C._len_torch_dispatch_stack() > 0
             or mod._global_forward_hooks or mod._global_forward_pre_hooks):
