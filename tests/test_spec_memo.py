@@ -3,6 +3,7 @@ again gets the spec a fresh discovery gives, and anything discovery reads that c
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
@@ -380,7 +381,7 @@ def test_an_index_by_a_tensor_is_found_after_the_recording() -> None:
     graph = trace_graph(model, stack_traces=False)
     record_values(graph, (x,))
     assert not memo.shapes_suffice(graph)
-    index = [n for n in graph.graph.nodes if n.target is __import__("operator").getitem]
+    index = [n for n in graph.graph.nodes if n.target is operator.getitem]
     for n in index[1:]:  # only the slice stays: shapes suffice
         n.replace_all_uses_with(n.args[0])
         graph.graph.erase_node(n)

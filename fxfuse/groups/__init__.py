@@ -66,16 +66,14 @@ def find_groups(
                 # recording (a hit does not run the model), any other after it
                 key = memo.shape_key(model, graph, tensors, inputs, options) if known else None
                 spec = memo.cached(key)
+                if spec is None:
+                    record_values(graph, inputs)
+                    if known and (key is None or not memo.shapes_suffice(graph)):
+                        key = memo.value_key(model, graph, tensors, options)
+                        spec = memo.cached(key)
                 if spec is not None:
                     release_graph(graph.graph)
                     return spec
-                record_values(graph, inputs)
-                if known and (key is None or not memo.shapes_suffice(graph)):
-                    key = memo.value_key(model, graph, tensors, options)
-                    spec = memo.cached(key)
-                    if spec is not None:
-                        release_graph(graph.graph)
-                        return spec
                 disc = discover(model, inputs, tracer=tracer, graph=graph)
         else:
             disc = discover(model, inputs, strict=strict, tracer=tracer)

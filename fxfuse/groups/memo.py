@@ -211,8 +211,8 @@ def shape_key(model: nn.Module, gm: GraphTrace, tensors: dict[str, torch.Tensor]
     """The key of a discovery of ``model`` from its symbolic trace ``gm`` *before* its values are
     recorded on ``inputs``, where every op of the trace records a value that is a function of its
     arguments' shapes and dtypes (see the module's docstring), else None.  A discovery is kept
-    under it only where the recording confirms that no op indexed by a tensor
-    (:func:`shapes_suffice`); else under its :func:`value_key`."""
+    under it only where its recording confirms that (:func:`shapes_suffice`); else under its
+    :func:`value_key`."""
     context = _shape_context()
     if context is None:
         return None
@@ -316,9 +316,9 @@ def _shape_context() -> tuple[Any, ...] | None:
     torch function or dispatch mode, a global module hook)."""
     mod = nn.modules.module
     any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)  # every device type
-    if (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
-            or (any_autocast is not None and any_autocast())
-            or torch._C._is_torch_function_mode_enabled()
+    autocast = (any_autocast() if any_autocast is not None
+                else torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+    if (autocast or torch._C._is_torch_function_mode_enabled()
             or torch._C._len_torch_dispatch_stack() > 0
             or mod._global_forward_hooks or mod._global_forward_pre_hooks):
         return None
@@ -326,15 +326,12 @@ def _shape_context() -> tuple[Any, ...] | None:
 
 
 def _input(v: Any) -> Any:
-    """An example input as a shape key holds it: a plain tensor by shape, dtype and layout,
-    containers by their items, any other value exactly."""
-    t = type(v)
-    if t is torch.Tensor:
-        return (_TENSOR, tuple(v.shape), v.dtype, *_layout(v))
-    if t in _CONTAINERS:
-        return (t, *[_input(u) for u in v])
+    """An example input as a shape key holds it: a tensor by shape, dtype, strides and device
+    (:func:`_layout`), containers by their items, any other value exactly."""
     if isinstance(v, torch.Tensor):
-        raise _Unkeyable(t.__name__)  # a tensor subclass may compute anything
+        return (_TENSOR, tuple(v.shape), v.dtype, *_layout(v))
+    if type(v) in _CONTAINERS:
+        return (type(v), *[_input(u) for u in v])
     return _canon(v)
 
 
@@ -351,12 +348,10 @@ def _shape_tensor(t: Any, first: dict[int, str]) -> Any:
     """:func:`_tensor` for a shape key: a state entry by its key (the state's rows hold its
     shape, dtype, strides and device), any other tensor (a non-persistent buffer, a constant)
     by its shape, dtype, strides and device."""
-    key = first.get(id(t))
-    if key is not None:
-        return (_STATE, key)
-    if isinstance(t, torch.Tensor):
-        return (_TENSOR, tuple(t.shape), t.dtype, *_layout(t))
-    return _canon(t)
+    row = _tensor(t, first)
+    if isinstance(t, torch.Tensor) and id(t) not in first:
+        return (*row, *_layout(t))
+    return row
 
 
 def shapes_suffice(gm: GraphTrace) -> bool:
@@ -371,8 +366,8 @@ def shapes_suffice(gm: GraphTrace) -> bool:
             continue
         found: list[fx.Node] = []
         fx.node.map_arg((node.args[1:], node.kwargs), found.append)
-        test = _holds_tensor if node.target is operator.getitem else _holds_integers
-        if any(test(n.meta.get(VALUE)) for n in found):
+        test = _any_tensor if node.target is operator.getitem else _integer_tensor
+        if any(_holds(n.meta.get(VALUE), test) for n in found):
             return False
     return True
 
@@ -380,23 +375,22 @@ def shapes_suffice(gm: GraphTrace) -> bool:
 _CALLS = frozenset({"call_function", "call_method", "call_module"})
 
 
-def _holds_integers(v: Any) -> bool:
-    if type(v) is TensorMeta:
-        return not (v.dtype.is_floating_point or v.dtype.is_complex)
-    if isinstance(v, (tuple, list)):
-        return any(_holds_integers(u) for u in v)
-    if isinstance(v, dict):
-        return any(_holds_integers(u) for u in v.values())
-    return False
+def _any_tensor(meta: TensorMeta) -> bool:
+    return True
 
 
-def _holds_tensor(v: Any) -> bool:
+def _integer_tensor(meta: TensorMeta) -> bool:
+    return not (meta.dtype.is_floating_point or meta.dtype.is_complex)
+
+
+def _holds(v: Any, test: Any) -> bool:
+    """Whether a recorded value holds a tensor (its TensorMeta) that ``test`` accepts."""
     if type(v) is TensorMeta:
-        return True
+        return bool(test(v))
     if isinstance(v, (tuple, list)):
-        return any(_holds_tensor(u) for u in v)
+        return any(_holds(u, test) for u in v)
     if isinstance(v, dict):
-        return any(_holds_tensor(u) for u in v.values())
+        return any(_holds(u, test) for u in v.values())
     return False
 
 
