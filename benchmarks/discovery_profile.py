@@ -1,10 +1,10 @@
 """Benchmark: where ``fxfuse.find_groups`` spends its time, stage by stage, cold and warm.
 
-For each profiled model (zoo models, ``resnet50``, and the zoo's DenseNet built with the block
-layouts of DenseNet-121 and -201: the concat-heavy deep case) a fresh child process imports torch
-and the zoo, builds the model, imports fxfuse (timed), then times ``fxfuse.find_groups(model,
-inputs)`` end to end, once *cold* (the first call in the process) and then ``--repeats`` times
-*warm* (median), split into the stages that ``find_groups`` runs:
+For each profiled model (every zoo model, the large ones included, and the zoo's DenseNet built
+with the block layouts of DenseNet-121 and -201: the concat-heavy deep case) a fresh child process
+imports torch and the zoo, builds the model, imports fxfuse (timed), then times
+``fxfuse.find_groups(model, inputs)`` end to end, once *cold* (the first call in the process) and
+then ``--repeats`` times *warm* (median), split into the stages that ``find_groups`` runs:
 
 * **trace**: ``torch.fx`` symbolic tracing (``fxfuse.trace.symbolic_trace``; on models with cuts,
   also the second trace that names the cuts' source lines),
@@ -15,7 +15,12 @@ inputs)`` end to end, once *cold* (the first call in the process) and then ``--r
 * **other**: the rest of the end-to-end time (input checks, the calls between stages).
 
 The stages are timed by wrapping those functions in the child process, so the figure is the real
-``find_groups`` call, not a re-implementation of it.  Each cold stage also says how many Python
+``find_groups`` call, not a re-implementation of it.  The same process then times torch-pruning's
+``DependencyGraph().build_dependency`` on the model (one untimed call, then ``--repeats`` timed:
+median) where it is installed, so each stage can be set against torch-pruning's whole build: the
+summary counts the models where fxfuse's warm call is slower, where it would still be slower
+without its trace, and where it would be without its trace and its recording (no tracer or
+recorder, however fast, brings those under torch-pruning).  Each cold stage also says how many Python
 modules it imported.  With ``--baseline REV`` the same children also run on the library and zoo of
 commit ``REV`` (extracted with ``git archive`` into a temporary folder), side by side in the same
 run, so a change can be judged before / after on the same machine load.
@@ -39,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,17 +76,20 @@ NUM_THREADS = 1  # discovery is Python-bound; one thread is steadier on the shar
 ROUNDS = 3  # child processes per model and code version (see main)
 REPEATS = 5
 STAGES = ("trace", "record", "rules", "spec", "other")
-# label -> (zoo name, factory keyword arguments)
-PROFILED: dict[str, tuple[str, dict[str, Any]]] = {
-    "mlp": ("mlp", {}),
-    "resnet20": ("resnet20", {}),
-    "mobilenetv2": ("mobilenetv2", {}),
-    "densenet": ("densenet", {}),
-    "vit_tiny": ("vit_tiny", {}),
-    "resnet50": ("resnet50", {}),
+# labels that are not zoo names: label -> (zoo name, factory keyword arguments); every other
+# label is a zoo name, built with its defaults
+LAYOUTS: dict[str, tuple[str, dict[str, Any]]] = {
     "densenet-121 layout": ("densenet", {"block_layers": (6, 12, 24, 16)}),
     "densenet-201 layout": ("densenet", {"block_layers": (6, 12, 48, 32)}),
 }
+
+
+def profiled() -> list[str]:
+    """The labels of a full run: every zoo model (``models.names()``), the large ones, then the
+    DenseNet layouts."""
+    import models
+
+    return [*models.names(), *models.names("large"), *LAYOUTS]
 
 
 # -- the child process ----------------------------------------------------------------------------
@@ -120,13 +129,16 @@ def install(clock: StageClock) -> None:
     disc = importlib.import_module("fxfuse.groups.discover")  # `groups.discover` is the function
 
     # the trace is ``trace_graph`` since it stopped compiling a GraphModule (older code and
-    # baselines: ``symbolic_trace``)
+    # baselines: ``symbolic_trace``); find_groups traces and records itself since the spec memo
+    # (its own names for both), discovery where it is called without a graph
     trace = "trace_graph" if hasattr(disc, "trace_graph") else "symbolic_trace"
     patches = [(disc, trace, "trace"), (disc, "record_values", "record"),
+               (groups, "trace_graph", "trace"), (groups, "record_values", "record"),
                (disc._Driver, "__init__", "rules"), (disc._Driver, "run", "rules"),
                (groups, "build_spec", "spec"), (groups.PermutationSpec, "lint", "spec")]
     for owner, attr, stage in patches:
-        setattr(owner, attr, clock.wrap(stage, getattr(owner, attr)))
+        if hasattr(owner, attr):
+            setattr(owner, attr, clock.wrap(stage, getattr(owner, attr)))
 
 
 def one_call(clock: StageClock, fn: Callable[[], Any]) -> tuple[dict[str, float], dict[str, int]]:
@@ -148,15 +160,16 @@ def worker(label: str, root: str, repeats: int, threads: int) -> int:
     import torch
 
     torch.set_num_threads(threads)
-    import models
-
-    name, kwargs = PROFILED[label]
-    entry = models.get(name)
-    model, inputs = entry.factory(**kwargs), entry.example_inputs()
     t0 = time.perf_counter()
-    import fxfuse
+    import fxfuse  # before the zoo, which imports parts of fxfuse (models/leaf.py)
+    import fxfuse.groups
 
     import_s = time.perf_counter() - t0
+    import models
+
+    name, kwargs = LAYOUTS.get(label, (label, {}))
+    entry = models.get(name)
+    model, inputs = entry.factory(**kwargs), entry.example_inputs()
     assert str(Path(fxfuse.__file__).resolve()).startswith(str(Path(root).resolve()))
     clock = StageClock()
     install(clock)
@@ -167,7 +180,6 @@ def worker(label: str, root: str, repeats: int, threads: int) -> int:
 
     gc.collect()
     cold, cold_modules = one_call(clock, call)
-    import fxfuse.groups
 
     # the spec memo (code that has one) emptied before each warm call, not timed: each relates
     # every axis again, as the first call of an architecture in a process does
@@ -178,10 +190,37 @@ def worker(label: str, root: str, repeats: int, threads: int) -> int:
         warm_runs.append(one_call(clock, call)[0])
     warm = {k: statistics.median(r[k] for r in warm_runs) for k in (*STAGES, "total", "cpu")}
     spec = holder["spec"]
+    tp_s, tp_status = torch_pruning_build(model, inputs, repeats)
     print(json.dumps({"import_s": import_s, "cold": cold, "cold_modules": cold_modules,
                       "warm": warm, "nodes": sum(1 for _ in spec_nodes(model)),
-                      "groups": len(spec.groups), "cuts": len(spec.cuts)}))
+                      "groups": len(spec.groups), "cuts": len(spec.cuts),
+                      "tp_s": tp_s, "tp_status": tp_status}))
     return 0
+
+
+def torch_pruning_build(model: Any, inputs: Any, repeats: int) -> tuple[float | None, str]:
+    """The median of ``repeats`` calls of torch-pruning's ``build_dependency`` on the model
+    after an untimed first one (its imports and caches), or None and why."""
+    try:
+        import torch_pruning as tp
+    except ImportError as exc:
+        return None, f"torch-pruning not installed ({exc.name})"
+
+    def build() -> None:
+        tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
+
+    laps = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            build()
+            for _ in range(repeats):  # as fxfuse's warm calls: no forced collection
+                t0 = time.perf_counter()
+                build()
+                laps.append(time.perf_counter() - t0)
+    except Exception as exc:  # torch-pruning's own failure (e.g. on channel shuffles)
+        return None, f"torch-pruning error: {type(exc).__name__}"
+    return statistics.median(laps), ""
 
 
 def spec_nodes(model: Any) -> Iterator[Any]:
@@ -233,6 +272,10 @@ def pooled(results: list[Result]) -> Result:
         data[part] = {k: statistics.median(r.data[part][k] for r in results)
                       for k in first.data[part]}
     data["import_s"] = statistics.median(r.data["import_s"] for r in results)
+    tp = [r.data.get("tp_s") for r in results]
+    data["tp_s"] = statistics.median(tp) if None not in tp else None  # type: ignore[type-var]
+    data["tp_status"] = next((r.data.get("tp_status") for r in results
+                              if r.data.get("tp_status")), "") or ""
     return Result(first.label, first.code, data)
 
 
@@ -244,12 +287,12 @@ def render_table(results: list[Result]) -> str:
     head = ("| model | graph nodes | groups | code | import fxfuse | cold total | "
             + " | ".join(f"cold {s}" for s in STAGES) + " | modules imported by the cold call "
             "(record) | warm total | warm CPU | " + " | ".join(f"warm {s}" for s in STAGES)
-            + " |")
-    lines = [head, "|---|---:|---:|---|" + "---:|" * (5 + 2 * len(STAGES))]
+            + " | torch-pruning warm | warm / tp | rules + spec / tp |")
+    lines = [head, "|---|---:|---:|---|" + "---:|" * (8 + 2 * len(STAGES))]
     for r in results:
         if not r.data:
             lines.append(f"| {r.label} | - | - | {r.code} | {r.status} |"
-                         + " - |" * (4 + 2 * len(STAGES)))  # 19 columns in all
+                         + " - |" * (7 + 2 * len(STAGES)))  # 22 columns in all
             continue
         d = r.data
         mods = d["cold_modules"]
@@ -259,8 +302,59 @@ def render_table(results: list[Result]) -> str:
             + " | ".join(cell(d["cold"], s) for s in STAGES)
             + f" | {sum(mods.values())} ({mods['record']}) | **{cell(d['warm'], 'total')}** | "
             + (cell(d["warm"], "cpu") if "cpu" in d["warm"] else "-") + " | "
-            + " | ".join(cell(d["warm"], s) for s in STAGES) + " |")
+            + " | ".join(cell(d["warm"], s) for s in STAGES) + " | " + tp_cells(d) + " |")
     return "\n".join(lines)
+
+
+def tp_cells(d: dict[str, Any]) -> str:
+    tp = d.get("tp_s")
+    if tp is None:
+        return f"{d.get('tp_status') or '-'} | - | -"
+    warm = d["warm"]
+    return (f"{fmt_seconds(tp)} | {warm['total'] / tp:.2f}x | "
+            f"{(warm['rules'] + warm['spec']) / tp:.2f}x")
+
+
+def floor_lines(results: list[Result]) -> list[str]:
+    """Against torch-pruning, timed in the same processes (this checkout's rows): where the
+    warm call (a new architecture) is slower, where it would still be slower without its trace,
+    and without its trace and recording."""
+    rows = [r for r in results if r.code == "this checkout" and r.data
+            and r.data.get("tp_s")]
+    if not rows:
+        return []
+    n = len(rows)
+
+    def over(part: Callable[[dict[str, float]], float]) -> list[tuple[str, float]]:
+        return [(r.label, part(r.data["warm"]) / r.data["tp_s"]) for r in rows
+                if part(r.data["warm"]) > r.data["tp_s"]]
+
+    def names(found: list[tuple[str, float]]) -> str:
+        return ", ".join(f"{label} ({x:.2f}x)" for label, x in found) or "none"
+
+    total = over(lambda w: w["total"])
+    untraced = over(lambda w: w["total"] - w["trace"])
+    walk = over(lambda w: w["total"] - w["trace"] - w["record"])
+    ratios = sorted(r.data["warm"]["total"] / r.data["tp_s"] for r in rows)
+    skipped = [r.label for r in results if r.code == "this checkout" and r.data
+               and not r.data.get("tp_s")]
+    out = [
+        f"- Against torch-pruning's `build_dependency`, timed in the same processes ({n} models "
+        f"it builds; warm medians, a new architecture each fxfuse call): fxfuse is slower on "
+        f"{len(total)} of {n} (warm / tp from {ratios[0]:.2f}x to {ratios[-1]:.2f}x, median "
+        f"{statistics.median(ratios):.2f}x): {names(total)}",
+        f"- Without its trace (warm total minus the trace stage: as if tracing cost nothing) "
+        f"fxfuse would still be slower on {len(untraced)} of {n}: {names(untraced)}",
+        f"- Without its trace and its recording (its rules, spec and the rest: as if a tracer "
+        f"recorded the shapes as it traced, at no cost) still slower on {len(walk)} of {n}: "
+        f"{names(walk)}. On these no tracer or recorder, however fast, makes a new "
+        "architecture's discovery as fast as torch-pruning's; the axis walk and the spec "
+        "build must be faster too",
+    ]
+    if skipped:
+        out.append(f"- Not compared (torch-pruning has no timing, see the table): "
+                   f"{', '.join(skipped)}")
+    return out
 
 
 def summary(results: list[Result], baseline: str | None) -> list[str]:
@@ -317,7 +411,11 @@ def render_section(results: list[Result], args: argparse.Namespace, total_s: flo
         "(6, 12, 48, 32) on its 32x32 inputs. *graph nodes*: nodes of the symbolic trace. "
         "Warm calls reuse fxfuse's per-process tables (role plans and rule relations per op "
         "form, node-name candidates, Tensor-method answers: see the discovery-time section); "
-        "the cold call fills them.",
+        "the cold call fills them. *torch-pruning warm*: in the same process after fxfuse's "
+        "calls, `tp.DependencyGraph().build_dependency(model, example_inputs=inputs)` once "
+        f"untimed, then {args.repeats} times (median; over the rounds, the median); *warm / tp*: "
+        "fxfuse's warm total over it; *rules + spec / tp*: the axis walk and the spec build "
+        "alone over it.",
         load_line(args.load_start, total_s),
         "",
         render_table(results),
@@ -325,6 +423,10 @@ def render_section(results: list[Result], args: argparse.Namespace, total_s: flo
         "Summary (before -> after where a baseline ran):",
         "",
         *summary(results, args.baseline),
+        "",
+        "The floor, against torch-pruning:",
+        "",
+        *floor_lines(results),
         END,
     ]
     return "\n".join(parts) + "\n"
@@ -355,10 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args.worker, args.root, args.repeats, args.threads)
-    labels = [s.strip() for s in args.models.split(",") if s.strip()] or list(PROFILED)
-    unknown = [s for s in labels if s not in PROFILED]
+    known = profiled()
+    labels = [s.strip() for s in args.models.split(",") if s.strip()] or known
+    unknown = [s for s in labels if s not in known]
     if unknown:
-        raise SystemExit(f"unknown model label(s) {unknown}; known: {list(PROFILED)}")
+        raise SystemExit(f"unknown model label(s) {unknown}; known: {known}")
     start = time.perf_counter()
     args.load_start = load_average()
     args.revision = fxfuse_revision()
