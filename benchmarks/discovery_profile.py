@@ -2,7 +2,7 @@
 
 For each profiled model (every zoo model, the large ones included, and the zoo's DenseNet built
 with the block layouts of DenseNet-121 and -201: the concat-heavy deep case) a fresh child process
-imports torch and the zoo, builds the model, imports fxfuse (timed), then times
+imports torch, imports fxfuse (timed), then the zoo, builds the model, then times
 ``fxfuse.find_groups(model, inputs)`` end to end, once *cold* (the first call in the process) and
 then ``--repeats`` times *warm* (median), split into the stages that ``find_groups`` runs:
 
@@ -396,8 +396,9 @@ def render_section(results: list[Result], args: argparse.Namespace, total_s: flo
         machine_line(args.threads),
         f"- Method: {args.rounds} fresh child processes per model and code version, "
         "interleaved (the code version that goes first alternates by model and by round); each "
-        "row is the median over them of each cell. Each process imports torch and the "
-        "zoo, builds the model, imports fxfuse (*import fxfuse*), then times "
+        "row is the median over them of each cell. Each process imports torch, then fxfuse "
+        "(*import fxfuse*; before the zoo, which imports parts of it), then the zoo, builds the "
+        "model, then times "
         "`fxfuse.find_groups(model, inputs)` once *cold* (first call in the process) and "
         f"{args.repeats} times *warm* (median per stage; *warm CPU*: the process's CPU time of "
         "the whole call; no collection forced between calls; where the code has a spec memo, "
