@@ -2,11 +2,11 @@
 
 For each profiled model (every zoo model, the large ones included, and the zoo's DenseNet built
 with the block layouts of DenseNet-121 and -201: the concat-heavy deep case) a fresh child process
-imports torch, imports fxfuse (timed), then the zoo, builds the model, then times
-``fxfuse.find_groups(model, inputs)`` end to end, once *cold* (the first call in the process) and
-then ``--repeats`` times *warm* (median), split into the stages that ``find_groups`` runs:
+imports torch, imports fxfuse and ``fxfuse.groups`` (timed), then the zoo, builds the model, then
+times ``fxfuse.find_groups(model, inputs)`` end to end, once *cold* (the first call in the process)
+and then ``--repeats`` times *warm* (median), split into the stages that ``find_groups`` runs:
 
-* **trace**: ``torch.fx`` symbolic tracing (``fxfuse.trace.symbolic_trace``; on models with cuts,
+* **trace**: ``torch.fx`` symbolic tracing (``fxfuse.trace.trace_graph``; on models with cuts,
   also the second trace that names the cuts' source lines),
 * **record**: shape recording on the example inputs (``fxfuse.trace.record_values``),
 * **rules**: the driver walking the graph once and applying each node's axis rule to the atom
@@ -15,15 +15,15 @@ then ``--repeats`` times *warm* (median), split into the stages that ``find_grou
 * **other**: the rest of the end-to-end time (input checks, the calls between stages).
 
 The stages are timed by wrapping those functions in the child process, so the figure is the real
-``find_groups`` call, not a re-implementation of it.  The same process then times torch-pruning's
+``find_groups`` call, not a re-implementation of it. The same process then times torch-pruning's
 ``DependencyGraph().build_dependency`` on the model (one untimed call, then ``--repeats`` timed:
 median) where it is installed, so each stage can be set against torch-pruning's whole build: the
 summary counts the models where fxfuse's warm call is slower, where it would still be slower
 without its trace, and where it would be without its trace and its recording (no tracer or
-recorder, however fast, brings those under torch-pruning).  Each cold stage also says how many Python
-modules it imported.  With ``--baseline REV`` the same children also run on the library and zoo of
-commit ``REV`` (extracted with ``git archive`` into a temporary folder), side by side in the same
-run, so a change can be judged before / after on the same machine load.
+recorder, however fast, brings those under torch-pruning). Each cold stage also says how many
+Python modules it imported. With ``--baseline REV`` the same children also run on the library and
+zoo of commit ``REV`` (extracted with ``git archive`` into a temporary folder), side by side in the
+same run, so a change can be judged before / after on the same machine load.
 
 Run from the repository root::
 
@@ -396,9 +396,9 @@ def render_section(results: list[Result], args: argparse.Namespace, total_s: flo
         machine_line(args.threads),
         f"- Method: {args.rounds} fresh child processes per model and code version, "
         "interleaved (the code version that goes first alternates by model and by round); each "
-        "row is the median over them of each cell. Each process imports torch, then fxfuse "
-        "(*import fxfuse*; before the zoo, which imports parts of it), then the zoo, builds the "
-        "model, then times "
+        "row is the median over them of each cell. Each process imports torch, then fxfuse and "
+        "`fxfuse.groups` (*import fxfuse*; before the zoo, which imports parts of it), then the "
+        "zoo, builds the model, then times "
         "`fxfuse.find_groups(model, inputs)` once *cold* (first call in the process) and "
         f"{args.repeats} times *warm* (median per stage; *warm CPU*: the process's CPU time of "
         "the whole call; no collection forced between calls; where the code has a spec memo, "
